@@ -1,0 +1,43 @@
+# tuneline: every command sets itself up. State lives under .tuneline/ (git-ignored).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RECIPE ?= configs/demo.yaml
+STATE := $(CURDIR)/.tuneline
+export DAGSTER_HOME := $(STATE)/dagster
+export MLFLOW_TRACKING_URI := sqlite:///$(STATE)/mlflow.db
+export TUNELINE_HOME := $(STATE)
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test ui clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first (the CPU wheel), then the project; the stamp is renewed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+	@mkdir -p $(DAGSTER_HOME)
+	@cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+run: install
+	$(BIN)/tuneline run --recipe $(RECIPE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+ui: install
+	$(BIN)/tuneline ui
+
+clean:
+	rm -rf $(STATE)

@@ -1,0 +1,184 @@
+"""The ``tuneline`` command. Orchestration subcommands live here (they need Dagster);
+pure ones delegate to ``tuneline`` modules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tuneline.data import cli_ingest
+from tuneline.paths import project_root, state_dir
+
+
+def setup_environment() -> Path:
+    """Embedded defaults: DAGSTER_HOME=.tuneline/dagster holding our dagster.yaml, MLflow on SQLite."""
+    home = state_dir()
+    os.environ.setdefault("TUNELINE_HOME", str(home))
+    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    source = project_root() / "dagster.yaml"
+    if source.is_file() and (not config.exists() or config.read_bytes() != source.read_bytes()):
+        shutil.copyfile(source, config)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(home / "mlflow.db"))
+    for key, value in {"GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+        os.environ.setdefault(key, value)
+    return home
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    home = setup_environment()
+    import dagster as dg
+
+    from pipelines import definitions
+    from resources import build_resources
+    from resources.recipe import RecipeResource
+
+    resources = build_resources()
+    resources["recipe"] = RecipeResource(
+        path=args.recipe, seed=args.seed, max_steps=args.max_steps, sample_fraction=args.sample_fraction
+    )
+    recipe = resources["recipe"].load()  # fail fast on a bad recipe, before any step runs
+    print(f"tuneline: materializing the asset graph for recipe {args.recipe} ({recipe.name})", flush=True)
+    started = time.time()
+    instance = dg.DagsterInstance.get()
+    result = dg.materialize(
+        [*definitions.ASSETS, *definitions.CHECKS],
+        instance=instance,
+        resources=resources,
+        selection=args.select,
+        raise_on_error=False,
+        tags={"tuneline/recipe": recipe.name},
+    )
+    print_summary(result, resources, home, time.time() - started)
+    return 0 if result.success else 1
+
+
+def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> None:
+    """What was materialized, the key figures, and where to look."""
+    import dagster as dg
+
+    materialized = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
+    checks = [(e.asset_check_evaluation_data.check_name, e.asset_check_evaluation_data.passed)
+              for e in result.get_asset_check_evaluations()] if hasattr(result, "get_asset_check_evaluations") else []
+    line = "-" * 72
+    print(f"\n{line}\ntuneline run {result.run_id}: {'SUCCESS' if result.success else 'FAILED'} in {seconds:.0f} s")
+    print(f"materialized ({len(materialized)}): {', '.join(materialized) or 'nothing'}")
+    for name, passed in checks:
+        print(f"  check {name}: {'passed' if passed else 'FAILED'}")
+    for key, lines in summary_figures(result).items():
+        print(f"{key}:")
+        for text in lines:
+            print(f"  {text}")
+    if not result.success:
+        for event in result.all_events:
+            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+                error = event.step_failure_data.error
+                print(f"FAILED step {event.step_key}: {error.message.strip() if error else ''}")
+    print(f"where to look:\n  Dagster UI and MLflow UI: make ui   (state in {home})")
+    print(f"  MLflow tracking: {resources['mlflow'].tracking_uri}\n{line}")
+
+
+def summary_figures(result: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+
+    def value(name: str) -> Optional[dict]:
+        try:
+            return result.output_for_node(name)
+        except Exception:  # the step did not run or failed
+            return None
+
+    base = value("base_model")
+    if base:
+        pre = base.get("pretrain") or {}
+        out["base_model"] = [f"{base['source']}: {base['n_params']:,} params, vocab {base['vocab_size']}, "
+                             f"weights sha256 {base['weights_sha256'][:12]}"]
+        if pre:
+            out["base_model"].append(
+                f"pretraining: eval loss {pre.get('eval_loss_before', float('nan')):.3f} -> "
+                f"{pre.get('eval_loss_after', float('nan')):.3f}, {pre.get('tokens_per_second', 0):,.0f} tok/s"
+            )
+    prepared = value("prepared_dataset")
+    if prepared:
+        out["prepared_dataset"] = [
+            f"read {prepared['read']}, accepted {prepared['accepted']}, quarantined {prepared['quarantined']} "
+            f"{prepared['reasons']}"
+        ]
+    splits = value("dataset_splits")
+    if splits:
+        out["dataset_splits"] = [", ".join(f"{k} {v}" for k, v in splits["counts"].items())]
+    return out
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start `dagster dev` and the MLflow UI on 127.0.0.1 and print both URLs; Ctrl-C stops both."""
+    setup_environment()
+    bin_dir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen(
+            [str(bin_dir / "dagster"), "dev", "-w", str(project_root() / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(args.dagster_port)],
+            cwd=project_root(), start_new_session=True,
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+             "--host", "127.0.0.1", "--port", str(args.mlflow_port)],
+            cwd=project_root(), start_new_session=True,
+        ),
+    ]
+    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}\nMLflow UI:  http://127.0.0.1:{args.mlflow_port}\n"
+          "Ctrl-C stops both.", flush=True)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:  # each runs in its own session: stop the whole group, children included
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize the whole asset graph for a recipe")
+    run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: configs/demo.yaml)")
+    run.add_argument("--seed", type=int, help="override the recipe's seed")
+    run.add_argument("--max-steps", type=int, help="cap every training loop")
+    run.add_argument("--sample-fraction", type=float, help="keep this fraction of the data rows")
+    run.add_argument("--select", default=None, help="Dagster asset selection (default: everything)")
+    run.set_defaults(func=cmd_run)
+
+    cli_ingest.add_parser(sub)
+
+    ui = sub.add_parser("ui", help="start the Dagster and MLflow UIs on 127.0.0.1")
+    ui.add_argument("--dagster-port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

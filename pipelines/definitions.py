@@ -1,0 +1,22 @@
+"""The Dagster code location: every asset, check, job, schedule, sensor and resource of tuneline."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets import data, models
+from pipelines.jobs import ALL_JOBS
+from resources import build_resources
+
+ASSETS = [data.raw_dataset, models.base_model, data.prepared_dataset, data.dataset_splits]
+CHECKS = [data.prepared_dataset_passes_validation, data.dataset_splits_have_no_leakage]
+
+# One machine: steps run in-process (a fresh Python per step costs 2-3 s here); training runs in its
+# own process through Pipes. A production profile swaps in a distributed executor.
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=CHECKS,
+    jobs=ALL_JOBS,
+    resources=build_resources(),
+    executor=dg.in_process_executor,
+)

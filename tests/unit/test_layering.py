@@ -1,0 +1,53 @@
+"""Imports flow one way: tuneline <- resources, assets <- pipelines. tuneline never imports dagster."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {n.split(".")[0] for n in names}
+
+
+def package_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", package_files("tuneline"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_tuneline_never_imports_dagster_or_upper_layers(path: Path) -> None:
+    mods = imported_modules(path)
+    allowed_pipes = path.relative_to(ROOT).parts[:2] == ("tuneline", "recipes")
+    dagster_mods = {m for m in mods if m == "dagster" or (m.startswith("dagster_") and m != "dagster_pipes")}
+    assert not dagster_mods, f"{path} imports {dagster_mods}: tuneline/ is pure logic"
+    if not allowed_pipes:
+        assert "dagster_pipes" not in mods, f"{path}: only tuneline/recipes may speak Dagster Pipes"
+    assert not mods & {"assets", "resources", "pipelines"}, f"{path} imports an upper layer: {mods}"
+
+
+@pytest.mark.parametrize("package", ["resources", "assets"])
+def test_resources_and_assets_do_not_import_pipelines(package: str) -> None:
+    for path in package_files(package):
+        assert "pipelines" not in imported_modules(path), f"{path} imports pipelines"
+
+
+def test_resources_do_not_import_assets() -> None:
+    for path in package_files("resources"):
+        assert "assets" not in imported_modules(path), f"{path} imports assets"
+
+
+def test_the_check_catches_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom dagster import asset\n")
+    assert "dagster" in imported_modules(bad)

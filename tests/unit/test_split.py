@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import random
+
+from tuneline.data.split import find_leakage, normalize_text, sample_records, split_records
+from tuneline.params import SplitParams
+from tuneline.records import ChatRecord
+
+
+def sft(prompt: str, answer: str, task: str = "t", line: int = 1) -> ChatRecord:
+    return ChatRecord(kind="sft", messages=[{"role": "user", "content": prompt},
+                                            {"role": "assistant", "content": answer}],
+                      source="mem", line=line, task=task)
+
+
+def pref(prompt: str, good: str, bad: str, task: str = "t") -> ChatRecord:
+    return ChatRecord(kind="preference", messages=[{"role": "user", "content": prompt}], chosen=good,
+                      rejected=bad, source="mem", line=1, task=task)
+
+
+def corpus(n: int, offset: int = 0) -> list[ChatRecord]:
+    return [sft(f"question number {i}", f"answer {i}", task=f"task{i % 3}", line=i) for i in range(offset, offset + n)]
+
+
+def side(result, rec_id: str) -> str:
+    for name, rows in result.splits.items():
+        if any(r.id == rec_id for r in rows):
+            return name
+    raise KeyError(rec_id)
+
+
+def test_split_is_deterministic_and_complete() -> None:
+    records = corpus(500)
+    a = split_records(records, SplitParams(), seed=1)
+    b = split_records(list(reversed(records)), SplitParams(), seed=1)
+    assert a.sha256() == b.sha256()
+    assert sum(a.counts().values()) == 500
+    assert 25 <= a.counts()["test"] <= 75 and 25 <= a.counts()["validation"] <= 75
+    c = split_records(records, SplitParams(), seed=2)
+    assert a.sha256() != c.sha256()
+
+
+def test_adding_data_never_moves_existing_rows() -> None:
+    old = corpus(300)
+    before = split_records(old, SplitParams(), seed=3)
+    after = split_records(old + corpus(300, offset=1000), SplitParams(), seed=3)
+    for r in old:
+        assert side(before, r.id) == side(after, r.id)
+
+
+def test_same_prompt_stays_on_one_side_across_kinds_and_whitespace() -> None:
+    records = corpus(200)
+    twins = [sft("  QUESTION   number 7 ", "another answer"), pref("question number 7", "a", "b")]
+    result = split_records(records + twins, SplitParams(), seed=5)
+    sides = {side(result, r.id).removeprefix("preference_") for r in [records[7], *twins]}
+    assert len(sides) == 1
+    assert find_leakage(result.splits).ok
+
+
+def test_leakage_is_detected() -> None:
+    a, b = sft("What is 2+2?", "4"), sft("what is  2+2?", "four")
+    report = find_leakage({"train": [a], "test": [b]})
+    assert not report.ok and report.normalized and not report.exact
+    report = find_leakage({"train": [a], "validation": [sft("What is 2+2?", "4")]})
+    assert report.exact
+
+
+def test_stratified_split_gives_every_stratum_its_share() -> None:
+    rng = random.Random(0)
+    records = [sft(f"q{i}", "a", task="rare" if i < 20 else "common") for i in range(400)]
+    rng.shuffle(records)
+    result = split_records(records, SplitParams(val_fraction=0.1, test_fraction=0.2, stratify_by="task"), seed=9)
+    assert result.strata["rare"] == {"train": 14, "validation": 2, "test": 4}
+    assert result.strata["common"]["test"] == 76
+
+
+def test_sampling_is_stable_and_proportional() -> None:
+    records = corpus(1000)
+    half = sample_records(records, 0.5, seed=1)
+    assert 430 < len(half) < 570
+    assert [r.id for r in half] == [r.id for r in sample_records(records, 0.5, seed=1)]
+    assert {r.id for r in sample_records(records, 0.25, seed=1)} <= {r.id for r in half}
+
+
+def test_normalize_text() -> None:
+    assert normalize_text("  Hello\tWORLD \n") == "hello world"

@@ -1,0 +1,491 @@
+"""Recipe parameters: frozen dataclasses, the single source of truth for every knob.
+
+YAML recipes in ``configs/`` are instances of :class:`Recipe`. Loading is strict:
+an unknown key or a value of the wrong type is an error that names the key path
+(for example ``data.sources[0].formt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+CONTAINER_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "txt")
+SCHEMAS = (
+    "auto",
+    "alpaca",
+    "dolly",
+    "self_instruct",
+    "messages",
+    "sharegpt",
+    "prompt_completion",
+    "preference",
+    "hh_rlhf",
+    "alpaca_eval",
+    "classification",
+    "text",
+)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    """Shape of the offline tiny Llama the pipeline builds itself (``model.build: tiny``)."""
+
+    vocab_size: int = 4096  # byte-level BPE vocabulary size, special tokens included
+    hidden_size: int = 256  # model width; a multiple of 32 so 4-bit quantization works on CPU
+    intermediate_size: int = 768  # MLP width; a multiple of 32 for the same reason
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention when fewer than num_heads)
+    max_position_embeddings: int = 512  # longest sequence the model accepts
+    tokenizer_min_frequency: int = 2  # BPE merges need at least this many occurrences
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise RecipeError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise RecipeError("model.tiny.num_heads must be divisible by model.tiny.num_kv_heads")
+        if self.vocab_size < 300:
+            raise RecipeError("model.tiny.vocab_size must be at least 300 (256 bytes + specials)")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Where the base model comes from: a hub id or local path, or an offline build."""
+
+    name_or_path: Optional[str] = None  # hub id or local directory, loaded with from_pretrained
+    build: Optional[Literal["tiny"]] = None  # "tiny": train a tokenizer and a small Llama offline
+    revision: Optional[str] = None  # hub revision (commit, tag or branch) to pin
+    tiny: TinyModelParams = field(default_factory=TinyModelParams)  # shape of the tiny build
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.build is None):
+            raise RecipeError("model: set exactly one of model.name_or_path and model.build")
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Causal-LM (continued) pretraining on the corpus: builds the tiny model, or DAPT/TAPT on a real one."""
+
+    enabled: bool = True  # pretrain (always true for a tiny build, optional for a real model)
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence (the corpus is packed into blocks)
+    learning_rate: float = 3e-3  # peak learning rate (cosine decay after warmup)
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    log_every: int = 10  # record the loss every N steps
+    bf16: Optional[bool] = None  # bf16 autocast; None = use it when the CPU/GPU supports it
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
+            raise RecipeError("pretrain: steps and batch_size must be >= 1 and seq_len >= 8")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One input file and how to read it."""
+
+    path: str  # file path (relative paths resolve against the recipe's project root)
+    format: str = "auto"  # container: auto, jsonl, json, csv, tsv, parquet, txt
+    schema: str = "auto"  # record schema: auto or one of tuneline.params.SCHEMAS
+    fields: dict[str, str] = field(default_factory=dict)  # canonical field -> column in the file
+    task: Optional[str] = None  # task family to tag every record with (else read from the data)
+
+    def __post_init__(self) -> None:
+        if self.format not in CONTAINER_FORMATS:
+            raise RecipeError(f"format: {self.format!r} is not one of {', '.join(CONTAINER_FORMATS)}")
+        if self.schema not in SCHEMAS:
+            raise RecipeError(f"schema: {self.schema!r} is not one of {', '.join(SCHEMAS)}")
+
+
+@dataclass(frozen=True)
+class DemoDataParams:
+    """The demo dataset the project writes itself, deterministic from its seed."""
+
+    seed: int = 7  # generator seed
+    examples_per_task: int = 300  # instruction examples per task family
+    preference_pairs: int = 400  # (correct, plausible wrong) answer pairs
+    corpus_paragraphs: int = 3000  # paragraphs of pretraining text
+    drift_family: str = "word_reverse"  # task family held back as future drifted traffic
+    drift_examples: int = 200  # examples written for the drift family
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Which data the pipeline reads."""
+
+    demo: Optional[DemoDataParams] = None  # generate the demo dataset and read it
+    sources: tuple[DataSource, ...] = ()  # user files (any supported format)
+    corpus: tuple[str, ...] = ()  # extra plain-text files for tokenizer training and pretraining
+    sample_fraction: float = 1.0  # keep this fraction of rows (hash-based, deterministic)
+
+    def __post_init__(self) -> None:
+        if self.demo is None and not self.sources:
+            raise RecipeError("data: set data.demo or at least one entry in data.sources")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise RecipeError("data.sample_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    """Row rules and the thresholds of the blocking validation check."""
+
+    min_tokens: int = 2  # shortest accepted conversation (tokens, or characters without a tokenizer)
+    max_tokens: int = 512  # longest accepted conversation (tokens, or characters without a tokenizer)
+    max_chars: int = 20000  # longest accepted text before tokenizing (guards against huge rows)
+    dedup: Literal["exact", "normalized"] = "normalized"  # duplicate rule
+    labels: tuple[str, ...] = ()  # allowed labels for classification data (empty: any non-empty label)
+    max_quarantined_fraction: float = 0.2  # the check fails above this fraction of quarantined rows
+    min_accepted: int = 20  # the check fails with fewer accepted rows
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 0 or self.max_tokens <= self.min_tokens:
+            raise RecipeError("validation: need 0 <= min_tokens < max_tokens")
+        if not 0.0 <= self.max_quarantined_fraction <= 1.0:
+            raise RecipeError("validation.max_quarantined_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Train/validation/test assignment by content hash."""
+
+    val_fraction: float = 0.1  # share of prompts in validation
+    test_fraction: float = 0.1  # share of prompts in test
+    stratify_by: Optional[Literal["task", "source"]] = None  # exact per-stratum shares (rank-based)
+
+    def __post_init__(self) -> None:
+        if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
+            raise RecipeError("split: fractions must be >= 0 and val_fraction + test_fraction < 1")
+
+
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """LoRA-family adapter shape (lora, qlora, adalora)."""
+
+    r: int = 16  # adapter rank (AdaLoRA: the average target rank)
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: tuple[str, ...] = ("all-linear",)  # module names, or "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1 or not 0.0 <= self.dropout < 1.0:
+            raise RecipeError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingParams:
+    """Stop when validation loss stops improving; the best checkpoint is restored."""
+
+    patience: int = 3  # evaluations without improvement before stopping
+    min_delta: float = 0.0  # smallest decrease of validation loss that counts as improvement
+
+
+@dataclass(frozen=True)
+class SftParams:
+    """Supervised fine-tuning (completion-only loss on assistant turns)."""
+
+    method: str = "lora"  # one of PEFT_METHODS
+    learning_rate: float = 2e-3  # peak learning rate (linear warmup, then cosine)
+    epochs: float = 3.0  # passes over the train split (max_steps caps it)
+    max_steps: Optional[int] = None  # hard cap on optimizer steps
+    batch_size: int = 8  # sequences per device step
+    grad_accum: int = 1  # gradient accumulation steps
+    warmup_ratio: float = 0.05  # share of steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_length: int = 256  # longest tokenized conversation (longer ones are truncated)
+    lora: LoraParams = field(default_factory=LoraParams)  # adapter shape for lora/qlora/adalora
+    num_virtual_tokens: int = 16  # prefix, prompt and P-tuning
+    train_top_layers: int = 1  # "freeze": train only the top N blocks plus the head
+    eval_steps: int = 25  # evaluate every N steps
+    save_steps: int = 25  # checkpoint every N steps (a multiple of eval_steps)
+    early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)  # patience, min_delta
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
+    group_by_length: bool = True  # length-grouped batches (removes most padding)
+    num_processes: int = 1  # > 1 launches the trainer with `accelerate launch`
+
+    def __post_init__(self) -> None:
+        if self.method not in PEFT_METHODS:
+            raise RecipeError(f"method: {self.method!r} is not one of {', '.join(PEFT_METHODS)}")
+        if self.save_steps % self.eval_steps:
+            raise RecipeError("save_steps must be a multiple of eval_steps (early stopping restores a saved step)")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.learning_rate <= 0:
+            raise RecipeError("batch_size and grad_accum must be >= 1 and learning_rate > 0")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges Optuna samples from (TPE)."""
+
+    learning_rate: tuple[float, float] = (5e-4, 5e-3)  # log-uniform range
+    lora_r: tuple[int, ...] = (8, 16, 32)  # choices
+    lora_alpha: tuple[int, ...] = (16, 32, 64)  # choices
+    lora_dropout: tuple[float, float] = (0.0, 0.1)  # uniform range
+    batch_size: tuple[int, ...] = (8,)  # choices
+    grad_accum: tuple[int, ...] = (1,)  # choices
+    epochs: tuple[float, ...] = (1.0,)  # choices
+    warmup_ratio: tuple[float, float] = (0.0, 0.1)  # uniform range
+
+
+@dataclass(frozen=True)
+class HpoParams:
+    """Hyperparameter search over SFT."""
+
+    enabled: bool = True  # False: SFT uses the recipe's sft params as they are
+    n_trials: int = 6  # trials in the study (a resumed study runs only the missing ones)
+    trial_max_steps: int = 60  # optimizer steps per trial
+    eval_steps: int = 10  # report validation loss to the pruner every N steps
+    pruner_startup_trials: int = 2  # trials that are never pruned
+    pruner_warmup_steps: int = 10  # steps before a trial can be pruned
+    storage: Optional[str] = None  # SQLAlchemy URL; None = SQLite under .tuneline/
+    space: SearchSpace = field(default_factory=SearchSpace)  # what to search
+
+
+@dataclass(frozen=True)
+class DpoParams:
+    """Direct preference optimization from the SFT model."""
+
+    enabled: bool = True  # run the stage
+    beta: float = 0.1  # strength of the KL tie to the reference (the SFT model)
+    learning_rate: float = 5e-4  # set on purpose (TRL's default 1e-6 barely moves a tiny model)
+    epochs: float = 1.0  # passes over the preference train split
+    max_steps: Optional[int] = None  # hard cap on optimizer steps
+    batch_size: int = 8  # pairs per step
+    max_length: int = 256  # prompt + response tokens
+    lora: LoraParams = field(default_factory=LoraParams)  # the fresh DPO adapter
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """Knowledge distillation from the DPO model (teacher) into a smaller student."""
+
+    enabled: bool = True  # run the stage
+    student_layers: Optional[int] = 2  # keep this many teacher blocks (evenly spaced), weights copied
+    student_hidden_size: Optional[int] = None  # or a fresh, narrower config (then student_layers sets depth)
+    temperature: float = 2.0  # softmax temperature for the KL term
+    alpha_kl: float = 0.7  # weight of T^2 * KL(teacher || student)
+    alpha_ce: float = 0.3  # weight of cross-entropy on the labels
+    learning_rate: float = 1e-3  # peak learning rate
+    epochs: float = 2.0  # passes over the train split
+    max_steps: Optional[int] = None  # hard cap on optimizer steps
+    batch_size: int = 8  # sequences per step
+    max_length: int = 256  # longest sequence
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
+
+    def __post_init__(self) -> None:
+        if self.student_layers is None and self.student_hidden_size is None:
+            raise RecipeError("distill: set student_layers or student_hidden_size")
+        if self.temperature <= 0 or self.alpha_kl < 0 or self.alpha_ce < 0 or self.alpha_kl + self.alpha_ce == 0:
+            raise RecipeError("distill: need temperature > 0 and non-negative weights that are not both zero")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """MLflow naming."""
+
+    experiment: Optional[str] = None  # experiment name; default "tuneline/<recipe name>"
+    registered_model: Optional[str] = None  # registry name; default "tuneline-<recipe name>"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole pipeline configuration. ``configs/*.yaml`` are instances of it."""
+
+    name: str  # recipe name: names the MLflow experiment and registered model
+    model: ModelParams  # base model
+    data: DataParams  # input data
+    seed: int = 42  # global seed (splits, sampling, training)
+    max_steps: Optional[int] = None  # cap on every training loop (a Launchpad knob for quick runs)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)  # (continued) pretraining
+    validation: ValidationParams = field(default_factory=ValidationParams)  # row rules and thresholds
+    split: SplitParams = field(default_factory=SplitParams)  # split fractions
+    tracking: TrackingParams = field(default_factory=TrackingParams)  # MLflow names
+    hpo: HpoParams = field(default_factory=HpoParams)  # hyperparameter search
+    sft: SftParams = field(default_factory=SftParams)  # supervised fine-tuning
+    dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
+    distill: DistillParams = field(default_factory=DistillParams)  # student distillation
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise RecipeError("name: use letters, digits, '-', '_' or '.'")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError("max_steps must be >= 1")
+
+    def steps(self, configured: int) -> int:
+        """Steps a loop configured for ``configured`` steps really runs (``max_steps`` caps it)."""
+        return configured if self.max_steps is None else min(configured, self.max_steps)
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"tuneline/{self.name}"
+
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"tuneline-{self.name}"
+
+    def with_overrides(
+        self,
+        *,
+        seed: Optional[int] = None,
+        max_steps: Optional[int] = None,
+        sample_fraction: Optional[float] = None,
+    ) -> "Recipe":
+        """The recipe with the Launchpad knobs applied (None leaves a knob as it is)."""
+        recipe = self
+        if seed is not None:
+            recipe = dataclasses.replace(recipe, seed=seed)
+        if max_steps is not None:
+            recipe = dataclasses.replace(recipe, max_steps=max_steps)
+        if sample_fraction is not None:
+            recipe = dataclasses.replace(
+                recipe, data=dataclasses.replace(recipe.data, sample_fraction=sample_fraction)
+            )
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalar values, for MLflow params and Dagster metadata."""
+        return flatten(self.to_dict())
+
+
+# ---------------------------------------------------------------------------
+# strict loading
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples and dicts as plain JSON-able Python values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    return value
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(tree, list) and any(isinstance(v, (dict, list)) for v in tree):
+        for i, value in enumerate(tree):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__}")
+        item_type = args[0] if args else Any
+        items = [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__}")
+        key_type, value_type = args or (str, Any)
+        return {
+            _convert(key_type, k, f"{key}.{k}"): _convert(value_type, v, f"{key}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise RecipeError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data; unknown keys and wrong types name the key path."""
+    where = key or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{key}.{u}" if key else str(u) for u in unknown)
+        raise RecipeError(f"unknown key {names} (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{key}.{name}" if key else name)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise RecipeError(f"missing key {', '.join(f'{key}.{m}' if key else m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except RecipeError as exc:
+        msg = str(exc)
+        raise RecipeError(f"{key}.{msg}" if key and not msg.startswith(key) else msg) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and check a YAML recipe; errors name the file and the key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return build(Recipe, data)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
