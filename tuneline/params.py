@@ -292,6 +292,28 @@ class DistillParams:
 
 
 @dataclass(frozen=True)
+class EvaluationParams:
+    """Test-set evaluation: teacher-forced loss, greedy generation, preference accuracy, latency."""
+
+    max_new_tokens: int = 32  # cap on greedy generation per example
+    batch_size: int = 16  # sequences per forward / generate call
+    bootstrap_samples: int = 1000  # resamples for the confidence intervals
+    confidence: float = 0.95  # two-sided confidence level of the intervals
+    max_examples: Optional[int] = None  # evaluate only the first N test and N preference records
+    max_length: int = 512  # longest teacher-forced sequence (longer ones are cut on the right)
+    num_samples: int = 5  # sample generations kept in the report
+    seed: int = 0  # bootstrap seed
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.bootstrap_samples < 1 or self.max_length < 2:
+            raise RecipeError("evaluation: max_new_tokens, batch_size, bootstrap_samples >= 1 and max_length >= 2")
+        if not 0.0 < self.confidence < 1.0:
+            raise RecipeError("evaluation: confidence must be in (0, 1)")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise RecipeError("evaluation: max_examples must be >= 1 (or null for all)")
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
 
@@ -316,6 +338,7 @@ class Recipe:
     sft: SftParams = field(default_factory=SftParams)  # supervised fine-tuning
     dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
+    evaluation: EvaluationParams = field(default_factory=EvaluationParams)  # test-set evaluation
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
