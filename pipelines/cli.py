@@ -68,8 +68,7 @@ def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> N
     import dagster as dg
 
     materialized = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    checks = [(e.asset_check_evaluation_data.check_name, e.asset_check_evaluation_data.passed)
-              for e in result.get_asset_check_evaluations()] if hasattr(result, "get_asset_check_evaluations") else []
+    checks = [(e.check_name, e.passed) for e in result.get_asset_check_evaluations()]
     line = "-" * 72
     print(f"\n{line}\ntuneline run {result.run_id}: {'SUCCESS' if result.success else 'FAILED'} in {seconds:.0f} s")
     print(f"materialized ({len(materialized)}): {', '.join(materialized) or 'nothing'}")

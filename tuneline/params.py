@@ -405,7 +405,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(tree, list) and any(isinstance(v, (dict, list)) for v in tree):
         for i, value in enumerate(tree):
-            out.update(flatten(value, f"{prefix}[{i}]"))
+            out.update(flatten(value, f"{prefix}.{i}"))
     else:
         out[prefix] = tree
     return out
