@@ -1,0 +1,160 @@
+"""DPO: a fresh adapter on the merged SFT model raises reward accuracy; the reference is no second copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneline.params import DpoParams, LoraParams, SftParams, TinyModelParams
+from tuneline.records import ChatRecord
+from tuneline.train import dpo
+
+QA = [
+    ("What colour is the sky?", "The sky is blue.", "The sky is green."),
+    ("What colour is grass?", "Grass is green.", "Grass is purple."),
+    ("How many legs has a cat?", "A cat has four legs.", "A cat has nine legs."),
+    ("What is two plus two?", "Two plus two is four.", "Two plus two is five."),
+    ("Name a fruit.", "An apple is a fruit.", "A brick is a fruit."),
+    ("What do bees make?", "Bees make honey.", "Bees make cars."),
+    ("Where do fish live?", "Fish live in water.", "Fish live in trees."),
+    ("What is ice?", "Ice is frozen water.", "Ice is hot sand."),
+]
+SHAPE = TinyModelParams(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                        num_kv_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model is faster on one thread, and far faster when the 2 cores are shared (measured 20x)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sft_records() -> list[ChatRecord]:
+    return [ChatRecord(kind="sft", source="test", line=i,
+                       messages=[{"role": "user", "content": q}, {"role": "assistant", "content": good}])
+            for i, (q, good, _) in enumerate(QA)]
+
+
+def _pairs() -> list[ChatRecord]:
+    return [ChatRecord(kind="preference", source="test", line=i, messages=[{"role": "user", "content": q}],
+                       chosen=good, rejected=bad)
+            for i, (q, good, bad) in enumerate(QA)]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base model dir, SFT LoRA adapter dir) from a few real train_sft steps on the tiny model."""
+    from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
+    from tuneline.train.sft import train_sft
+
+    root = tmp_path_factory.mktemp("dpo_sft")
+    texts = [f"{q} {a} {b}" for q, a, b in QA] * 4
+    tokenizer = train_tokenizer(texts, SHAPE)
+    base = save_model(init_tiny_model(tokenizer, SHAPE, seed=0), tokenizer, root / "base")
+    params = SftParams(method="lora", learning_rate=5e-3, batch_size=8, eval_steps=5, save_steps=5, bf16=False,
+                       lora=LoraParams(r=8, alpha=16, dropout=0.0), group_by_length=False)
+    result = train_sft(base, _sft_records(), _sft_records()[:4], params, root / "sft", seed=0, max_steps=5)
+    return base, Path(result.output_dir)
+
+
+def test_pairs_become_trl_conversational_rows() -> None:
+    rows = dpo.to_conversational(_pairs()[:1])
+    assert rows == [{
+        "prompt": [{"role": "user", "content": "What colour is the sky?"}],
+        "chosen": [{"role": "assistant", "content": "The sky is blue."}],
+        "rejected": [{"role": "assistant", "content": "The sky is green."}],
+    }]
+    with pytest.raises(ValueError, match="preference"):
+        dpo.to_conversational(_sft_records()[:1])
+
+
+def test_full_weight_sft_model_is_its_own_base(tmp_path: Path) -> None:
+    merged, info = dpo.merged_sft_base(tmp_path / "sft_full", "unused-base", "full", tmp_path / "dpo")
+    assert merged == tmp_path / "sft_full" and info is None
+    with pytest.raises(ValueError, match="not supported"):
+        dpo.merged_sft_base(tmp_path / "sft", "base", "prefix", tmp_path / "dpo")
+
+
+@pytest.mark.slow
+def test_dpo_raises_reward_accuracy_with_a_fresh_adapter_and_no_reference_copy(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, adapter = sft_run
+    pairs = _pairs()
+    params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=False,
+                       lora=LoraParams(r=8, alpha=16, dropout=0.0))
+
+    # the wrapped trainer: one set of full weights, a new adapter whose B matrices are zero
+    merged, merge_info = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
+    assert merge_info["max_abs_diff"] <= merge_info["tolerance"]
+    trainer = dpo.build_dpo_trainer(merged, pairs, params, tmp_path / "probe" / "ckpt", seed=0, max_steps=1)
+    assert trainer.ref_model is None
+    assert not trainer.args.gradient_checkpointing and not trainer.args.bf16  # TRL defaults overridden
+    assert trainer.args.learning_rate == params.learning_rate and trainer.beta == params.beta
+    assert list(trainer.model.peft_config) == ["default"] and dpo._adapter_is_fresh(trainer.model)
+    del trainer
+
+    logs: list[tuple[int, dict]] = []
+    result = dpo.train_dpo(adapter, base, "lora", pairs, pairs, params, tmp_path / "dpo", seed=0, max_steps=12,
+                           on_log=lambda step, m: logs.append((step, m)))
+    assert result.ref_model_is_none and result.fresh_adapter
+    # before: the policy is the reference, so every margin is exactly zero
+    assert result.before["reward_margin"] == 0.0 and result.before["reward_accuracy"] == 0.0
+    assert result.after["reward_accuracy"] >= 0.75, result.after
+    assert result.after["reward_margin"] > 0.0
+    assert result.after["logprob_accuracy"] >= result.before["logprob_accuracy"]
+    assert result.steps == 12 and len(result.losses) == 12
+    assert result.losses[-1]["loss"] < result.losses[0]["loss"]
+    assert any("rewards/accuracies" in m for _, m in logs)
+    assert Path(result.merged_base_dir) == tmp_path / "dpo" / dpo.MERGED_SUBDIR
+    assert (Path(result.output_dir) / "adapter_config.json").is_file()
+    json.dumps(result.to_dict())
+
+    # merged DPO model: a plain full model that prefers what the adapter prefers
+    model_dir = dpo.load_dpo_model(tmp_path / "dpo")
+    assert (model_dir / "model.safetensors").is_file() and dpo.load_dpo_model(tmp_path / "dpo") == model_dir
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(result.merged_base_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    again = dpo.evaluate_preferences(policy, tokenizer, pairs, params.beta, ref=reference, max_length=64)
+    assert again.reward_accuracy == result.after["reward_accuracy"]
+    assert again.reward_margin == pytest.approx(result.after["reward_margin"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_dpo_recipe_cli_writes_result_and_teacher_ready_model(
+    tmp_path: Path, sft_run: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    from tuneline.recipes import dpo as recipe
+    from tuneline.records import write_jsonl
+
+    base, adapter = sft_run
+    write_jsonl(tmp_path / "pairs.jsonl", (p.to_dict() for p in _pairs()))
+    spec = {
+        "sft_model_dir": str(adapter), "base_model": str(base), "sft_method": "lora",
+        "train_path": str(tmp_path / "pairs.jsonl"), "val_path": str(tmp_path / "pairs.jsonl"),
+        "out_dir": str(tmp_path / "dpo"), "seed": 0, "max_steps": 2,
+        "params": {"learning_rate": 5e-3, "batch_size": 8, "max_length": 64, "bf16": False,
+                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert recipe.main(["--spec", str(tmp_path / "spec.json")]) == 0
+    result = json.loads((tmp_path / "dpo" / "result.json").read_text())
+    assert result["steps"] == 2 and result["ref_model_is_none"]
+    assert (Path(result["merged_model_dir"]) / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert '"step": 1' in out and "dpo done" in out
+
+    (tmp_path / "bad.json").write_text(json.dumps({**spec, "params": {"betta": 0.1}}))
+    assert recipe.main(["--spec", str(tmp_path / "bad.json")]) == 1
+    assert "unknown key params.betta" in capsys.readouterr().err

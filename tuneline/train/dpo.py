@@ -1,0 +1,473 @@
+"""Direct preference optimization from the SFT model, with no second full copy as the reference.
+
+Reads top to bottom:
+
+1. **Merged base.** The SFT adapter (lora, qlora, adalora, ia3) is merged into full weights in
+   ``out_dir/merged`` (``merge_adapter``); a full or freeze SFT model is already full weights and is used
+   as it is. Prompt-learning SFT adapters (prefix, prompt, ptuning) have no weights to merge: not supported.
+2. **Fresh adapter.** TRL's ``DPOTrainer`` gets that model, ``ref_model=None`` and a new ``LoraConfig``:
+   it wraps the model in a fresh LoRA adapter (B = 0, so the policy starts equal to the reference) and
+   computes the reference log-probs with the adapter disabled. One set of full weights in memory.
+3. **Measured before and after** on held-out pairs: implicit reward ``beta * (logp_policy - logp_ref)``
+   summed over the response tokens; reward accuracy (chosen reward > rejected reward), mean margin and the
+   policy's raw log-prob preference accuracy. Before training the policy *is* the reference, so margins
+   are 0 and the log-prob accuracy is the SFT model's own.
+4. **Saved**: the DPO adapter in ``out_dir/adapter`` (+ tokenizer); :func:`load_dpo_model` merges it onto
+   the merged SFT base for use as a teacher or evaluation candidate.
+
+TRL's config defaults are set on purpose here: gradient checkpointing off, bf16 from ``resolve_bf16``,
+lr and beta from ``DpoParams``, no reporting integrations. Heavy libraries are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from tuneline.params import DpoParams
+
+MERGEABLE_METHODS = ("lora", "qlora", "adalora", "ia3")
+FULL_WEIGHT_METHODS = ("full", "freeze")
+MERGED_SUBDIR = "merged"  # the SFT model as full weights (adapter methods only)
+ADAPTER_SUBDIR = "adapter"  # the DPO adapter + tokenizer
+MODEL_SUBDIR = "model"  # load_dpo_model: DPO adapter merged onto the merged SFT base
+RESULT_FILE = "dpo_result.json"
+MERGE_MARKER = "merge.json"  # written after a merge completes: a retry reuses the merged weights
+
+OnLog = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class PreferenceMetrics:
+    """Preference metrics of a policy against its reference on a set of pairs."""
+
+    reward_accuracy: float  # share of pairs with chosen reward > rejected reward
+    reward_margin: float  # mean (chosen reward - rejected reward)
+    logprob_accuracy: float  # share of pairs where the policy gives the chosen response the higher log-prob
+    chosen_reward: float  # mean implicit reward of the chosen responses
+    rejected_reward: float
+    pairs: int
+
+
+@dataclass
+class DpoResult:
+    """What a DPO run produced and measured."""
+
+    output_dir: str  # the DPO adapter (+ tokenizer)
+    merged_base_dir: str  # the SFT model as full weights: the adapter's base and the reference
+    sft_method: str
+    reference: str  # how the reference log-probs are computed
+    ref_model_is_none: bool  # no second model was given to (or built by) the trainer
+    fresh_adapter: bool  # every LoRA B matrix was zero before training: policy == reference at step 0
+    before: dict[str, float]  # PreferenceMetrics on val, before training
+    after: dict[str, float]  # PreferenceMetrics on val, after training
+    losses: list[dict[str, float]] = field(default_factory=list)  # step, loss, reward accuracy/margin per log
+    steps: int = 0
+    seconds: float = 0.0
+    train_pairs: int = 0
+    val_pairs: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    bf16: bool = False
+    merge: Optional[dict[str, Any]] = None  # merge_adapter's report (None when the SFT model was full weights)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+def _pair_parts(pair: Any) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen, rejected) from a preference ``ChatRecord`` or its dict."""
+    get = pair.get if isinstance(pair, dict) else lambda k, d=None: getattr(pair, k, d)
+    kind = get("kind", "preference")
+    if kind != "preference":
+        raise ValueError(f"DPO needs records of kind 'preference', got {kind!r}")
+    messages, chosen, rejected = get("messages"), get("chosen"), get("rejected")
+    if not messages or chosen is None or rejected is None:
+        raise ValueError("a preference record needs prompt messages, chosen and rejected")
+    return list(messages), chosen, rejected
+
+
+def to_conversational(pairs: Sequence[Any]) -> list[dict[str, list[dict[str, str]]]]:
+    """TRL's conversational preference rows: prompt turns, then one assistant turn each for chosen/rejected."""
+    rows = []
+    for pair in pairs:
+        messages, chosen, rejected = _pair_parts(pair)
+        rows.append(
+            {
+                "prompt": messages,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return rows
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+
+def tokenize_pair(tokenizer: Any, pair: Any, max_length: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(chosen ids, chosen response mask, rejected ids, rejected mask), tokenized the way TRL does.
+
+    The response starts where the prompt (rendered with the generation prompt) and prompt+response diverge;
+    sequences are cut to ``max_length`` on the right (TRL's ``keep_start``).
+    """
+    messages, chosen, rejected = _pair_parts(pair)
+    prompt = _ids(tokenizer, messages, add_generation_prompt=True)
+    out: list[list[int]] = []
+    fulls = [_ids(tokenizer, messages + [{"role": "assistant", "content": text}]) for text in (chosen, rejected)]
+    start = min(_common_prefix(prompt, full) for full in fulls)
+    for full in fulls:
+        full = full[:max_length]
+        out.append(full)
+        out.append([0] * min(start, len(full)) + [1] * max(0, len(full) - start))
+    return out[0], out[1], out[2], out[3]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------
+# evaluation
+
+
+def _sequence_logps(model: Any, seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> list[float]:
+    """Sum of log p(token) over the masked (response) tokens of each sequence."""
+    import torch
+
+    n, longest = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, longest), dtype=torch.long)
+    resp = torch.zeros((n, longest), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        resp[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    device = next(model.parameters()).device
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * resp[:, 1:]).sum(-1).tolist()
+
+
+def evaluate_preferences(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Any],
+    beta: float,
+    *,
+    ref: Any = "adapter-disabled",
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> PreferenceMetrics:
+    """Reward accuracy, mean reward margin and log-prob accuracy of ``model`` against a reference.
+
+    ``ref="adapter-disabled"`` (default): the reference is ``model`` with its PEFT adapter disabled (a model
+    without an adapter is its own reference, so every margin is 0). Or pass a reference model.
+    Implicit reward = ``beta * (logp_policy - logp_ref)`` of the response tokens (eos included).
+    """
+    import contextlib
+
+    import torch
+
+    if not pairs:
+        raise ValueError("evaluate_preferences needs at least one pair")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenize_pair(tokenizer, p, max_length) for p in pairs]
+    was_training = model.training
+    model.eval()
+
+    def logps(m: Any, context: Any) -> tuple[list[float], list[float]]:
+        chosen, rejected = [], []
+        with torch.no_grad(), context:
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                seqs = [c[0] for c in chunk] + [c[2] for c in chunk]
+                masks = [c[1] for c in chunk] + [c[3] for c in chunk]
+                values = _sequence_logps(m, seqs, masks, pad_id)
+                chosen += values[: len(chunk)]
+                rejected += values[len(chunk) :]
+        return chosen, rejected
+
+    pol_c, pol_r = logps(model, contextlib.nullcontext())
+    if isinstance(ref, str):
+        if ref != "adapter-disabled":
+            raise ValueError(f"ref must be a model or 'adapter-disabled', got {ref!r}")
+        if hasattr(model, "disable_adapter"):
+            ref_c, ref_r = logps(model, model.disable_adapter())
+        else:
+            ref_c, ref_r = pol_c, pol_r
+    else:
+        ref_was_training = ref.training
+        ref.eval()
+        ref_c, ref_r = logps(ref, contextlib.nullcontext())
+        ref.train(ref_was_training)
+    model.train(was_training)
+
+    chosen_rewards = [beta * (p - r) for p, r in zip(pol_c, ref_c)]
+    rejected_rewards = [beta * (p - r) for p, r in zip(pol_r, ref_r)]
+    margins = [c - r for c, r in zip(chosen_rewards, rejected_rewards)]
+    n = len(margins)
+    return PreferenceMetrics(
+        reward_accuracy=sum(m > 0 for m in margins) / n,
+        reward_margin=sum(margins) / n,
+        logprob_accuracy=sum(c > r for c, r in zip(pol_c, pol_r)) / n,
+        chosen_reward=sum(chosen_rewards) / n,
+        rejected_reward=sum(rejected_rewards) / n,
+        pairs=n,
+    )
+
+
+# ---------------------------------------------------------------------------
+# the merged SFT base
+
+
+def merged_sft_base(
+    sft_model_dir: str | Path, base_model_path: str | Path, sft_method: str, out_dir: str | Path
+) -> tuple[Path, Optional[dict[str, Any]]]:
+    """The SFT model as full weights: merged into ``out_dir/merged`` for adapter methods, or as it is.
+
+    A completed merge (its marker file present) is reused, so a retried run does not merge again.
+    """
+    from tuneline.train.sft import merge_adapter
+
+    sft_model_dir = Path(sft_model_dir)
+    if sft_method in FULL_WEIGHT_METHODS:
+        if (sft_model_dir / "adapter_config.json").is_file():
+            raise ValueError(f"sft_method={sft_method!r} but {sft_model_dir} holds an adapter")
+        return sft_model_dir, None
+    if sft_method not in MERGEABLE_METHODS:
+        raise ValueError(
+            f"DPO after a {sft_method!r} SFT adapter is not supported: its virtual tokens are not weights that "
+            f"can be merged into a base for a fresh DPO adapter (use one of {', '.join(MERGEABLE_METHODS + FULL_WEIGHT_METHODS)})"
+        )
+    merged = Path(out_dir) / MERGED_SUBDIR
+    marker = merged / MERGE_MARKER
+    if marker.is_file():
+        return merged, json.loads(marker.read_text(encoding="utf-8"))
+    info = merge_adapter(base_model_path, sft_model_dir, merged)
+    marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return merged, info
+
+
+# ---------------------------------------------------------------------------
+# TRL, wrapped: version churn stays here
+
+
+def _lora_config(params: DpoParams) -> Any:
+    import peft
+
+    targets = tuple(params.lora.target_modules)
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        bias="none",
+    )
+
+
+def build_dpo_trainer(
+    merged_base_dir: str | Path,
+    train_pairs: Sequence[Any],
+    params: DpoParams,
+    checkpoints_dir: str | Path,
+    *,
+    seed: int,
+    max_steps: Optional[int] = None,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneline.train.common import resolve_bf16
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_base_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_base_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    caps = [s for s in (params.max_steps, max_steps) if s is not None]
+    config = DPOConfig(
+        output_dir=str(checkpoints_dir),
+        beta=params.beta,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        num_train_epochs=params.epochs,
+        max_steps=min(caps) if caps else -1,
+        per_device_train_batch_size=params.batch_size,
+        max_length=params.max_length,
+        gradient_checkpointing=False,  # TRL 1.x defaults to True; transformers 5 renamed it:
+        activation_checkpointing=False,  # the new name wins when both are given
+        bf16=resolve_bf16(params.bf16),  # TRL 1.x defaults to True, even on CPU
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        precompute_ref_log_probs=False,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=config,
+        train_dataset=Dataset.from_list(to_conversational(train_pairs)),
+        processing_class=tokenizer,
+        peft_config=_lora_config(params),
+        callbacks=list(callbacks),
+    )
+    if trainer.ref_model is not None:  # a TRL change that would silently double memory
+        raise RuntimeError("DPOTrainer built a separate reference model; expected the adapter-disabled base")
+    return trainer
+
+
+def _adapter_is_fresh(model: Any) -> bool:
+    """True when the model has one adapter ("default") and every LoRA B matrix is zero (policy == base)."""
+    names = list(getattr(model, "peft_config", {}) or {})
+    b_weights = [p for n, p in model.named_parameters() if "lora_B" in n]
+    return names == ["default"] and bool(b_weights) and all(float(p.detach().abs().max()) == 0.0 for p in b_weights)
+
+
+def _losses_callback(curve: list[dict[str, float]], on_log: Optional[OnLog]) -> Any:
+    from transformers import TrainerCallback
+
+    keep = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+            "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"}
+
+    class LossCurve(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero:
+                return control
+            if "loss" in logs:
+                curve.append({"step": int(state.global_step),
+                              **{short: float(logs[k]) for k, short in keep.items() if k in logs}})
+            if on_log is not None:
+                on_log(int(state.global_step), dict(logs))
+            return control
+
+    return LossCurve()
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+
+def train_dpo(
+    sft_model_dir: str | Path,
+    base_model_path: str | Path,
+    sft_method: str,
+    train_pairs: Sequence[Any],
+    val_pairs: Sequence[Any],
+    params: DpoParams,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    max_steps: Optional[int] = None,
+    on_log: Optional[OnLog] = None,
+) -> DpoResult:
+    """Train a fresh LoRA adapter with DPO on the (merged) SFT model; the reference is that model itself.
+
+    ``sft_model_dir`` is ``train_sft``'s output (an adapter on ``base_model_path``, or full weights for
+    full/freeze). ``max_steps`` caps the run on top of ``params.max_steps``; ``on_log(step, logs)`` sees every
+    TRL log (loss, rewards/accuracies, rewards/margins, ...).
+    """
+    from tuneline.train.common import resolve_bf16
+    from tuneline.train.methods import count_params, write_method_file
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not train_pairs or not val_pairs:
+        raise ValueError(f"DPO needs train and val pairs (got {len(train_pairs)} and {len(val_pairs)})")
+
+    merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+
+    curve: list[dict[str, float]] = []
+    trainer = build_dpo_trainer(
+        merged_dir, train_pairs, params, out / "checkpoints", seed=seed, max_steps=max_steps,
+        callbacks=[_losses_callback(curve, on_log)],
+    )
+    model, tokenizer = trainer.model, trainer.processing_class
+    ref_model_is_none = trainer.ref_model is None
+    fresh = _adapter_is_fresh(model)
+    trainable, total = count_params(model)
+
+    before = evaluate_preferences(model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
+                                  batch_size=params.batch_size)
+    output = trainer.train()
+    after = evaluate_preferences(trainer.model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
+                                 batch_size=params.batch_size)
+
+    adapter_dir = out / ADAPTER_SUBDIR
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    write_method_file(adapter_dir, {"method": "lora"}, merged_dir)
+
+    result = DpoResult(
+        output_dir=str(adapter_dir),
+        merged_base_dir=str(merged_dir),
+        sft_method=sft_method,
+        reference="merged SFT model with the DPO adapter disabled (ref_model=None)",
+        ref_model_is_none=ref_model_is_none,
+        fresh_adapter=fresh,
+        before=dataclasses.asdict(before),
+        after=dataclasses.asdict(after),
+        losses=curve,
+        steps=int(output.global_step),
+        seconds=round(time.perf_counter() - started, 3),
+        train_pairs=len(train_pairs),
+        val_pairs=len(val_pairs),
+        trainable_params=int(trainable),
+        total_params=int(total),
+        bf16=resolve_bf16(params.bf16),
+        merge=merge_info,
+        params=dataclasses.asdict(params),
+    )
+    (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if not all(math.isfinite(c["loss"]) for c in curve if "loss" in c):
+        raise RuntimeError(f"DPO loss went non-finite: {curve[-3:]}")
+    return result
+
+
+def load_dpo_model(result_dir: str | Path, out_dir: Optional[str | Path] = None) -> Path:
+    """Merge the DPO adapter of a ``train_dpo`` run onto its merged SFT base; returns the model directory.
+
+    The merged model (safetensors + tokenizer) is written to ``out_dir`` (default ``result_dir/model``) and
+    reused when already there: it is a plain ``from_pretrained`` directory, usable as a distillation teacher
+    or an evaluation candidate.
+    """
+    from tuneline.train.sft import merge_adapter
+
+    result_dir = Path(result_dir)
+    result = json.loads((result_dir / RESULT_FILE).read_text(encoding="utf-8"))
+    target = Path(out_dir) if out_dir is not None else result_dir / MODEL_SUBDIR
+    marker = target / MERGE_MARKER
+    if marker.is_file():
+        return target
+    info = merge_adapter(result["merged_base_dir"], result["output_dir"], target)
+    marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return target
