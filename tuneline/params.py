@@ -314,6 +314,76 @@ class EvaluationParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The inference server: where it listens, which alias it serves, what one request may ask for."""
+
+    host: str = "127.0.0.1"  # bind address; loopback unless you mean to expose it (put a proxy in front)
+    port: int = 8000  # TCP port
+    alias: str = "champion"  # registry alias served when the model reference names none
+    default_max_new_tokens: int = 64  # tokens generated when a request does not say
+    max_new_tokens_limit: int = 256  # a request's max_new_tokens is capped at this
+    max_body_bytes: int = 16384  # larger request bodies are refused with 413
+    max_prompt_tokens: Optional[int] = None  # longest templated prompt; None = model positions - limit
+    log_path: Optional[str] = None  # SQLite inference log; None = $TUNELINE_HOME/inference.db
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise RecipeError("serve.port must be in [0, 65535]")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise RecipeError("serve: need 1 <= default_max_new_tokens <= max_new_tokens_limit")
+        if self.max_body_bytes < 256:
+            raise RecipeError("serve.max_body_bytes must be >= 256")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise RecipeError("serve.max_prompt_tokens must be >= 1 (or null)")
+
+
+DRIFT_FEATURE_THRESHOLDS = {  # per-feature effect size that counts as drift (see tuneline.monitoring.drift)
+    "length_chars": 0.2,  # KS distance between prompt-length (characters) distributions
+    "length_tokens": 0.2,  # KS distance between prompt-length (tokens) distributions
+    "oov_rate": 0.05,  # absolute change in the share of words the tokenizer fragments (or cannot encode)
+    "script_mix": 0.05,  # total-variation distance between character-class (script) shares
+}
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    """Drift monitoring: when live prompts no longer look like the training data, and how to retrain."""
+
+    significance: float = 0.01  # the embedding test flags drift below this p-value (features: Bonferroni)
+    permutations: int = 1000  # permutations per two-sample test (at least 1/significance - 1)
+    max_samples: int = 500  # texts per side; larger sides are subsampled deterministically (seed)
+    window_requests: int = 200  # the sensor tests a window once this many new requests have arrived
+    window_minutes: float = 60.0  # ... or once the oldest untested request is this many minutes old
+    feature_thresholds: dict[str, float] = field(default_factory=lambda: dict(DRIFT_FEATURE_THRESHOLDS))  # effect sizes
+    oov_min_pieces: int = 3  # a word the tokenizer splits into at least this many pieces counts as out of vocabulary
+    seed: int = 0  # subsampling and permutation seed
+    replay_ratio: float = 0.2  # on retrain, replayed / (new + replayed) share of previous training data
+    incoming_dir: Optional[str] = None  # folder where newly labelled rows are dropped; None = $TUNELINE_HOME/incoming
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.significance < 1.0:
+            raise RecipeError("drift.significance must be in (0, 1)")
+        if self.permutations + 1 < 1.0 / self.significance:
+            raise RecipeError("drift.permutations must be >= 1/significance - 1 (else no p-value can be that small)")
+        if self.max_samples < 2 or self.window_requests < 2 or self.window_minutes <= 0:
+            raise RecipeError("drift: need max_samples >= 2, window_requests >= 2 and window_minutes > 0")
+        unknown = sorted(set(self.feature_thresholds) - set(DRIFT_FEATURE_THRESHOLDS))
+        if unknown:
+            raise RecipeError(f"drift.feature_thresholds: unknown feature {', '.join(unknown)} "
+                              f"(known: {', '.join(DRIFT_FEATURE_THRESHOLDS)})")
+        if any(v < 0 for v in self.feature_thresholds.values()):
+            raise RecipeError("drift.feature_thresholds must be >= 0")
+        if self.oov_min_pieces < 2:
+            raise RecipeError("drift.oov_min_pieces must be >= 2")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise RecipeError("drift.replay_ratio must be in [0, 1)")
+
+    def threshold(self, feature: str) -> float:
+        """The effect size at which ``feature`` counts as drifted (the default when the recipe omits it)."""
+        return self.feature_thresholds.get(feature, DRIFT_FEATURE_THRESHOLDS[feature])
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
 
@@ -339,6 +409,8 @@ class Recipe:
     dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)  # test-set evaluation
+    serve: ServeParams = field(default_factory=ServeParams)  # inference server
+    drift: DriftParams = field(default_factory=DriftParams)  # drift monitoring
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):

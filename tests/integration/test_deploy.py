@@ -1,0 +1,391 @@
+"""Deployment: registry (register, aliases, promote, rollback, load), the inference log, the HTTP server.
+
+A real tiny Llama saved to a temp directory, a real SQLite MLflow (``sqlite:////abs/path``), a real
+uvicorn server on a free port, and real HTTP requests through ``http.client``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tuneline.deploy.inference_log import InferenceLog
+from tuneline.deploy.registry import parse_model_ref
+from tuneline.params import ServeParams, TinyModelParams
+
+SMALL = TinyModelParams(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=2,
+    max_position_embeddings=256,
+)
+
+
+# ---------------------------------------------------------------------------
+# unit: references, request parsing, the inference log
+
+
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("chat@champion", ("chat", "champion", None)),
+        ("models:/chat@challenger", ("chat", "challenger", None)),
+        ("tuneline-demo.v2/3", ("tuneline-demo.v2", None, 3)),
+        ("models:/chat/12", ("chat", None, 12)),
+        ("chat", ("chat", None, None)),
+    ],
+)
+def test_parse_model_ref(ref, expected) -> None:
+    assert parse_model_ref(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["", "  ", "@champion", "chat@", "chat/0", "chat/abc", "/3", "chat@bad alias", "a b/1"])
+def test_parse_model_ref_rejects_bad_references(ref) -> None:
+    with pytest.raises(ValueError):
+        parse_model_ref(ref)
+
+
+def test_parse_generate_request_rules() -> None:
+    from tuneline.deploy.server import RequestError, parse_generate_request
+
+    params = ServeParams(default_max_new_tokens=4, max_new_tokens_limit=8)
+    assert parse_generate_request({"prompt": "hi"}, params) == ([{"role": "user", "content": "hi"}], 4)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert parse_generate_request({"messages": turns, "max_new_tokens": 999}, params) == (turns, 8)
+    assert parse_generate_request({"prompt": "hi", "max_new_tokens": 2}, params)[1] == 2
+    bad = [
+        ([], 400),
+        ({}, 422),
+        ({"prompt": "a", "messages": turns}, 422),
+        ({"prompt": 3}, 422),
+        ({"prompt": "   "}, 422),
+        ({"messages": []}, 422),
+        ({"messages": "hi"}, 422),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 422),
+        ({"messages": [{"role": "user", "content": ""}]}, 422),
+        ({"messages": [{"role": "user", "content": 5}]}, 422),
+        ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, 422),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 422),
+        ({"prompt": "x", "max_new_tokens": "5"}, 422),
+        ({"prompt": "x", "max_new_tokens": True}, 422),
+        ({"prompt": "x", "max_new_tokens": 0}, 422),
+        ({"prompt": "x", "temperature": 0.7}, 422),
+    ]
+    for body, status in bad:
+        with pytest.raises(RequestError) as err:
+            parse_generate_request(body, params)
+        assert err.value.status == status, body
+
+
+def test_inference_log_cursor_reads_and_concurrent_writers(tmp_path: Path) -> None:
+    log = InferenceLog(tmp_path / "sub" / "inference.db")
+    assert log.journal_mode() == "wal"
+    assert log.count() == 0 and log.read_since(0) == [] and log.last_id() == 0
+    for i in range(5):
+        log.append(model_name="m", model_version=1, alias="champion", prompt=f"p{i}", response=f"r{i}",
+                   latency_ms=1.5, prompt_tokens=3, new_tokens=2, status=200)
+    first = log.read_since(0, limit=2)
+    assert [r["prompt"] for r in first] == ["p0", "p1"]
+    rest = log.read_since(first[-1]["id"], limit=100)
+    assert [r["prompt"] for r in rest] == ["p2", "p3", "p4"]
+    assert log.read_since(rest[-1]["id"]) == []  # the cursor is exhausted
+    assert rest[0]["model_version"] == "1" and rest[0]["status"] == 200 and rest[0]["ts"] > 0
+
+    msgs = [{"role": "user", "content": "héllo"}]
+    log.append(model_name="m", model_version="2", messages=msgs, status=422, error="bad", latency_ms=0.1)
+    row = log.read_since(rest[-1]["id"])[0]
+    assert row["messages"] == msgs and row["error"] == "bad" and row["response"] is None
+
+    def write(k: int) -> None:
+        own = InferenceLog(log.path)  # a second handle, as another process would have
+        for j in range(20):
+            own.append(model_name="m", model_version=1, prompt=f"t{k}-{j}", status=200)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.count() == 6 + 80
+    ids = [r["id"] for r in log.read_since(0, limit=1000)]
+    assert ids == sorted(set(ids)) and len(ids) == 86
+    with sqlite3.connect(log.path) as conn:  # the schema the drift sensor reads
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
+    assert cols == ["id", "ts", "model_name", "model_version", "alias", "prompt", "messages_json", "response",
+                    "latency_ms", "prompt_tokens", "new_tokens", "status", "error"]
+
+
+# ---------------------------------------------------------------------------
+# fixtures: two tiny models and a SQLite MLflow
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> list[Path]:
+    from tuneline.data.demo import generate_corpus
+    from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
+    from tuneline.params import DemoDataParams
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = train_tokenizer(generate_corpus(DemoDataParams(seed=3, corpus_paragraphs=200)), SMALL)
+    return [save_model(init_tiny_model(tokenizer, SMALL, seed), tokenizer, root / f"seed{seed}") for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    from tuneline.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("mlflow").resolve()
+    uri = "sqlite:///" + str(root / "mlflow.db")
+    assert uri.startswith("sqlite:////")
+    return Tracker(tracking_uri=uri, artifact_root=str(root / "artifacts"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("registry-cache")
+
+
+def _run(tracker, name: str) -> str:
+    return tracker.start_run("tuneline/test-deploy", name, tags={"tuneline.asset_key": "registered_model"})
+
+
+# ---------------------------------------------------------------------------
+# registry
+
+
+@pytest.mark.slow
+def test_register_promote_load_and_generate(tracker, model_dirs, cache_dir) -> None:
+    import mlflow.pyfunc
+
+    from tuneline.deploy.registry import (
+        TAG_PREVIOUS_CHAMPION, TAG_SOURCE_RUN, TAG_WEIGHTS, chat_generate, get_version, load_registered, promote,
+        register_model,
+    )
+    from tuneline.models.provision import weights_sha256
+
+    run_id = _run(tracker, "sft")
+    out = register_model(tracker, "chat-a", model_dirs[0], run_id=run_id, passport_md="# Passport\nseed 0\n",
+                         tags={"tuneline.method": "sft", "tuneline.eval_score": 0.5})
+    sha = weights_sha256(model_dirs[0])
+    assert out["name"] == "chat-a" and out["version"] == 1 and out["run_id"] == run_id
+    assert out["model_uri"] == "models:/chat-a/1" and out["aliases"] == ["challenger"]
+
+    v = get_version(tracker, "chat-a@challenger")
+    assert v["version"] == 1 and v["alias"] == "challenger" and v["run_id"] == run_id
+    assert v["tags"][TAG_SOURCE_RUN] == run_id and v["tags"][TAG_WEIGHTS] == sha
+    assert v["tags"]["tuneline.method"] == "sft" and v["tags"]["tuneline.eval_score"] == "0.5"
+    assert get_version(tracker, "chat-a", 1)["version"] == 1 and get_version(tracker, "chat-a/1")["aliases"] == ["challenger"]
+    passport = tracker.client().download_artifacts(run_id, "passport.md", str(cache_dir))
+    assert Path(passport).read_text() == "# Passport\nseed 0\n"
+
+    promoted = promote(tracker, "chat-a", 1)
+    assert promoted == {"name": "chat-a", "alias": "champion", "version": 1, "previous_version": None, "changed": True}
+    assert TAG_PREVIOUS_CHAMPION not in get_version(tracker, "chat-a@champion")["tags"]
+
+    model, tokenizer, info = load_registered(tracker, "chat-a@champion", cache_dir=cache_dir)
+    assert info["version"] == 1 and info["alias"] == "champion"
+    assert weights_sha256(info["path"]) == sha
+    assert (Path(info["path"]) / "chat_template.jinja").is_file()
+    assert tokenizer.chat_template and not list(Path(info["path"]).glob("*.bin"))
+    result = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=5)
+    assert 1 <= result["new_tokens"] <= 5 and result["finish_reason"] in ("stop", "length")
+    assert result["prompt_tokens"] > 2 and isinstance(result["text"], str)
+    again = load_registered(tracker, "chat-a/1", cache_dir=cache_dir)[2]  # served from the checked cache
+    assert again["path"] == info["path"]
+
+    # the logged MLflow model itself loads and predicts (params declared in its signature)
+    pyfunc = mlflow.pyfunc.load_model(info["source"])
+    preds = pyfunc.predict([{"prompt": "hello"}, {"prompt": "hi"}], params={"max_new_tokens": 3})
+    preds += pyfunc.predict([{"messages": [{"role": "user", "content": "hi"}]}], params={"max_new_tokens": 2})
+    assert len(preds) == 3 and all(1 <= p["new_tokens"] <= 3 for p in preds) and preds[2]["new_tokens"] <= 2
+
+
+@pytest.mark.slow
+def test_second_version_promoted_then_rollback_restores_the_first(tracker, model_dirs, cache_dir) -> None:
+    from tuneline.deploy.registry import (
+        TAG_PREVIOUS_CHAMPION, RegistryError, get_version, load_registered, promote, register_model, rollback, set_alias,
+    )
+    from tuneline.models.provision import weights_sha256
+
+    v1 = register_model(tracker, "chat-b", model_dirs[0], run_id=_run(tracker, "v1"), passport_md=None, tags={})
+    v2 = register_model(tracker, "chat-b", model_dirs[1], run_id=_run(tracker, "v2"), passport_md=None, tags={},
+                        aliases=("challenger", "candidate"))
+    assert (v1["version"], v2["version"]) == (1, 2)
+    assert get_version(tracker, "chat-b@challenger")["version"] == 2  # the alias moved to the new version
+    assert get_version(tracker, "chat-b@candidate")["version"] == 2
+
+    promote(tracker, "chat-b", 1)
+    second = promote(tracker, "chat-b", 2)
+    assert second["previous_version"] == 1 and second["changed"]
+    assert get_version(tracker, "chat-b@champion")["tags"][TAG_PREVIOUS_CHAMPION] == "1"
+    assert promote(tracker, "chat-b", 2)["changed"] is False  # promoting the champion again is a no-op
+
+    back = rollback(tracker, "chat-b")
+    assert back == {"name": "chat-b", "alias": "champion", "from_version": 2, "to_version": 1}
+    assert get_version(tracker, "chat-b@champion")["version"] == 1
+    _, _, info = load_registered(tracker, "chat-b@champion", cache_dir=cache_dir)
+    assert info["version"] == 1 and weights_sha256(info["path"]) == weights_sha256(model_dirs[0])
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(tracker, "chat-b")  # version 1 was the first champion
+
+    assert set_alias(tracker, "chat-b", "canary", 2)["version"] == 2
+    with pytest.raises(RegistryError, match="no version 7"):
+        set_alias(tracker, "chat-b", "canary", 7)
+    with pytest.raises(RegistryError, match="no version 9"):
+        promote(tracker, "chat-b", 9)
+    with pytest.raises(RegistryError, match="no alias 'nope'"):
+        get_version(tracker, "chat-b@nope")
+
+
+@pytest.mark.slow
+def test_rollback_without_a_previous_champion_errors_clearly(tracker, model_dirs) -> None:
+    from tuneline.deploy.registry import RegistryError, promote, register_model, rollback
+
+    register_model(tracker, "chat-c", model_dirs[0], run_id=_run(tracker, "c"), passport_md=None, tags={})
+    with pytest.raises(RegistryError, match="no version holds the alias 'champion'"):
+        rollback(tracker, "chat-c")
+    promote(tracker, "chat-c", 1)
+    with pytest.raises(RegistryError, match="has no previous champion"):
+        rollback(tracker, "chat-c")
+
+
+@pytest.mark.slow
+def test_register_refuses_a_directory_without_safetensors_or_with_pickles(tracker, model_dirs, tmp_path) -> None:
+    import shutil
+
+    from tuneline.deploy.registry import register_model
+
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        register_model(tracker, "chat-d", tmp_path, run_id=_run(tracker, "d"), passport_md=None, tags={})
+    bad = shutil.copytree(model_dirs[0], tmp_path / "with-pickle")
+    (bad / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="pickle"):
+        register_model(tracker, "chat-d", bad, run_id=_run(tracker, "d"), passport_md=None, tags={})
+
+
+@pytest.mark.slow
+def test_generation_stops_at_an_end_of_turn_token(model_dirs) -> None:
+    from tuneline.deploy.registry import chat_generate
+    from tuneline.models.provision import load_causal_lm, load_tokenizer
+
+    tokenizer, model = load_tokenizer(model_dirs[0]), load_causal_lm(model_dirs[0])
+    model.generation_config.eos_token_id = list(range(len(tokenizer)))  # every token ends the turn
+    result = chat_generate(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=9)
+    assert result == {**result, "finish_reason": "stop", "new_tokens": 1, "ids": [], "text": ""}
+
+
+# ---------------------------------------------------------------------------
+# the HTTP server
+
+
+class _Http:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                chunked: bool = False) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            hdrs = {"Content-Type": "application/json", **(headers or {})}
+            if chunked:
+                parts = [body[i : i + 1024] for i in range(0, len(body), 1024)]
+                conn.request(method, path, body=iter(parts), headers=hdrs, encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"null")
+        finally:
+            conn.close()
+
+    def post(self, payload, **kw) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", "/generate", body, **kw)
+
+
+@pytest.fixture(scope="module")
+def served(tracker, model_dirs, cache_dir, tmp_path_factory):
+    from tuneline.deploy.registry import load_registered, promote, register_model
+    from tuneline.deploy.server import create_app, make_server
+
+    register_model(tracker, "chat-s", model_dirs[0], run_id=_run(tracker, "serve"), passport_md=None, tags={})
+    promote(tracker, "chat-s", 1)
+    model, tokenizer, info = load_registered(tracker, "chat-s@champion", cache_dir=cache_dir)
+    log = InferenceLog(tmp_path_factory.mktemp("serve") / "inference.db")
+    params = ServeParams(default_max_new_tokens=4, max_new_tokens_limit=8, max_body_bytes=16384)
+    server = make_server(create_app(model, tokenizer, info, log, params), host="127.0.0.1", port=0, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield _Http(port), log, info
+    server.should_exit = True
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.mark.slow
+def test_server_health_generate_errors_and_log(served) -> None:
+    client, log, info = served
+    start_id = log.last_id()
+
+    status, health = client.request("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert (health["model"], health["version"], health["alias"]) == ("chat-s", 1, "champion")
+
+    expected_statuses = []
+
+    def post(payload, want: int, **kw) -> dict:
+        status, body = client.post(payload, **kw)
+        assert status == want, (payload if not isinstance(payload, bytes) else payload[:60], body)
+        expected_statuses.append(want)
+        return body
+
+    good = post({"prompt": "What is 2 plus 3?"}, 200)
+    assert set(good) >= {"text", "model", "version", "new_tokens", "latency_ms", "finish_reason"}
+    assert good["model"] == "chat-s" and good["version"] == 1 and good["alias"] == "champion"
+    assert 1 <= good["new_tokens"] <= 4 and good["max_new_tokens"] == 4  # the configured default
+    assert good["finish_reason"] in ("stop", "length") and good["latency_ms"] > 0
+
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a day."}]
+    chat = post({"messages": turns, "max_new_tokens": 3}, 200)
+    assert 1 <= chat["new_tokens"] <= 3 and chat["max_new_tokens"] == 3
+
+    capped = post({"prompt": "Count to one hundred.", "max_new_tokens": 100000}, 200)
+    assert capped["max_new_tokens"] == 8 and 1 <= capped["new_tokens"] <= 8
+
+    # bad requests: clear JSON errors
+    assert "exactly one" in post({}, 422)["detail"]
+    assert "exactly one" in post({"prompt": "a", "messages": turns}, 422)["detail"]
+    assert "string" in post({"prompt": 42}, 422)["detail"]
+    assert "role" in post({"messages": [{"role": "robot", "content": "beep"}]}, 422)["detail"]
+    assert "empty" in post({"prompt": "   "}, 422)["detail"]
+    assert "integer" in post({"prompt": "hi", "max_new_tokens": "many"}, 422)["detail"]
+    assert "JSON" in post(b"{not json", 400)["detail"]
+    assert "JSON" in post(b"just text", 415, headers={"Content-Type": "text/plain"})["detail"]
+    huge = json.dumps({"prompt": "x" * 20000}).encode()
+    assert "16384" in post(huge, 413)["detail"]
+    assert "16384" in post(huge, 413, chunked=True)["detail"]  # no Content-Length: counted while streaming
+    long_prompt = " ".join(f"w{i}" for i in range(1500))  # under the byte cap, over the token cap
+    assert "tokens" in post({"prompt": long_prompt}, 400)["detail"]
+
+    # every /generate request is in the log, with model, version, alias, latency and status
+    rows = log.read_since(start_id)
+    assert [r["status"] for r in rows] == expected_statuses
+    assert all(r["model_name"] == "chat-s" and r["model_version"] == "1" and r["alias"] == "champion" for r in rows)
+    assert all(r["latency_ms"] is not None and r["latency_ms"] > 0 and r["ts"] > 0 for r in rows)
+    ok = [r for r in rows if r["status"] == 200]
+    assert [r["response"] for r in ok] == [good["text"], chat["text"], capped["text"]]
+    assert [r["new_tokens"] for r in ok] == [good["new_tokens"], chat["new_tokens"], capped["new_tokens"]]
+    assert ok[0]["prompt"] == "What is 2 plus 3?" and ok[1]["messages"] == turns
+    assert all(r["prompt_tokens"] and r["prompt_tokens"] > 0 for r in ok)
+    bad = [r for r in rows if r["status"] != 200]
+    assert all(r["error"] and r["response"] is None for r in bad)
+    assert health["logged_requests"] == start_id  # health reads the log; it is not logged itself
+    assert log.count() == start_id + len(expected_statuses)
