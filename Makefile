@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test ui clean
+.PHONY: install run test ui serve drift-demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install
 
 ui: install
 	$(BIN)/tuneline ui
+
+serve: install
+	$(BIN)/tuneline serve --recipe $(RECIPE)
 
 clean:
 	rm -rf $(STATE)

@@ -1,6 +1,5 @@
 """Data stages: raw files -> prepared chat records (validated, quarantined) -> train/validation/test splits."""
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
@@ -120,6 +119,8 @@ def prepared_dataset(
     tracker.log_dict(run_id, {"reasons": result.reasons, "failures": result.failures, "files": per_file},
                      "validation/summary.json")
     tracker.log_artifact(run_id, out / "quarantine.jsonl", "validation")
+    tracker.log_dict(run_id, {"files": raw_dataset["files"], "raw_sha256": raw_dataset["sha256"]},
+                     "lineage/inputs.json")
     docs_path = getattr(result, "docs_path", None)
     if docs_path:
         tracker.log_artifact(run_id, Path(docs_path).parent, "validation/data_docs")

@@ -153,6 +153,58 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracker():
+    from tuneline.tracking import Tracker
+
+    setup_environment()
+    return Tracker(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load NAME@ALIAS from the registry and serve it on 127.0.0.1 (every request logged)."""
+    from tuneline.deploy.server import serve
+    from tuneline.params import ServeParams
+
+    name = args.model or _recipe_model_name(args.recipe)
+    serve(f"{name}@{args.alias}", tracker=_tracker(), host=args.host, port=args.port,
+          params=ServeParams(host=args.host, port=args.port, alias=args.alias))
+    return 0
+
+
+def _recipe_model_name(recipe_path: str) -> str:
+    from tuneline.params import load_recipe
+    from tuneline.paths import resolve
+
+    return load_recipe(resolve(recipe_path)).registered_model_name()
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tuneline.deploy.registry import RegistryError, rollback
+
+    try:
+        moved = rollback(_tracker(), args.name)
+    except RegistryError as exc:
+        print(f"tuneline rollback: {exc}", file=sys.stderr)
+        return 2
+    print(f"{moved['name']}: champion moved from version {moved['from_version']} back to {moved['to_version']}")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from tuneline.deploy.lineage import build_passport, passport_markdown
+    from tuneline.deploy.registry import RegistryError
+
+    try:
+        passport = build_passport(_tracker(), args.ref)
+    except RegistryError as exc:
+        print(f"tuneline lineage: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(passport, indent=2, default=str) if args.json else passport_markdown(passport))
+    return 1 if passport["broken_links"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     cli_ingest.add_parser(sub)
+
+    serve = sub.add_parser("serve", help="serve a registered model on 127.0.0.1")
+    serve.add_argument("--model", help="registered model name (default: the recipe's)")
+    serve.add_argument("--recipe", default="configs/demo.yaml", help="recipe naming the model (default: demo)")
+    serve.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    rollback = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    rollback.add_argument("name", help="registered model name")
+    rollback.set_defaults(func=cmd_rollback)
+
+    lineage = sub.add_parser("lineage", help="the lineage passport of NAME@ALIAS or NAME/VERSION")
+    lineage.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    lineage.add_argument("--json", action="store_true", help="one JSON object")
+    lineage.set_defaults(func=cmd_lineage)
 
     ui = sub.add_parser("ui", help="start the Dagster and MLflow UIs on 127.0.0.1")
     ui.add_argument("--dagster-port", type=int, default=3000)

@@ -384,6 +384,26 @@ class DriftParams:
 
 
 @dataclass(frozen=True)
+class GateParams:
+    """Promotion policy: which candidate, by how much it must win, what it may not lose."""
+
+    candidate: Literal["teacher", "student"] = "teacher"  # teacher = the DPO model; student = the distilled one
+    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l"] = "task_accuracy"  # per-example metric
+    min_margin: float = 0.02  # the candidate's mean gain over each baseline must be at least this
+    require_ci_above_zero: bool = True  # the paired bootstrap CI of the gain must lie above zero
+    max_latency_increase: float = 0.5  # p50 latency may grow at most this fraction over each baseline
+    max_preference_accuracy_drop: float = 0.05  # preference accuracy may drop at most this much
+    bootstrap_samples: int = 2000  # paired bootstrap resamples
+    confidence: float = 0.95  # confidence level of the interval
+
+    def __post_init__(self) -> None:
+        if self.min_margin < 0 or self.max_latency_increase < 0 or self.max_preference_accuracy_drop < 0:
+            raise RecipeError("gate: margins and tolerances must be >= 0")
+        if not 0.5 < self.confidence < 1:
+            raise RecipeError("gate.confidence must be in (0.5, 1)")
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
 
@@ -411,6 +431,7 @@ class Recipe:
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)  # test-set evaluation
     serve: ServeParams = field(default_factory=ServeParams)  # inference server
     drift: DriftParams = field(default_factory=DriftParams)  # drift monitoring
+    gate: GateParams = field(default_factory=GateParams)  # promotion policy
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from tuneline.evaluate.gate import decide
+from tuneline.params import GateParams
+
+
+def report(name: str, correct: list[int], p50: float = 10.0, pref: float = 0.8) -> dict:
+    return {
+        "name": name,
+        "per_example": {"ids": [f"x{i}" for i in range(len(correct))], "correct": correct,
+                        "exact_match": correct, "rouge_l": [float(c) for c in correct]},
+        "latency_ms": {"p50": p50},
+        "preference_accuracy": {"mean": pref},
+    }
+
+
+GOOD = [1] * 80 + [0] * 20
+BASE = [1] * 30 + [0] * 70
+
+
+def test_clear_winner_without_champion_passes_and_says_so() -> None:
+    d = decide(report("dpo", GOOD), {"base": report("base", BASE), "champion": None}, GateParams())
+    assert d.passed, d.reasons
+    assert d.baselines == ["base"] and d.evidence["missing_baselines"] == ["champion"]
+    assert d.evidence["base"]["gain"] > 0.4 and d.evidence["base"]["ci_low"] > 0
+
+
+def test_tie_fails() -> None:
+    d = decide(report("dpo", GOOD), {"base": report("base", BASE), "champion": report("champ", GOOD)}, GateParams())
+    assert not d.passed
+    assert any("gain over champion is +0.0000" in r for r in d.reasons)
+
+
+def test_gain_below_margin_fails_even_if_positive() -> None:
+    champ = GOOD[:]
+    champ[0] = 0  # the candidate is better on one example out of 100
+    d = decide(report("dpo", GOOD), {"champion": report("champ", champ)}, GateParams(min_margin=0.05))
+    assert not d.passed and any("below the margin" in r for r in d.reasons)
+
+
+def test_ci_crossing_zero_fails() -> None:
+    noisy_candidate = [1, 0] * 10
+    noisy_base = [0, 1] * 9 + [0, 0]  # candidate +0.05 on average, but the pairs disagree everywhere
+    d = decide(report("dpo", noisy_candidate), {"base": report("base", noisy_base)},
+               GateParams(min_margin=0.0))
+    assert d.evidence["base"]["gain"] > 0 and d.evidence["base"]["ci_low"] <= 0
+    assert not d.passed and any("does not clear zero" in r for r in d.reasons)
+
+
+def test_secondary_metric_regressions_fail() -> None:
+    slow = decide(report("dpo", GOOD, p50=30.0), {"base": report("base", BASE, p50=10.0)}, GateParams())
+    assert not slow.passed and any("latency" in r for r in slow.reasons)
+    worse_pref = decide(report("dpo", GOOD, pref=0.5), {"base": report("base", BASE, pref=0.8)}, GateParams())
+    assert not worse_pref.passed and any("preference accuracy" in r for r in worse_pref.reasons)
+
+
+def test_no_baseline_at_all_fails() -> None:
+    d = decide(report("dpo", GOOD), {"base": None}, GateParams())
+    assert not d.passed and d.reasons == ["no baseline to compare with"]

@@ -1,0 +1,167 @@
+"""The lineage passport: the whole chain behind a registered model version.
+
+Starting from the version's source run (the ``registered_model`` stage), the walk follows the
+``tuneline.upstream.<stage>`` tags every stage run carries, back to the data files. Every link is
+checked: a run that no longer exists, a data file that is gone or whose sha256 changed, an artifact
+that cannot be read. A broken link is reported, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from tuneline.deploy.registry import get_version, parse_model_ref
+from tuneline.records import sha256_file
+from tuneline.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TAG_DATASET, TAG_GIT, TAG_PARENT_PREFIX, Tracker
+
+INPUTS_ARTIFACT = "lineage/inputs.json"  # logged by prepared_dataset: the raw files with their sha256
+GATE_ARTIFACT = "evaluation/gate.json"  # logged by evaluation_report: the promotion decision and evidence
+
+
+def _time(ms: Optional[int]) -> Optional[str]:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ms else None
+
+
+def _artifact_json(tracker: Tracker, run_id: str, path: str) -> Any:
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                tracking_uri=tracker.tracking_uri)
+    return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def walk_runs(tracker: Tracker, stage: str, run_id: str, broken: list[dict]) -> dict[str, dict[str, Any]]:
+    """stage -> run summary for ``run_id`` and every run upstream of it."""
+    client = tracker.client()
+    found: dict[str, dict[str, Any]] = {}
+    queue = [(stage, run_id, None)]
+    while queue:
+        name, rid, child = queue.pop(0)
+        if name in found:
+            continue
+        try:
+            run = client.get_run(rid)
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch is a broken link
+            broken.append({"link": f"{child or 'model version'} -> {name} run {rid}",
+                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            continue
+        tags = run.data.tags
+        found[name] = {
+            "run_id": rid,
+            "status": run.info.status,
+            "dagster_run_id": tags.get(TAG_DAGSTER_RUN),
+            "git_sha": tags.get(TAG_GIT),
+            "dataset_sha256": tags.get(TAG_DATASET),
+            "started": _time(run.info.start_time),
+            "ended": _time(run.info.end_time),
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+            "upstream": {k[len(TAG_PARENT_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PARENT_PREFIX)},
+            "asset": tags.get(TAG_ASSET),
+        }
+        if run.info.status != "FINISHED":
+            broken.append({"link": f"{name} run {rid}", "error": f"run status is {run.info.status}"})
+        for up_stage, up_id in found[name]["upstream"].items():
+            queue.append((up_stage, up_id, name))
+    return found
+
+
+def check_files(files: list[dict[str, Any]], broken: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        entry = {"path": f["path"], "sha256": f["sha256"], "role": f.get("role")}
+        path = Path(f["path"])
+        if not path.is_file():
+            broken.append({"link": f"data file {path}", "error": "file not found"})
+            entry["status"] = "missing"
+        elif sha256_file(path) != f["sha256"]:
+            broken.append({"link": f"data file {path}", "error": "sha256 differs from the one recorded"})
+            entry["status"] = "changed"
+        else:
+            entry["status"] = "ok"
+        out.append(entry)
+    return out
+
+
+def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
+    """The passport of ``NAME@ALIAS`` or ``NAME/VERSION`` as a JSON-able dict (``broken_links`` may be empty)."""
+    name, alias, version = parse_model_ref(ref)
+    info = get_version(tracker, name, alias if alias is not None else version)
+    broken: list[dict] = []
+    source_run = info.get("tags", {}).get("tuneline.source_run_id") or info.get("run_id")
+    runs = walk_runs(tracker, "registered_model", source_run, broken) if source_run else {}
+    if not source_run:
+        broken.append({"link": "model version -> source run", "error": "the version names no source run"})
+
+    data: list[dict[str, Any]] = []
+    if "prepared_dataset" in runs:
+        try:
+            data = check_files(_artifact_json(tracker, runs["prepared_dataset"]["run_id"], INPUTS_ARTIFACT)["files"],
+                               broken)
+        except Exception as exc:  # noqa: BLE001
+            broken.append({"link": f"prepared_dataset -> {INPUTS_ARTIFACT}", "error": str(exc)[:200]})
+    else:
+        broken.append({"link": "chain -> prepared_dataset", "error": "no prepared_dataset run upstream"})
+
+    gate: dict[str, Any] = {}
+    if "evaluation_report" in runs:
+        try:
+            gate = _artifact_json(tracker, runs["evaluation_report"]["run_id"], GATE_ARTIFACT)
+        except Exception as exc:  # noqa: BLE001
+            broken.append({"link": f"evaluation_report -> {GATE_ARTIFACT}", "error": str(exc)[:200]})
+    for stage in ("base_model", "dataset_splits", "sft_adapter", "evaluation_report"):
+        if stage not in runs and not any(b["link"].endswith(f"-> {stage} run") for b in broken):
+            if not any(stage in b["link"] for b in broken):
+                broken.append({"link": f"chain -> {stage}", "error": f"no {stage} run upstream"})
+
+    def stage(name: str) -> dict[str, Any]:
+        return runs.get(name, {})
+
+    splits = stage("dataset_splits")
+    prepared = stage("prepared_dataset")
+    hpo = stage("hpo_study")
+    shas = {r["git_sha"] for r in runs.values() if r.get("git_sha")}
+    return {
+        "model": name,
+        "version": int(info["version"]),
+        "aliases": info.get("aliases", []),
+        "model_uri": f"models:/{name}/{info['version']}",
+        "data": data,
+        "validation": {k: prepared.get("metrics", {}).get(k) for k in ("read", "accepted", "quarantined",
+                                                                         "quarantined_fraction")},
+        "splits": {"dataset_sha256": splits.get("dataset_sha256"),
+                   "rows": {k[5:]: v for k, v in splits.get("metrics", {}).items() if k.startswith("rows_")}},
+        "search": {"best_value": hpo.get("metrics", {}).get("best_value"),
+                   "best_params": {k[5:]: v for k, v in hpo.get("params", {}).items() if k.startswith("best.")}},
+        "runs": {name_: r["run_id"] for name_, r in runs.items()},
+        "stages": {name_: {k: r[k] for k in ("run_id", "dagster_run_id", "started", "ended", "status", "params",
+                                            "metrics")} for name_, r in runs.items()},
+        "evaluation": stage("evaluation_report").get("metrics", {}),
+        "gate": gate,
+        "git_sha": sorted(shas)[0] if len(shas) == 1 else sorted(shas),
+        "dagster_run_ids": sorted({r["dagster_run_id"] for r in runs.values() if r.get("dagster_run_id")}),
+        "broken_links": broken,
+    }
+
+
+def passport_markdown(p: dict[str, Any]) -> str:
+    """A readable rendering of the passport (stored with the model version)."""
+    lines = [f"# Lineage passport: {p['model']} version {p['version']}", ""]
+    lines += [f"- aliases: {', '.join(p['aliases']) or 'none'}", f"- code: git {p['git_sha']}",
+              f"- Dagster runs: {', '.join(p['dagster_run_ids'])}", ""]
+    lines += ["## Data", "", "| role | path | sha256 | status |", "|---|---|---|---|"]
+    lines += [f"| {d.get('role')} | `{d['path']}` | `{d['sha256'][:16]}` | {d.get('status')} |" for d in p["data"]]
+    lines += ["", f"Validation: {p['validation']}", f"Splits: {p['splits']}", "",
+              f"Search best: {p['search']}", "", "## Stages", "", "| stage | MLflow run | Dagster run | started | ended |",
+              "|---|---|---|---|---|"]
+    for name, s in p["stages"].items():
+        lines.append(f"| {name} | `{s['run_id']}` | `{s['dagster_run_id']}` | {s['started']} | {s['ended']} |")
+    gate = p.get("gate") or {}
+    lines += ["", "## Promotion gate", "", f"Decision: {'passed' if gate.get('passed') else 'not passed'}",
+              f"Reasons: {gate.get('reasons')}", "", "```json", json.dumps(gate.get("evidence", {}), indent=2,
+                                                                            default=str), "```", ""]
+    lines += ["## Broken links", ""] + ([f"- {b['link']}: {b['error']}" for b in p["broken_links"]] or ["none"])
+    return "\n".join(lines) + "\n"
