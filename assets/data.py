@@ -11,7 +11,7 @@ from resources.artifacts import ArtifactStore
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
 from tuneline.data import split as splitting
-from tuneline.paths import resolve
+from tuneline.paths import resolve, state_dir
 from tuneline.records import ChatRecord, read_jsonl, read_records, sha256_file, sha256_text, write_jsonl
 
 GROUP = "data"
@@ -19,6 +19,15 @@ GROUP = "data"
 
 def _file_entry(path: Path, role: str, **source: Any) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, "role": role, **source}
+
+
+INCOMING_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def incoming_files(r) -> list[Path]:
+    """Newly labelled files dropped into the recipe's incoming folder (for retraining)."""
+    folder = Path(r.drift.incoming_dir) if r.drift.incoming_dir else state_dir() / "incoming"
+    return sorted(p for p in folder.glob("*") if p.suffix in INCOMING_SUFFIXES and p.is_file())
 
 
 @dg.asset(group_name=GROUP, kinds={"python"})
@@ -45,6 +54,10 @@ def raw_dataset(
             _file_entry(path, "data", format=source.format, schema=source.schema, fields=dict(source.fields),
                         task=source.task)
         )
+    if recipe.retrain:
+        for path in incoming_files(r):
+            files.append(_file_entry(path, "incoming", format="auto", schema="auto", fields={}, task=None))
+        context.log.info(f"retrain: {sum(f['role'] == 'incoming' for f in files)} incoming file(s)")
     for corpus in r.data.corpus:
         path = resolve(corpus)
         if not path.is_file():
@@ -87,7 +100,7 @@ def prepared_dataset(
     out = artifacts.stage_dir("prepared_dataset", context.run.run_id)
     records, parse_rejections, per_file, read = [], [], [], 0
     for f in raw_dataset["files"]:
-        if f["role"] not in ("sft", "preference", "data"):
+        if f["role"] not in ("sft", "preference", "data", "incoming"):
             continue
         result = read_source(
             DataSource(path=f["path"], format=f["format"], schema=f["schema"], fields=f["fields"], task=f["task"])
@@ -187,6 +200,19 @@ def dataset_splits(
     r = recipe.load()
     out = artifacts.stage_dir("dataset_splits", context.run.run_id)
     result = splitting.split_records(read_records(prepared_dataset["records_path"]), r.split, r.seed)
+    replay = None
+    new_sources = {f["path"] for f in prepared_dataset.get("files", []) if f.get("role") == "incoming"}
+    if new_sources:  # retrain: new rows plus a replay sample of the previous training data
+        from tuneline.monitoring.replay import mix_with_replay
+
+        train = result.splits["train"]
+        new = [rec for rec in train if rec.source in new_sources]
+        previous = [rec for rec in train if rec.source not in new_sources]
+        result.splits["train"], replay = mix_with_replay(new, previous, r.drift.replay_ratio, r.seed)
+        context.log.info(f"retrain: {len(new)} new train rows + {replay['replayed']} replayed "
+                         f"(ratio {r.drift.replay_ratio})")
+    reference = [rec.prompt_text() for rec in result.splits.get("train", [])][: r.drift.max_samples]
+    write_jsonl(out / "drift_reference.jsonl", ({"prompt": p} for p in reference))
     paths = {}
     for name, rows in result.splits.items():
         paths[name] = str(out / f"{name}.jsonl")
@@ -205,8 +231,11 @@ def dataset_splits(
                             source=paths[name], context=name)
     tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in counts.items()})
     tracker.end_run(run_id)
+    if replay is not None:
+        tracker.log_dict(run_id, replay, "lineage/replay.json")
     value = {"paths": paths, "counts": counts, "sha256": hashes, "dataset_sha256": combined, "seed": r.seed,
-             "strata": result.strata, "mlflow_run_id": run_id}
+             "strata": result.strata, "replay": replay, "drift_reference_path": str(out / "drift_reference.jsonl"),
+             "mlflow_run_id": run_id}
     return dg.Output(
         value,
         metadata={
@@ -214,6 +243,8 @@ def dataset_splits(
             **{f"sha256_{k}": dg.MetadataValue.text(v) for k, v in hashes.items()},
             "dataset_sha256": combined,
             "strata": dg.MetadataValue.json(result.strata),
+            "replay": dg.MetadataValue.json(replay or {"note": "no incoming data: no replay mixing"}),
+            "drift_reference_path": dg.MetadataValue.path(value["drift_reference_path"]),
             "split_params": dg.MetadataValue.json({"seed": r.seed, **r.to_dict()["split"]}),
             **mlflow_link(run_id, mlflow.tracking_uri),
         },

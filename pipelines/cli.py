@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tuneline.data import cli_ingest
+from tuneline.monitoring import cli_drift
 from tuneline.paths import project_root, state_dir
 
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     cli_ingest.add_parser(sub)
+    cli_drift.add_parser(sub)
 
     serve = sub.add_parser("serve", help="serve a registered model on 127.0.0.1")
     serve.add_argument("--model", help="registered model name (default: the recipe's)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import data, deploy, evaluation, models, training
+from assets import data, deploy, evaluation, models, monitoring, training
 from pipelines.jobs import ALL_JOBS
+from pipelines.schedules import ALL_SCHEDULES
+from pipelines.sensors import ALL_SENSORS
 from resources import build_resources
 
 ASSETS = [
@@ -20,6 +22,7 @@ ASSETS = [
     evaluation.evaluation_report,
     deploy.registered_model,
 ]
+SPECS = [monitoring.served_traffic]
 CHECKS = [
     data.prepared_dataset_passes_validation,
     data.dataset_splits_have_no_leakage,
@@ -30,9 +33,11 @@ CHECKS = [
 # One machine: steps run in-process (a fresh Python per step costs 2-3 s here); training runs in its
 # own process through Pipes. A production profile swaps in a distributed executor.
 defs = dg.Definitions(
-    assets=ASSETS,
+    assets=[*ASSETS, *SPECS],
     asset_checks=CHECKS,
     jobs=ALL_JOBS,
+    schedules=ALL_SCHEDULES,
+    sensors=ALL_SENSORS,
     resources=build_resources(),
     executor=dg.in_process_executor,
 )

@@ -14,7 +14,19 @@ train_model_job = dg.define_asset_job(
     "train_model_job",
     selection=dg.AssetSelection.groups("data", "model", "training", "evaluation", "deployment"),
     description="The whole chain: data, base model, search, SFT, DPO, distillation, evaluation, registration.",
-    tags={"dagster/max_runtime": str(4 * 3600)},
+    tags={"dagster/max_runtime": str(4 * 3600), "tuneline/gpu": "true"},
 )
 
-ALL_JOBS = [prepare_data_job, train_model_job]
+# Run config that switches the recipe resource to retraining (incoming rows + replay of previous data).
+RETRAIN_CONFIG = {"resources": {"recipe": {"config": {"retrain": True}}}}
+
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.groups("data", "model", "training", "evaluation", "deployment"),
+    description="Retrain from data to registered_model on new rows plus a replay sample of the previous "
+    "training data; the promotion gate still decides.",
+    config=RETRAIN_CONFIG,
+    tags={"dagster/max_runtime": str(4 * 3600), "tuneline/gpu": "true"},
+)
+
+ALL_JOBS = [prepare_data_job, train_model_job, retrain_job]

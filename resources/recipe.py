@@ -18,6 +18,11 @@ class RecipeResource(dg.ConfigurableResource):
     seed: Optional[int] = Field(default=None, description="Override the recipe's seed.")
     max_steps: Optional[int] = Field(default=None, description="Cap every training loop at this many steps.")
     sample_fraction: Optional[float] = Field(default=None, description="Keep this fraction of the data rows.")
+    retrain: bool = Field(
+        default=False,
+        description="Retrain: add the rows in drift.incoming_dir and train on them plus a replay sample "
+        "of the previous training data (drift.replay_ratio).",
+    )
 
     def load(self) -> Recipe:
         recipe = load_recipe(resolve(self.path))
