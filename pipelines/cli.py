@@ -61,7 +61,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         tags={"tuneline/recipe": recipe.name},
     )
     print_summary(result, resources, home, time.time() - started)
-    return 0 if result.success else 1
+    if result.success:
+        return 0
+    if refused_by_gate_only(result):
+        print("The promotion gate refused the candidate: nothing was registered and the champion stays.")
+        return 0
+    return 1
+
+
+def refused_by_gate_only(result: Any) -> bool:
+    """True when the only failure of the run is the promotion gate's blocking check (a decision, not an error)."""
+    import dagster as dg
+
+    failed = [e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    return bool(failed) and all(key.endswith("candidate_passes_promotion_gate") for key in failed)
 
 
 def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> None:
@@ -116,6 +129,26 @@ def summary_figures(result: Any) -> dict[str, list[str]]:
     splits = value("dataset_splits")
     if splits:
         out["dataset_splits"] = [", ".join(f"{k} {v}" for k, v in splits["counts"].items())]
+    hpo = value("hpo_study")
+    if hpo and hpo.get("enabled"):
+        out["hpo_study"] = [f"{hpo['n_complete']} complete, {hpo['n_pruned']} pruned; best val loss "
+                            f"{hpo['best_value']:.4f} with {hpo['best_params']}"]
+    sft = value("sft_adapter")
+    if sft:
+        out["sft_adapter"] = [f"{sft['method']}: {sft['global_step']} steps (best {sft['best_step']}, stopped early "
+                              f"{sft['stopped_early']}), best val loss {sft['best_val_loss']:.4f}, "
+                              f"{sft['tokens_per_second']:,.0f} real tok/s"]
+    evaluation = value("evaluation_report")
+    if evaluation:
+        out["evaluation_report (test split)"] = evaluation["table"].splitlines()
+        gate = evaluation["gate"]
+        out["promotion gate"] = [f"{'PASSED' if gate['passed'] else 'REFUSED'}: {gate['candidate']} vs "
+                                 f"{', '.join(gate['baselines'])}"] + [f"- {r}" for r in gate["reasons"]]
+    registered = value("registered_model")
+    if registered:
+        out["registered_model"] = [f"{registered['name']} version {registered['version']} is champion "
+                                   f"(previous: {registered['champion_previous_version']}); "
+                                   f"tuneline lineage {registered['name']}@champion"]
     return out
 
 

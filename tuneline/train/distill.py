@@ -473,6 +473,7 @@ def distill_student(
         eval_strategy="no",
         report_to="none",
         bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it
         gradient_checkpointing=False,
         remove_unused_columns=False,
         dataloader_num_workers=0,
