@@ -1,6 +1,5 @@
 """The base model: a hub id or local path, or a tiny Llama the pipeline builds and pretrains offline."""
 
-from __future__ import annotations
 
 import dagster as dg
 

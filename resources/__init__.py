@@ -6,6 +6,7 @@ import os
 from typing import Any, Optional
 
 from resources.artifacts import ArtifactStore, LocalArtifactStore
+from resources.launcher import PipesSubprocessLauncher, TrainingLauncher
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
 from tuneline.paths import state_dir
@@ -29,6 +30,7 @@ def build_resources(profile: Optional[str] = None) -> dict[str, Any]:
                 tracking_uri=default_tracking_uri(home), artifact_root=str(home / "mlartifacts")
             ),
             "artifacts": LocalArtifactStore(root=str(home / "artifacts")),
+            "launcher": PipesSubprocessLauncher(),
         }
     if profile == "production":
         missing = [v for v in ("TUNELINE_MLFLOW_URI", "TUNELINE_ARTIFACT_ROOT") if not os.environ.get(v)]
@@ -38,8 +40,12 @@ def build_resources(profile: Optional[str] = None) -> dict[str, Any]:
             "recipe": RecipeResource(path=os.environ.get("TUNELINE_RECIPE", "configs/demo.yaml")),
             "mlflow": MlflowResource(tracking_uri=os.environ["TUNELINE_MLFLOW_URI"]),
             "artifacts": LocalArtifactStore(root=os.environ["TUNELINE_ARTIFACT_ROOT"]),
+            "launcher": PipesSubprocessLauncher(),
         }
     raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
 
 
-__all__ = ["ArtifactStore", "LocalArtifactStore", "MlflowResource", "RecipeResource", "build_resources"]
+__all__ = [
+    "ArtifactStore", "LocalArtifactStore", "MlflowResource", "PipesSubprocessLauncher", "RecipeResource",
+    "TrainingLauncher", "build_resources",
+]

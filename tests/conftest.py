@@ -25,3 +25,12 @@ def shared_data() -> Path:
             pytest.fail(reason + "; TUNELINE_REQUIRE_SHARED=1 requires them")
         pytest.skip(reason)
     return SHARED_DATA
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "state"
+    monkeypatch.setenv("TUNELINE_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(home / "mlflow.db"))
+    home.mkdir()
+    return home

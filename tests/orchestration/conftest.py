@@ -22,15 +22,6 @@ TINY_RECIPE = {
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "state"
-    monkeypatch.setenv("TUNELINE_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(home / "mlflow.db"))
-    home.mkdir()
-    return home
-
-
-@pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_RECIPE))

@@ -18,6 +18,10 @@ from typing import Any, Callable, Iterable, Optional
 RESULT_FILE = "result.json"
 
 
+# Keys the launcher adds to every spec: where the trainer writes its traceback when it fails.
+LAUNCH_KEYS = ("error_file",)
+
+
 def read_spec(path: str | Path, required: Iterable[str], optional: Iterable[str]) -> dict[str, Any]:
     """The spec JSON object, with required keys present, no unknown keys and a well-formed ``mlflow``."""
     required, optional = tuple(required), tuple(optional)
@@ -25,7 +29,7 @@ def read_spec(path: str | Path, required: Iterable[str], optional: Iterable[str]
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: the spec must be a JSON object")
     missing = [k for k in required if k not in spec]
-    unknown = sorted(set(spec) - set(required) - set(optional))
+    unknown = sorted(set(spec) - set(required) - set(optional) - set(LAUNCH_KEYS))
     if missing or unknown:
         raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}")
     mlflow = spec.get("mlflow")
@@ -145,6 +149,19 @@ def run_cli(
         else:
             run(spec, None)
     except Exception:  # noqa: BLE001 - the launcher shows the trainer's own traceback
-        traceback.print_exc(file=sys.stderr)
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        write_error(args.spec, text)
         return 1
     return 0
+
+
+def write_error(spec_path: str | Path, text: str) -> None:
+    """Leave the traceback where the launcher looks for it (the spec's ``error_file``), when it can."""
+    try:
+        error_file = json.loads(Path(spec_path).read_text(encoding="utf-8")).get("error_file")
+    except (OSError, ValueError, AttributeError):
+        return
+    if error_file:
+        Path(error_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(error_file).write_text(text, encoding="utf-8")
