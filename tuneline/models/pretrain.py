@@ -1,0 +1,257 @@
+"""Causal-LM (continued) pretraining on a plain-text corpus.
+
+The one path that builds the tiny model's knowledge and runs DAPT/TAPT on a real model: nothing
+here knows about the tiny build. The corpus is packed (bos + text + eos, concatenated) into
+``seq_len`` blocks; a held-out slice of blocks measures the loss before and after; training is
+AdamW with linear warmup and cosine decay, under bf16 autocast where the hardware supports it.
+Deterministic for the same model, corpus, params and seed on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from tuneline.params import PretrainParams
+
+Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
+
+EVAL_FRACTION = 0.05  # share of packed blocks held out for evaluation
+MAX_EVAL_BLOCKS = 64  # cap on held-out blocks (keeps evaluation a few seconds on CPU)
+MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run did and how well."""
+
+    losses: list[tuple[int, float]]  # (step, mean training loss since the previous point)
+    tokens_seen: int  # training tokens processed (steps x batch_size x seq_len)
+    seconds: float  # wall time of the training loop (evaluation excluded)
+    tokens_per_second: float  # tokens_seen / seconds
+    final_loss: float  # mean training loss of the last ``log_every`` steps
+    bf16: bool  # whether bf16 autocast was used
+    eval_loss_before: float  # mean token loss on the held-out blocks before training
+    eval_loss_after: float  # the same after training
+    steps: int = 0  # optimizer steps run
+    train_blocks: int = 0  # packed training blocks
+    eval_blocks: int = 0  # packed held-out blocks
+    seq_len: int = 0  # tokens per block
+    batch_size: int = 0  # blocks per step
+    corpus_tokens: int = 0  # tokens in the packed corpus (remainder dropped)
+    device: str = "cpu"  # where it trained
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["losses"] = [[int(s), float(v)] for s, v in self.losses]
+        return data
+
+
+def bf16_supported(device: Any = "cpu") -> bool:
+    """True when bf16 matmuls are fast on ``device``: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:  # oneDNN's own check: AVX512-BF16 (or AMX) present
+        if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_bf16(params: PretrainParams, device: Any = "cpu") -> bool:
+    """``params.bf16`` if set, else what the device supports. Asking for bf16 where it is unsupported is an error."""
+    if params.bf16 is None:
+        return bf16_supported(device)
+    if params.bf16 and not bf16_supported(device):
+        raise ValueError(f"pretrain.bf16 is true but {device} has no fast bf16 support; set it to false or null")
+    return params.bf16
+
+
+def pack_corpus(tokenizer: Any, texts: list[str], seq_len: int) -> "Any":
+    """Tokenize ``texts`` as bos + text + eos (bos/eos when the tokenizer has them), concatenate,
+    and cut into a LongTensor of shape (n_blocks, seq_len); the remainder is dropped."""
+    import torch
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    texts = [t for t in texts if t and t.strip()]
+    stream: list[int] = []
+    batch = 1000
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(texts[start : start + batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
+            stream.extend(bos)
+            stream.extend(ids)
+            stream.extend(eos)
+    n_blocks = len(stream) // seq_len
+    return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to MIN_LR_RATIO * peak (step is 0-based)."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _autocast(device: Any, enabled: bool) -> Any:
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def evaluate_blocks(model: Any, blocks: Any, *, batch_size: int, bf16: bool) -> float:
+    """Mean next-token loss over ``blocks`` (every block has the same number of predicted tokens)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            with _autocast(device, bf16):
+                loss = model(input_ids=batch, labels=batch).loss
+            total += float(loss) * batch.shape[0]
+            count += batch.shape[0]
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def pretrain_causal_lm(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    params: PretrainParams,
+    *,
+    seed: int,
+    steps: int,
+    progress: Optional[Progress] = None,
+) -> PretrainResult:
+    """Train ``model`` in place as a causal LM on ``texts`` for ``steps`` optimizer steps.
+
+    The model stays on its device; it is left in eval mode. ``progress(step, steps, loss)`` is
+    called at every logging point.
+    """
+    import torch
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    device = next(model.parameters()).device
+    bf16 = resolve_bf16(params, device)
+
+    blocks = pack_corpus(tokenizer, texts, params.seq_len)
+    n_blocks = int(blocks.shape[0])
+    if n_blocks < 2:
+        raise ValueError(
+            f"corpus too small to pretrain: {n_blocks} block(s) of {params.seq_len} tokens; "
+            "need at least 2 (one to train on, one held out)"
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_blocks, generator=generator)
+    n_eval = min(MAX_EVAL_BLOCKS, max(1, round(n_blocks * EVAL_FRACTION)))
+    eval_blocks = blocks[order[:n_eval]]
+    train_blocks = blocks[order[n_eval:]]
+    n_train = int(train_blocks.shape[0])
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+
+        eval_before = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
+
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=params.learning_rate,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+        )
+        trainable = decay + no_decay
+
+        def batches():
+            while True:  # one fresh permutation of the training blocks per epoch
+                perm = torch.randperm(n_train, generator=generator)
+                for start in range(0, n_train, params.batch_size):
+                    idx = perm[start : start + params.batch_size]
+                    if idx.numel() < params.batch_size and n_train >= params.batch_size:
+                        break  # drop the short tail so every step sees batch_size blocks
+                    yield train_blocks[idx]
+
+        losses: list[tuple[int, float]] = []
+        window: list[float] = []
+        all_losses: list[float] = []
+        tokens_seen = 0
+        model.train()
+        stream = batches()
+        start_time = time.perf_counter()
+        for step in range(steps):
+            lr = lr_at(step, steps, params.learning_rate, params.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(stream).to(device)
+            with _autocast(device, bf16):
+                loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretraining loss is {float(loss)} at step {step + 1}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += batch.numel()
+            window.append(float(loss.detach()))
+            all_losses.append(window[-1])
+            done = step + 1
+            if done % params.log_every == 0 or done == steps or done == 1:
+                point = (done, sum(window) / len(window))
+                losses.append(point)
+                window = []
+                if progress is not None:
+                    progress(done, steps, point[1])
+        seconds = time.perf_counter() - start_time
+        model.eval()
+
+        eval_after = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
+
+    return PretrainResult(
+        losses=losses,
+        tokens_seen=tokens_seen,
+        seconds=seconds,
+        tokens_per_second=tokens_seen / seconds if seconds > 0 else 0.0,
+        final_loss=sum(all_losses[-params.log_every :]) / len(all_losses[-params.log_every :]),
+        bf16=bf16,
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        steps=steps,
+        train_blocks=n_train,
+        eval_blocks=n_eval,
+        seq_len=params.seq_len,
+        batch_size=params.batch_size,
+        corpus_tokens=n_blocks * params.seq_len,
+        device=str(device),
+        meta={"lr_schedule": "linear warmup + cosine", "min_lr_ratio": MIN_LR_RATIO, "max_grad_norm": MAX_GRAD_NORM,
+              "eval_fraction": EVAL_FRACTION, "seed": seed},
+    )
