@@ -42,5 +42,8 @@ ui: install
 serve: install
 	$(BIN)/tuneline serve --recipe $(RECIPE)
 
+drift-demo: install
+	RECIPE=$(RECIPE) $(BIN)/python -m pipelines.drift_demo
+
 clean:
 	rm -rf $(STATE)

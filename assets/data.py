@@ -77,6 +77,7 @@ def raw_dataset(
             "n_files": len(files),
             "sha256": value["sha256"],
             "recipe": dg.MetadataValue.json(r.to_dict()),
+            **{f"{f['role']}_path": dg.MetadataValue.path(f["path"]) for f in files if f["role"] == "drift"},
         },
     )
 

@@ -1,0 +1,105 @@
+"""The whole chain in memory on a tiny recipe: search, SFT, DPO, distillation, evaluation, the gate,
+registration, lineage; then a worse recipe refused by the gate while the champion stays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+CHAIN = {
+    "name": "ci-chain",
+    "seed": 3,
+    "model": {"build": "tiny", "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                        "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
+                                        "max_position_embeddings": 256}},
+    "validation": {"max_tokens": 200, "min_accepted": 50, "max_quarantined_fraction": 0.2},
+    "split": {"val_fraction": 0.15, "test_fraction": 0.15},
+    "pretrain": {"steps": 60, "batch_size": 8, "seq_len": 64, "warmup_steps": 5, "learning_rate": 0.005},
+    "data": {"demo": {"seed": 1, "examples_per_task": 60, "preference_pairs": 120, "corpus_paragraphs": 300,
+                      "drift_examples": 20}},
+    "hpo": {"n_trials": 2, "trial_max_steps": 6, "eval_steps": 3, "pruner_startup_trials": 1,
+            "pruner_warmup_steps": 0, "space": {"learning_rate": [0.003, 0.006], "lora_r": [8], "lora_alpha": [16]}},
+    "sft": {"method": "full", "learning_rate": 0.003, "max_steps": 120, "batch_size": 16, "eval_steps": 40,
+            "save_steps": 40, "max_length": 128},
+    "dpo": {"max_steps": 10, "batch_size": 8, "max_length": 128},
+    "distill": {"max_steps": 20, "batch_size": 8, "student_layers": 1, "max_length": 128},
+    "evaluation": {"max_examples": 60, "bootstrap_samples": 300, "max_new_tokens": 16},
+    "gate": {"min_margin": 0.05, "max_latency_increase": 5.0, "max_preference_accuracy_drop": 0.5},
+}
+
+
+def run_chain(recipe: dict, path: Path):
+    from pipelines import definitions
+    from resources import build_resources
+    from resources.recipe import RecipeResource
+
+    path.write_text(yaml.safe_dump(recipe))
+    resources = build_resources("local")
+    resources["recipe"] = RecipeResource(path=str(path))
+    result = dg.materialize([*definitions.ASSETS, *definitions.CHECKS], resources=resources, raise_on_error=False)
+    return result, resources
+
+
+def materialized(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+@pytest.mark.slow
+def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, tmp_path: Path) -> None:
+    from tuneline.deploy.lineage import build_passport
+    from tuneline.deploy.registry import get_version, load_registered, rollback, chat_generate
+    from tuneline.tracking import TAG_DAGSTER_RUN
+
+    result, resources = run_chain(CHAIN, tmp_path / "chain.yaml")
+    done = materialized(result)
+    assert {"hpo_study", "sft_adapter", "dpo_adapter", "distilled_student", "evaluation_report"} <= done
+    evaluation = result.output_for_node("evaluation_report")
+    summary = evaluation["summary"]
+    assert summary["sft"]["accuracy"] > summary["base"]["accuracy"], evaluation["table"]
+    assert evaluation["gate"]["passed"], evaluation["gate"]["reasons"]
+    assert "registered_model" in done
+    tracker = resources["mlflow"].tracker()
+    name = "tuneline-ci-chain"
+    champion = get_version(tracker, name, "champion")
+    assert champion["version"] == 1
+
+    # every stage's MLflow run can be found from the Dagster run id
+    runs = tracker.find_runs("tuneline/ci-chain", f"tags.`{TAG_DAGSTER_RUN}` = '{result.run_id}'")
+    stages = {r.data.tags["tuneline.asset_key"] for r in runs}
+    assert {"base_model", "prepared_dataset", "dataset_splits", "hpo_study", "sft_adapter", "dpo_adapter",
+            "distilled_student", "evaluation_report", "registered_model"} <= stages
+
+    # the passport is complete
+    passport = build_passport(tracker, f"{name}@champion")
+    assert passport["broken_links"] == []
+    assert {"registered_model", "evaluation_report", "dpo_adapter", "sft_adapter", "hpo_study",
+            "dataset_splits", "prepared_dataset", "base_model"} <= set(passport["runs"])
+    assert passport["data"] and all(d["status"] == "ok" for d in passport["data"])
+    assert passport["gate"]["passed"] is True and passport["git_sha"]
+
+    # load by alias and generate
+    model, tokenizer, info = load_registered(tracker, f"{name}@champion")
+    out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=8)
+    assert isinstance(out["text"], str) and info["version"] == 1
+
+    # a worse recipe: the gate refuses, nothing is registered, the champion stays
+    worse = {**CHAIN, "hpo": {"enabled": False},
+             "sft": {**CHAIN["sft"], "max_steps": 2, "learning_rate": 0.00001}}
+    result2, _ = run_chain(worse, tmp_path / "worse.yaml")
+    assert "registered_model" not in materialized(result2)
+    gate = result2.output_for_node("evaluation_report")["gate"]
+    assert not gate["passed"] and "champion" in gate["baselines"]
+    assert get_version(tracker, name, "champion")["version"] == 1
+
+    # a broken link is reported: remove a data file the chain read
+    data_file = Path(passport["data"][0]["path"])
+    data_file.unlink()
+    broken = build_passport(tracker, f"{name}/1")["broken_links"]
+    assert any(str(data_file) in b["link"] for b in broken)
+
+    # with one champion only there is nothing to roll back to
+    with pytest.raises(LookupError):
+        rollback(tracker, name)
