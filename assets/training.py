@@ -53,12 +53,43 @@ def run_stage(
     return launched, run_id
 
 
-def _curve_plot(out: Path, name: str, series: dict[str, list], title: str) -> Optional[Path]:
+def finish_stage(
+    mlflow: MlflowResource,
+    run_id: str,
+    out: Path,
+    result: dict[str, Any],
+    *,
+    curves: dict[str, list],
+    title: str,
+    model_artifact: str,
+    resolved_params: Any,
+    metrics: Optional[dict[str, float]] = None,
+) -> dict[str, Any]:
+    """Log the trainer's curves (PNG), model files and metrics to the stage's run, close it, and return
+    the materialization metadata."""
     from tuneline.plots import plot_curves
 
-    if not any(series.values()):
-        return None
-    return plot_curves(series, out / f"{name}.png", title=title)
+    tracker = mlflow.tracker()
+    metadata: dict[str, Any] = {}
+    if any(curves.values()):
+        plot = plot_curves(curves, out / f"{model_artifact}_{title.lower().replace(' ', '_')}.png", title=title)
+        tracker.log_artifact(run_id, plot, "plots")
+        metadata["loss_curves"] = image(plot, title)
+    tracker.log_artifact(run_id, result["output_dir"], model_artifact)
+    scalars_ = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+    tracker.log_metrics(run_id, {**{k: v for k, v in scalars_.items() if isinstance(v, (int, float))},
+                                 **(metrics or {})})
+    tracker.end_run(run_id)
+    return {
+        **scalars("", {**scalars_, **(metrics or {})}),
+        "resolved_params": dg.MetadataValue.json(to_plain(resolved_params)),
+        **metadata,
+        **mlflow_link(run_id, mlflow.tracking_uri),
+    }
+
+
+def _points(rows: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    return [(row["step"], row[key]) for row in rows if key in row]
 
 
 @dg.asset(group_name=GROUP, kinds={"optuna"}, retry_policy=RETRY)
@@ -183,21 +214,13 @@ def sft_adapter(
         dataset_sha256=dataset_splits["dataset_sha256"], upstream=upstream, num_processes=params.num_processes,
     )
     result = launched.result
-    tracker = mlflow.tracker()
-    plot = _curve_plot(out, "sft_loss", {"train": result["train_losses"], "validation": result["val_losses"]},
-                       "SFT loss")
-    if plot:
-        tracker.log_artifact(run_id, plot, "plots")
-    tracker.log_artifact(run_id, result["output_dir"], "adapter" if params.method not in ("full", "freeze") else "model")
-    tracker.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-    tracker.end_run(run_id)
+    metadata = finish_stage(
+        mlflow, run_id, out, result, curves={"train": result["train_losses"], "validation": result["val_losses"]},
+        title="SFT loss", model_artifact="adapter" if params.method not in ("full", "freeze") else "model",
+        resolved_params=params,
+    )
     value = {**result, "params": to_plain(params), "base_model_path": base_model["path"], "mlflow_run_id": run_id}
-    return dg.Output(value, metadata={
-        **scalars("", {k: v for k, v in result.items() if not isinstance(v, (list, dict))}),
-        "resolved_params": dg.MetadataValue.json(to_plain(params)),
-        **({"loss_curves": image(plot, "SFT loss")} if plot else {}),
-        **mlflow_link(run_id, mlflow.tracking_uri),
-    })
+    return dg.Output(value, metadata=metadata)
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
@@ -226,24 +249,11 @@ def dpo_adapter(
         upstream={"sft_adapter": sft_adapter["mlflow_run_id"], "dataset_splits": dataset_splits["mlflow_run_id"]},
     )
     result = launched.result
-    tracker = mlflow.tracker()
-    curve = [(p["step"], p["loss"]) for p in result.get("losses", []) if "loss" in p]
-    plot = _curve_plot(out, "dpo_loss", {"train": curve}, "DPO loss")
-    if plot:
-        tracker.log_artifact(run_id, plot, "plots")
-    tracker.log_artifact(run_id, result["output_dir"], "adapter")
-    flat_metrics = {f"{when}_{k}": v for when in ("before", "after")
+    before_after = {f"{when}_{k}": v for when in ("before", "after")
                     for k, v in (result.get(when) or {}).items() if isinstance(v, (int, float))}
-    tracker.log_metrics(run_id, flat_metrics)
-    tracker.end_run(run_id)
-    value = {**result, "mlflow_run_id": run_id}
-    return dg.Output(value, metadata={
-        **scalars("", flat_metrics),
-        **scalars("", {k: v for k, v in result.items() if not isinstance(v, (list, dict))}),
-        "resolved_params": dg.MetadataValue.json(to_plain(r.dpo)),
-        **({"loss_curve": image(plot, "DPO loss")} if plot else {}),
-        **mlflow_link(run_id, mlflow.tracking_uri),
-    })
+    metadata = finish_stage(mlflow, run_id, out, result, curves={"train": _points(result.get("losses", []))},
+                            title="DPO loss", model_artifact="adapter", resolved_params=r.dpo, metrics=before_after)
+    return dg.Output({**result, "mlflow_run_id": run_id}, metadata=metadata)
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
@@ -272,21 +282,9 @@ def distilled_student(
         upstream={"dpo_adapter": dpo_adapter["mlflow_run_id"], "dataset_splits": dataset_splits["mlflow_run_id"]},
     )
     result = launched.result
-    tracker = mlflow.tracker()
-    curve = [(p["step"], p["loss"]) for p in result.get("kd_curve", []) if "loss" in p]
-    plot = _curve_plot(out, "kd_loss", {"kd loss": curve}, "Distillation loss")
-    if plot:
-        tracker.log_artifact(run_id, plot, "plots")
-    tracker.log_artifact(run_id, result["output_dir"], "model")
-    tracker.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-    tracker.end_run(run_id)
-    value = {**result, "mlflow_run_id": run_id}
-    return dg.Output(value, metadata={
-        **scalars("", {k: v for k, v in result.items() if not isinstance(v, (list, dict))}),
-        "resolved_params": dg.MetadataValue.json(to_plain(r.distill)),
-        **({"kd_loss_curve": image(plot, "KD loss")} if plot else {}),
-        **mlflow_link(run_id, mlflow.tracking_uri),
-    })
+    metadata = finish_stage(mlflow, run_id, out, result, curves={"kd loss": _points(result.get("kd_curve", []))},
+                            title="Distillation loss", model_artifact="model", resolved_params=r.distill)
+    return dg.Output({**result, "mlflow_run_id": run_id}, metadata=metadata)
 
 
 def _flat(params: Any) -> dict[str, Any]:
