@@ -431,10 +431,100 @@ def _sentence(rng: random.Random) -> str:
     ])
 
 
+def _join(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+
+def _scene_words(rng: random.Random) -> list[str]:
+    """A short story whose sentences refer back to the same words: in-context copying and counting."""
+    a, b = rng.sample(NAMES, 2)
+    items = rng.sample(WORDS, rng.randint(2, 6))
+    word, times = rng.choice(WORDS), rng.randint(2, 5)
+    animal, color, place = rng.choice(ANIMALS), rng.choice(COLORS), rng.choice(PLACES)
+    pool = [
+        f"{a} has a {color} {animal}.",
+        f"The {color} {animal} of {a} went to the {place}.",
+        f"At the {place} {a} saw {NUMBER_WORDS[len(items)]} things: {_join(items)}.",
+        f"{a} said {', '.join(items)}. Then {b} said the same words: {', '.join(items)}.",
+        f"{a} wrote {' '.join(items)}, and {b} wrote {' '.join(items)} too.",
+        f"The list {', '.join(items)} has {len(items)} words.",
+        f"How many words are in {' '.join(items)}? There are {len(items)}.",
+        f"{b} counted the words {', '.join(items)} and got {len(items)}.",
+        f"{a} called the {animal} {NUMBER_WORDS[times]} times: {' '.join([animal] * times)}.",
+        f"The word {word} said {times} times is {' '.join([word] * times)}.",
+        f"{b} had to repeat {word} {NUMBER_WORDS[times]} times, so {b} said {' '.join([word] * times)}.",
+        f"The first word was {items[0]} and the last word was {items[-1]}.",
+    ]
+    return rng.sample(pool, rng.randint(3, 6))
+
+
+def _scene_numbers(rng: random.Random) -> list[str]:
+    """Numbers that recur inside the paragraph: sums, comparisons, order, counting on."""
+    a, b = rng.sample(NAMES, 2)
+    x, y = rng.sample(range(1, 100), 2)
+    p, q = rng.randint(0, 9), rng.randint(0, 9)
+    numbers = rng.sample(range(1, 21), rng.randint(3, 4))
+    listed, ordered = ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
+    n, food = rng.randint(1, 95), rng.choice(FOODS)
+    pool = [
+        f"{a} has {x} points and {b} has {y} points. The bigger number is {max(x, y)}, so {a if x > y else b} wins.",
+        f"Which is larger, {x} or {y}? It is {max(x, y)}, because {max(x, y)} is greater than {min(x, y)}.",
+        f"Of {x} and {y}, the smaller one is {min(x, y)} and the larger one is {max(x, y)}.",
+        f"{a} had {p} {food}s and got {q} more, so {a} has {p + q} now.",
+        f"{p} plus {q} is {p + q}, and {q} plus {p} is {p + q} too.",
+        f"What is {p} + {q}? It is {p + q}.",
+        f"{b} wrote the numbers {listed}. Sorted from smallest to largest they are {ordered}.",
+        f"In increasing order, {listed} becomes {ordered}.",
+        f"{a} counted on from {n}: {n}, {n + 1}, {n + 2}, {n + 3}. The number after {n} is {n + 1}.",
+        f"After {n} comes {n + 1}, and after {n + 1} comes {n + 2}.",
+    ]
+    return rng.sample(pool, rng.randint(3, 6))
+
+
+def _scene_calendar(rng: random.Random) -> list[str]:
+    """Days, months and letters in order, anchored on one item per paragraph."""
+    d, m, i = rng.randrange(7), rng.randrange(12), rng.randrange(1, 24)
+    name = rng.choice(NAMES)
+    day, nday, pday = WEEKDAYS[d], WEEKDAYS[(d + 1) % 7], WEEKDAYS[d - 1]
+    month, nmonth = MONTHS[m], MONTHS[(m + 1) % 12]
+    pool = [
+        f"Today is {day}. Tomorrow is {nday}, and yesterday was {pday}.",
+        f"{name} goes to the {rng.choice(PLACES)} on {day}. The day after {day} is {nday}.",
+        f"After {day} comes {nday}.",
+        f"It is {month} now. Next month is {nmonth}.",
+        f"The month after {month} is {nmonth}, and the month before {month} is {MONTHS[m - 1]}.",
+        f"In {month} {name} saw the {rng.choice(NATURE)}. After {month} comes {nmonth}.",
+        f"The letters {LETTERS[i - 1]}, {LETTERS[i]}, {LETTERS[i + 1]} are in order. After {LETTERS[i]} comes {LETTERS[i + 1]}.",
+        f"The letter after {LETTERS[i]} is {LETTERS[i + 1]}.",
+        "The days of the week are " + _join(list(WEEKDAYS)) + ".",
+        "The months of the year are " + _join(list(MONTHS)) + ".",
+    ]
+    return rng.sample(pool, rng.randint(3, 5))
+
+
+def _paragraph(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.3:
+        sentences = _scene_words(rng)
+    elif kind < 0.6:
+        sentences = _scene_numbers(rng)
+    elif kind < 0.8:
+        sentences = _scene_calendar(rng)
+    else:
+        sentences = [_sentence(rng) for _ in range(rng.randint(3, 6))]
+    return " ".join(sentences)
+
+
 def generate_corpus(params: DemoDataParams) -> list[str]:
-    """``corpus_paragraphs`` paragraphs of simple English covering the tasks' vocabulary."""
+    """``corpus_paragraphs`` paragraphs of simple English covering the tasks' vocabulary.
+
+    Most paragraphs are small scenes whose sentences reuse the same words and numbers (copying,
+    counting, comparing, ordering in context), so pretraining grows the in-context skills the tasks
+    need; the rest are loose sentences about the same topics. Nothing reverses word order: that
+    stays the drift family's novelty.
+    """
     rng = _rng(params.seed, "corpus")
-    return [" ".join(_sentence(rng) for _ in range(rng.randint(3, 6))) for _ in range(params.corpus_paragraphs)]
+    return [_paragraph(rng) for _ in range(params.corpus_paragraphs)]
 
 
 # ---------------------------------------------------------------------------

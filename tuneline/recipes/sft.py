@@ -77,7 +77,7 @@ class MlflowSink:
 
 
 def numeric(logs: dict[str, Any]) -> dict[str, float]:
-    """The finite-or-not numbers of a trainer log (what metric stores accept)."""
+    """The numeric entries of a trainer log (what metric stores accept); flags and strings are dropped."""
     return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

@@ -1,0 +1,266 @@
+"""Trainer callbacks: AdaLoRA rank allocation, crash-safe checkpoints, metric forwarding, early stopping.
+
+``transformers`` is imported lazily: the callback classes are built on first use by
+:func:`_callback_base`, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last (atomic rename) into a fully written checkpoint
+PROMPT_ENCODER_FILE = "prompt_encoder_state.safetensors"  # P-tuning's full encoder, saved with each checkpoint
+ADALORA_STATE_FILE = "adalora_allocator.safetensors"  # AdaLoRA importance averages, saved with each checkpoint
+ADALORA_PATTERN_FILE = "adalora_rank_pattern.json"  # AdaLoRA rank pattern at the checkpoint's step
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a ``checkpoint-N`` directory."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint-N directory")
+    return int(match.group(1))
+
+
+def mark_complete(checkpoint_dir: str | Path, step: int) -> Path:
+    """Write the completion marker into ``checkpoint_dir``: temp file, fsync, then atomic rename."""
+    folder = Path(checkpoint_dir)
+    tmp = folder / f".{COMPLETE_MARKER}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(f"{step}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    final = folder / COMPLETE_MARKER
+    os.replace(tmp, final)
+    return final
+
+
+def last_valid_checkpoint(checkpoints_dir: str | Path, *, delete_incomplete: bool = True) -> Optional[Path]:
+    """The highest-step ``checkpoint-N`` holding the completion marker, or None.
+
+    Checkpoints without the marker (a save cut off by a crash or kill) are never returned; with
+    ``delete_incomplete`` they are removed so the trainer's rotation cannot count them either.
+    """
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None
+    best: Optional[Path] = None
+    for child in root.iterdir():
+        if not child.is_dir() or not _CHECKPOINT_RE.match(child.name):
+            continue
+        if (child / COMPLETE_MARKER).is_file():
+            if best is None or checkpoint_step(child) > checkpoint_step(best):
+                best = child
+        elif delete_incomplete:
+            shutil.rmtree(child, ignore_errors=True)
+    return best
+
+
+def _plain_pattern(pattern: Optional[dict[str, Any]]) -> Optional[dict[str, list[bool]]]:
+    if pattern is None:
+        return None
+    return {k: [bool(x) for x in (v.view(-1).tolist() if hasattr(v, "view") else v)] for k, v in pattern.items()}
+
+
+# ---------------------------------------------------------------------------
+# callback classes (built lazily on the transformers base class)
+
+_CLASSES: dict[str, type] = {}
+
+
+def _callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+def _build_classes() -> dict[str, type]:
+    if _CLASSES:
+        return _CLASSES
+    Base = _callback_base()
+
+    class AdaLoraAllocateCallback(Base):
+        """Calls AdaLoRA's ``update_and_allocate(global_step)`` after every optimizer step.
+
+        ``on_optimizer_step`` runs after ``optimizer.step()`` and before ``zero_grad()``, so the
+        gradients the importance scores need are still there. No trainer does this by itself:
+        without it AdaLoRA trains as a plain LoRA of rank ``init_r``.
+
+        Checkpoints stay full-size (pruned ranks are zeros) so that resuming and best-model
+        loading fit the live modules: between calls the rank pattern is held here, not in the
+        adapter config (PEFT trims a saved adapter to the config's pattern). Each checkpoint
+        also gets the pattern and the allocator's importance averages (written before the
+        completion marker: add this callback before CompleteCheckpointCallback); a resumed run
+        reads them back. At the end the pattern of the restored (best) step goes back into the
+        config, so the final adapter is saved trimmed, as PEFT loads it.
+        """
+
+        def __init__(self, resume_from: Optional[str | Path] = None) -> None:
+            self.resume_from = resume_from
+            self.rank_pattern: Optional[dict[str, list[bool]]] = None
+            self.calls = 0
+
+        @staticmethod
+        def _peft(model: Any) -> Any:
+            while model is not None and not hasattr(model, "base_model"):
+                model = getattr(model, "module", None)  # unwrap DDP
+            if model is None or not hasattr(model.base_model, "update_and_allocate"):
+                raise RuntimeError("AdaLoraAllocateCallback needs an AdaLoRA PeftModel")
+            return model
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            peft_model = self._peft(model)
+            config = peft_model.peft_config[peft_model.active_adapter]
+            config.rank_pattern = self.rank_pattern
+            peft_model.base_model.update_and_allocate(state.global_step)
+            self.rank_pattern, config.rank_pattern = config.rank_pattern, None
+            self.calls += 1
+            return control
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            from safetensors.torch import save_file
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not (state.is_world_process_zero and folder.is_dir()):
+                return control
+            allocator = self._peft(model).base_model.rankallocator
+            tensors = {
+                f"{kind}/{name}": value.detach().contiguous()
+                for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+                for name, value in getattr(allocator, kind).items()
+            }
+            save_file(tensors, str(folder / ADALORA_STATE_FILE))
+            (folder / ADALORA_PATTERN_FILE).write_text(json.dumps(_plain_pattern(self.rank_pattern)), encoding="utf-8")
+            return control
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if self.resume_from is None:
+                return control
+            from safetensors.torch import load_file
+
+            folder = Path(self.resume_from)
+            allocator = self._peft(model).base_model.rankallocator
+            allocator.reset_ipt()
+            for key, value in load_file(str(folder / ADALORA_STATE_FILE)).items():
+                kind, name = key.split("/", 1)
+                getattr(allocator, kind)[name] = value
+            self.rank_pattern = json.loads((folder / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
+            return control
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            peft_model = self._peft(model)
+            pattern = self.rank_pattern
+            best = state.best_model_checkpoint if args.load_best_model_at_end else None
+            if best and (Path(best) / ADALORA_PATTERN_FILE).is_file():
+                pattern = json.loads((Path(best) / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
+            peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern
+            return control
+
+    class CompleteCheckpointCallback(Base):
+        """Marks each checkpoint valid once the trainer has fully written it (``on_save`` runs after the write)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    mark_complete(folder, state.global_step)
+            return control
+
+    class MetricsCallback(Base):
+        """Forwards every log (train loss, learning rate, eval loss, ...) as ``on_log(step, logs)``."""
+
+        def __init__(self, sink: Callable[[int, dict[str, Any]], None]) -> None:
+            self.sink = sink
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                self.sink(int(state.global_step), dict(logs))
+            return control
+
+    class EvaluateAtEndCallback(Base):
+        """Evaluates and saves at the last step too, so the best-model choice sees the final weights."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps and args.eval_strategy != "no":
+                control.should_evaluate = True
+                control.should_save = True
+            return control
+
+    class PromptEncoderStateCallback(Base):
+        """Keeps P-tuning's whole prompt encoder (embedding + MLP) in each checkpoint and restores it.
+
+        PEFT checkpoints of P-tuning hold only the encoder's *output*; the trainer's resume and
+        best-model loading put that output into the encoder's input embedding, so the MLP is
+        applied twice (measured: prompt values off by 1e8). This callback saves the encoder's
+        state next to the adapter (before the completion marker: add it before
+        CompleteCheckpointCallback) and loads it back after the trainer's own loading: on train
+        begin when resuming, on train end after the best checkpoint was restored.
+        """
+
+        def __init__(self, resume_from: Optional[str | Path] = None) -> None:
+            self.resume_from = resume_from
+
+        @staticmethod
+        def _encoder(model: Any) -> Any:
+            return model.prompt_encoder[model.active_adapter]
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            from safetensors.torch import save_file
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                tensors = {k: v.detach().contiguous() for k, v in self._encoder(model).state_dict().items()}
+                save_file(tensors, str(folder / PROMPT_ENCODER_FILE))
+            return control
+
+        def _restore(self, model: Any, checkpoint: str | Path) -> None:
+            from safetensors.torch import load_file
+
+            path = Path(checkpoint) / PROMPT_ENCODER_FILE
+            if not path.is_file():
+                raise RuntimeError(f"{checkpoint} has no {PROMPT_ENCODER_FILE}: cannot restore the P-tuning encoder")
+            self._encoder(model).load_state_dict(load_file(str(path)), strict=True)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if self.resume_from is not None:
+                self._restore(model, self.resume_from)
+            return control
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if args.load_best_model_at_end and state.best_model_checkpoint:
+                self._restore(model, state.best_model_checkpoint)
+            return control
+
+    _CLASSES.update(
+        PromptEncoderStateCallback=PromptEncoderStateCallback,
+        AdaLoraAllocateCallback=AdaLoraAllocateCallback,
+        CompleteCheckpointCallback=CompleteCheckpointCallback,
+        MetricsCallback=MetricsCallback,
+        EvaluateAtEndCallback=EvaluateAtEndCallback,
+    )
+    return _CLASSES
+
+
+def __getattr__(name: str) -> Any:  # module attribute access builds the classes on first use
+    classes = _build_classes()
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def early_stopping_callback(patience: int, min_delta: float) -> Any:
+    """transformers' ``EarlyStoppingCallback``; needs ``load_best_model_at_end=True``,
+    ``metric_for_best_model="eval_loss"`` and step-wise evaluation in the TrainingArguments."""
+    from transformers import EarlyStoppingCallback
+
+    return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=min_delta)

@@ -1,0 +1,232 @@
+"""Small pieces the trainers share: bf16 detection, chat tokenization with completion-only labels,
+a padding collator and length-grouped batch order.
+
+Heavy libraries (torch) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+# ---------------------------------------------------------------------------
+# device and precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16).
+
+    Without them torch still runs bf16, but emulated and slower than fp32.
+    """
+    import torch
+
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_bf16(flag: Optional[bool]) -> bool:
+    """Whether to train with bf16 autocast. fp16 is never used (2.6 GFLOP/s on these CPUs).
+
+    ``None``: True on CUDA with bf16 support, or on a CPU with native bf16 (AVX512-BF16/AMX).
+    ``True`` on a CUDA device without bf16 support is an error (it cannot run).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        supported = torch.cuda.is_bf16_supported()
+        if flag and not supported:
+            raise ValueError(
+                f"bf16=True but CUDA device {torch.cuda.get_device_name()} has no bf16 support; "
+                "set bf16 to false (fp16 is not offered)"
+            )
+        return supported if flag is None else bool(flag)
+    if flag is None:
+        return cpu_has_native_bf16()
+    return bool(flag)
+
+
+def attention_implementation() -> Optional[str]:
+    """The attention kernel to load models with: "eager" on CPU, the library default elsewhere.
+
+    Measured here (tiny Llama, LoRA r=16, bf16 autocast, batch 8): eager attention took 19% less
+    time per step than SDPA at ~100-token batches and 9% less at 256 tokens; SDPA's CPU flash
+    kernel is slow in backward at these sizes. On GPUs SDPA is the better choice.
+    """
+    import torch
+
+    return None if torch.cuda.is_available() else "eager"
+
+
+# ---------------------------------------------------------------------------
+# tokenization
+
+
+def _has_generation_markers(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), "")
+    return bool(template) and "generation" in template and "endgeneration" in template
+
+
+def _as_messages(record: Any) -> list[dict[str, str]]:
+    kind = getattr(record, "kind", None) if not isinstance(record, dict) else record.get("kind", "sft")
+    messages = record["messages"] if isinstance(record, dict) else record.messages
+    if kind != "sft":
+        raise ValueError(f"SFT needs records of kind 'sft', got {kind!r}")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("an SFT record must end with an assistant turn")
+    return messages
+
+
+def tokenize_chat(tokenizer: Any, records: Iterable[Any], max_length: int) -> list[dict[str, list[int]]]:
+    """Token ids and completion-only labels for each chat record (``ChatRecord`` or its dict).
+
+    ``labels`` equal ``input_ids`` on assistant tokens, including the eos that closes each assistant
+    turn (so the model learns to stop), and ``IGNORE_INDEX`` everywhere else. Sequences longer than
+    ``max_length`` are cut on the right; a record whose assistant tokens are all cut away is dropped
+    (it would contribute no loss): compare the lengths to count them.
+
+    Templates with ``{% generation %}`` markers give the mask of every assistant turn. Templates
+    without them fall back to labelling the final assistant turn: the tokens after the prompt
+    rendered with ``add_generation_prompt=True``.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template: SFT on chat records needs one")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    markers = _has_generation_markers(tokenizer)
+    eos_id = tokenizer.eos_token_id
+    out: list[dict[str, list[int]]] = []
+    for record in records:
+        messages = _as_messages(record)
+        if markers:
+            enc = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = list(enc["input_ids"])
+            mask = list(enc["assistant_masks"])
+            # a template whose generation block stops before the eos: label the eos right after a turn
+            for i in range(1, len(ids)):
+                if ids[i] == eos_id and mask[i - 1] and not mask[i]:
+                    mask[i] = 1
+        else:
+            ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+            prompt = list(
+                tokenizer.apply_chat_template(
+                    messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+                )["input_ids"]
+            )
+            if ids[: len(prompt)] != prompt:
+                raise ValueError(
+                    "the chat template renders the prompt differently with and without the answer, and has no "
+                    "{% generation %} markers: cannot tell the assistant tokens apart"
+                )
+            if eos_id is not None and (len(ids) == len(prompt) or ids[-1] != eos_id):
+                ids.append(eos_id)
+            mask = [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+        ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            continue
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# batching
+
+
+@dataclass
+class PadCollator:
+    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100); adds ``attention_mask``."""
+
+    pad_token_id: int
+    pad_to_multiple_of: Optional[int] = None
+
+    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        n = len(features)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[i, :k] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 64) -> list[int]:
+    """A shuffled order of indices in which consecutive runs of ``batch_size`` have similar lengths.
+
+    Indices are shuffled, cut into mega-batches of ``megabatch * batch_size``, each sorted by
+    length, cut into batches, and the batches shuffled; the batch holding the longest sequence goes
+    first so an out-of-memory shows on step one. Same seed, same order.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = max(1, megabatch) * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    if not batches:
+        return []
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    first = batches.pop(longest)
+    rng.shuffle(batches)
+    return [i for batch in [first, *batches] for i in batch]
+
+
+class LengthGroupedSampler:
+    """A torch ``Sampler`` yielding :func:`length_grouped_order`, reshuffled each epoch via ``set_epoch``."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 64) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.megabatch = megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch, self.megabatch))
+
+
+def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: int) -> float:
+    """Share of padded positions when ``order`` is cut into batches of ``batch_size`` (for reports)."""
+    total = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        total += max(batch) * len(batch)
+        real += sum(batch)
+    return 0.0 if total == 0 else 1.0 - real / total
