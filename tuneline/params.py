@@ -388,7 +388,8 @@ class GateParams:
     """Promotion policy: which candidate, by how much it must win, what it may not lose."""
 
     candidate: Literal["teacher", "student"] = "teacher"  # teacher = the DPO model; student = the distilled one
-    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l"] = "task_accuracy"  # per-example metric
+    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss"] = "task_accuracy"  # per example
+    # ("loss": the test loss of each example, lower is better; the gain is the baseline's loss minus the candidate's)
     min_margin: float = 0.02  # the candidate's mean gain over each baseline must be at least this
     require_ci_above_zero: bool = True  # the paired bootstrap CI of the gain must lie above zero
     max_latency_increase: float = 0.5  # p50 latency may grow at most this fraction over each baseline

@@ -8,7 +8,8 @@ def report(name: str, correct: list[int], p50: float = 10.0, pref: float = 0.8) 
     return {
         "name": name,
         "per_example": {"ids": [f"x{i}" for i in range(len(correct))], "correct": correct,
-                        "exact_match": correct, "rouge_l": [float(c) for c in correct]},
+                        "exact_match": correct, "rouge_l": [float(c) for c in correct],
+                        "loss": [2.0 - c for c in correct]},
         "latency_ms": {"p50": p50},
         "preference_accuracy": {"mean": pref},
     }
@@ -57,3 +58,11 @@ def test_secondary_metric_regressions_fail() -> None:
 def test_no_baseline_at_all_fails() -> None:
     d = decide(report("dpo", GOOD), {"base": None}, GateParams())
     assert not d.passed and d.reasons == ["no baseline to compare with"]
+
+
+def test_loss_as_primary_metric_rewards_lower_loss() -> None:
+    params = GateParams(primary_metric="loss", min_margin=0.1)
+    better = decide(report("dpo", GOOD), {"base": report("base", BASE)}, params)
+    assert better.passed and better.evidence["base"]["gain"] > 0.4
+    worse = decide(report("dpo", BASE), {"base": report("base", GOOD)}, params)
+    assert not worse.passed and worse.evidence["base"]["gain"] < 0

@@ -14,7 +14,8 @@ from typing import Any, Optional
 from tuneline.evaluate.metrics import paired_bootstrap_diff
 from tuneline.params import GateParams
 
-PER_EXAMPLE = {"task_accuracy": "correct", "exact_match": "exact_match", "rouge_l": "rouge_l"}
+PER_EXAMPLE = {"task_accuracy": "correct", "exact_match": "exact_match", "rouge_l": "rouge_l", "loss": "loss"}
+LOWER_IS_BETTER = {"loss"}
 
 
 @dataclass
@@ -40,7 +41,8 @@ def _scores(report: dict[str, Any], metric: str) -> tuple[list[str], list[float]
     values = per.get(PER_EXAMPLE[metric])
     if values is None:
         raise ValueError(f"report {report.get('name')!r} has no per-example {metric} (no task checker was used)")
-    return list(per["ids"]), [float(v) for v in values]
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # scores are "higher is better" from here on
+    return list(per["ids"]), [sign * float(v) for v in values]
 
 
 def _paired(candidate: dict, baseline: dict, metric: str) -> tuple[list[float], list[float]]:
