@@ -150,7 +150,7 @@ def hpo_study(
         context.log.info(f"trial {number}: {result.get('state')} value={result.get('value')}")
         return {**result, "mlflow_run_id": child}
 
-    study = run_study(study_name, storage, r.hpo.space, r.hpo, seed=r.seed, run_trial=run_trial,
+    study = run_study(study_name, storage, r.hpo.space.for_method(r.sft.method), r.hpo, seed=r.seed, run_trial=run_trial,
                       plots_dir=out / "plots")
     metadata: dict[str, Any] = {}
     for name, path in study.plots.items():

@@ -130,3 +130,10 @@ def test_other_drift_family_moves_word_reverse_into_training(tmp_path):
     manifest = write_demo_data(params, tmp_path)
     assert "word_reverse" in manifest["families"] and "sort_numbers" not in manifest["families"]
     assert {r["task"] for r in _rows(tmp_path / "drift.jsonl")} == {"sort_numbers"}
+
+
+def test_default_params_build_with_unique_prompts():
+    from tuneline.data.demo import build_rows
+
+    rows = build_rows(DemoDataParams())
+    assert len(rows["sft"]) == 300 * 6 and len(rows["preference"]) == 400 and len(rows["drift"]) == 200

@@ -13,7 +13,7 @@ import pytest
 from tuneline.params import HpoParams, SearchSpace, SftParams
 from tuneline.train import hpo
 
-SPACE = SearchSpace(lora_r=(4, 8), lora_alpha=(8, 16))
+SPACE = SearchSpace(lora_r=(4, 8), lora_alpha=(8, 16), batch_size=(4,))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,9 +54,8 @@ def test_sample_params_and_sft_params_from_trial() -> None:
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     trial = study.ask()
     params = hpo.sample_params(trial, SPACE)
-    assert set(params) == {
-        "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accum", "epochs", "warmup_ratio",
-    }
+    # grad_accum and epochs are left empty: not searched, so the SFT recipe's values hold
+    assert set(params) == {"learning_rate", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "warmup_ratio"}
     lo, hi = SPACE.learning_rate
     assert lo <= params["learning_rate"] <= hi
     assert params["lora_r"] in SPACE.lora_r and params["lora_alpha"] in SPACE.lora_alpha
@@ -67,6 +66,8 @@ def test_sample_params_and_sft_params_from_trial() -> None:
     assert sft.learning_rate == params["learning_rate"]
     assert (sft.lora.r, sft.lora.alpha, sft.lora.dropout) == (params["lora_r"], params["lora_alpha"], params["lora_dropout"])
     assert (sft.max_steps, sft.eval_steps, sft.save_steps) == (12, 4, 4)
+    recipe = SftParams(epochs=8.0, grad_accum=2)
+    assert (hpo.sft_params_from_trial(recipe, params).epochs, hpo.sft_params_from_trial(recipe, params).grad_accum) == (8.0, 2)
     with pytest.raises(ValueError, match="unknown trial parameter"):
         hpo.sft_params_from_trial(SftParams(), {"lr": 1e-3})
 

@@ -2,13 +2,13 @@
 
 Families (all short answers, checkable by :func:`check_answer`):
 
-- ``addition``: sum of two one-digit numbers ("What is 4 plus 7?" -> "11")
-- ``compare``: the larger of two numbers below 100 ("Which is bigger: 34 or 71?" -> "71")
-- ``next_item``: the item after one in a closed sequence: weekdays, months, letters, numbers
-- ``repeat_word``: a word repeated 2-5 times ("Say cat three times." -> "cat cat cat")
-- ``count_words``: how many words a short list holds (2-7)
-- ``sort_numbers``: 3-4 numbers up to 20 in increasing order ("2, 7, 9")
-- ``word_reverse``: 3-5 words in reverse order; held back by default as future "drifted" traffic
+- ``addition``: sum of two numbers 0-6 ("What is 4 plus 3?" -> "7")
+- ``compare``: the larger of two numbers 1-12 ("Which is bigger: 11 or 7?" -> "11")
+- ``next_item``: the item after one in a closed sequence: weekdays, months, letters, numbers 1-30
+- ``repeat_word``: an animal word repeated 2-5 times ("Say cat three times." -> "cat cat cat")
+- ``count_words``: how many words a short list holds (2-6)
+- ``sort_numbers``: 3-4 numbers 1-9 in increasing order ("2, 7, 9")
+- ``word_reverse``: 3-4 words in reverse order; held back by default as future "drifted" traffic
 
 Every family has several instruction phrasings, some with the data in ``input`` (alpaca style).
 Everything is drawn from ``random.Random`` streams keyed by the seed, so the same seed writes
@@ -55,6 +55,15 @@ FOODS = ("apple", "bread", "milk", "cake", "rice", "pear", "egg", "soup", "plum"
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown")
 NATURE = ("sun", "moon", "star", "river", "hill", "rain", "snow", "wind", "sea", "road")
 WORDS = ANIMALS + THINGS + FOODS + COLORS + NATURE
+REPEAT_WORDS = ANIMALS  # words to repeat: a small closed set a tiny model learns to copy
+REVERSE_WORDS = ANIMALS + COLORS  # words of the drift family
+
+# Ranges sized for a ~4M-parameter model trained for a few hundred steps on 2 CPU cores: it learns
+# closed sets and short copies from in-context tokens it has seen often, not open-ended copying.
+ADD_MAX = 6  # addition operands are 0..ADD_MAX
+COMPARE_MAX = 12  # compare draws two distinct numbers from 1..COMPARE_MAX
+COUNT_MAX = 30  # next_item numbers run 1..COUNT_MAX
+SORT_MAX = 9  # sort_numbers draws 3-4 distinct numbers from 1..SORT_MAX
 NOUNS = ANIMALS + THINGS + FOODS + NATURE
 PLACES = ("park", "river", "market", "school", "garden", "farm", "hill", "shop", "beach", "library")
 NAMES = ("Anna", "Ben", "Clara", "David", "Ella", "Finn", "Grace", "Hugo", "Ivy", "Jack", "Lena", "Max")
@@ -134,7 +143,7 @@ def _count_word(rng: random.Random, n: int) -> str:
 
 
 def _addition(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
     total = a + b
     templates = [
         (f"What is {a} plus {b}?", ""),
@@ -146,6 +155,9 @@ def _addition(rng: random.Random) -> Example:
         (f"How much is {a} plus {b}?", ""),
         (f"Calculate {a} + {b}.", ""),
         (f"If you have {a} apples and get {b} more, how many apples do you have?", ""),
+        (f"What do you get when you add {a} and {b}?", ""),
+        (f"{a} plus {b} equals what?", ""),
+        ("Sum these numbers.", f"{a}, {b}"),
     ]
     instruction, inp = rng.choice(templates)
     wrong = [str(total + 1), str(max(a, b))] + ([str(total - 1)] if total > 0 else [])
@@ -153,7 +165,7 @@ def _addition(rng: random.Random) -> Example:
 
 
 def _compare(rng: random.Random) -> Example:
-    a, b = rng.sample(range(1, 100), 2)
+    a, b = rng.sample(range(1, COMPARE_MAX + 1), 2)
     templates = [
         (f"Which number is larger, {a} or {b}?", ""),
         (f"Which is bigger: {a} or {b}?", ""),
@@ -176,7 +188,7 @@ def _next_item(rng: random.Random) -> Example:
     elif kind == "letter":
         seq, cyclic = list(LETTERS), False
     else:
-        seq, cyclic = [str(n) for n in range(1, 100)], False
+        seq, cyclic = [str(n) for n in range(1, COUNT_MAX + 1)], False
     n = len(seq)
     i = rng.randrange(n) if cyclic else rng.randrange(2, n - 2)
     cur, nxt = seq[i], seq[(i + 1) % n]
@@ -195,7 +207,7 @@ def _next_item(rng: random.Random) -> Example:
 
 
 def _repeat_word(rng: random.Random) -> Example:
-    word, times = rng.choice(WORDS), rng.randint(2, 5)
+    word, times = rng.choice(REPEAT_WORDS), rng.randint(2, 5)
     count = _count_word(rng, times)
     templates = [
         (f"Repeat the word {word} {count} times.", ""),
@@ -217,7 +229,7 @@ def _word_list(rng: random.Random, k: int) -> tuple[list[str], str]:
 
 
 def _count_words(rng: random.Random) -> Example:
-    words, text = _word_list(rng, rng.randint(2, 7))
+    words, text = _word_list(rng, rng.randint(2, 6))
     templates = [
         ("How many words are in this list?", text),
         ("Count the words.", text),
@@ -232,7 +244,7 @@ def _count_words(rng: random.Random) -> Example:
 
 
 def _sort_numbers(rng: random.Random) -> Example:
-    numbers = rng.sample(range(1, 21), rng.randint(3, 4))
+    numbers = rng.sample(range(1, SORT_MAX + 1), rng.randint(3, 4))
     comma = ", ".join(map(str, numbers))
     spaced = " ".join(map(str, numbers))
     templates = [
@@ -255,7 +267,7 @@ def _sort_numbers(rng: random.Random) -> Example:
 
 
 def _word_reverse(rng: random.Random) -> Example:
-    words = rng.sample(WORDS, rng.randint(3, 5))
+    words = rng.sample(REVERSE_WORDS, rng.randint(3, 4))
     text = " ".join(words)
     templates = [
         (f"Reverse the order of these words: {text}.", ""),
@@ -354,7 +366,7 @@ def _sentence(rng: random.Random) -> str:
             f"The word {rng.choice(WORDS)} starts with a letter.",
         ])
     if topic in (3, 4):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
         return rng.choice([
             f"{a} plus {b} is {a + b}.",
             f"{a} + {b} = {a + b}.",
@@ -364,7 +376,7 @@ def _sentence(rng: random.Random) -> str:
             f"The sum of {a} and {b} is {a + b}.",
         ])
     if topic == 5:
-        a, b = rng.sample(range(1, 100), 2)
+        a, b = rng.sample(range(1, COMPARE_MAX + 1), 2)
         hi, lo = max(a, b), min(a, b)
         return rng.choice([
             f"{hi} is larger than {lo}.",
@@ -373,7 +385,7 @@ def _sentence(rng: random.Random) -> str:
             f"{hi} is greater than {lo}, and {lo} is less than {hi}.",
         ])
     if topic == 6:
-        n = rng.randint(1, 95)
+        n = rng.randint(1, COUNT_MAX)
         return rng.choice([
             f"After {n} comes {n + 1}.",
             f"We count {n}, {n + 1}, {n + 2}, {n + 3}.",
@@ -381,7 +393,7 @@ def _sentence(rng: random.Random) -> str:
             "One, two, three, four, five, six, seven, eight, nine, ten.",
         ])
     if topic == 7:
-        numbers = rng.sample(range(1, 21), rng.randint(3, 4))
+        numbers = rng.sample(range(1, SORT_MAX + 1), rng.randint(3, 4))
         ordered = sorted(numbers)
         return rng.choice([
             f"In order from smallest to largest, {', '.join(map(str, numbers))} become {', '.join(map(str, ordered))}.",
@@ -396,7 +408,7 @@ def _sentence(rng: random.Random) -> str:
             f"{rng.choice(NAMES)} wrote {len(words)} words: {', '.join(words)}.",
         ])
     if topic == 9:
-        word, times = rng.choice(WORDS), rng.randint(2, 5)
+        word, times = rng.choice(REPEAT_WORDS), rng.randint(2, 5)
         return rng.choice([
             f"The bird sang {' '.join([word] * times)}, {NUMBER_WORDS[times]} times.",
             f"{rng.choice(NAMES)} said the word {word} {times} times: {' '.join([word] * times)}.",
@@ -405,13 +417,13 @@ def _sentence(rng: random.Random) -> str:
     if topic == 10:
         name = rng.choice(NAMES)
         task = rng.choice([
-            f"add {rng.randint(0, 9)} and {rng.randint(0, 9)}",
+            f"add {rng.randint(0, ADD_MAX)} and {rng.randint(0, ADD_MAX)}",
             "pick the bigger number",
             f"name the day after {rng.choice(WEEKDAYS)}",
             f"name the month after {rng.choice(MONTHS)}",
             "count the words in a list",
             "sort the numbers from smallest to largest",
-            f"repeat the word {rng.choice(WORDS)}",
+            f"repeat the word {rng.choice(REPEAT_WORDS)}",
             "reverse the order of the cards",
             "write the letters in order",
         ])
@@ -439,7 +451,7 @@ def _scene_words(rng: random.Random) -> list[str]:
     """A short story whose sentences refer back to the same words: in-context copying and counting."""
     a, b = rng.sample(NAMES, 2)
     items = rng.sample(WORDS, rng.randint(2, 6))
-    word, times = rng.choice(WORDS), rng.randint(2, 5)
+    word, times = rng.choice(REPEAT_WORDS), rng.randint(2, 5)
     animal, color, place = rng.choice(ANIMALS), rng.choice(COLORS), rng.choice(PLACES)
     pool = [
         f"{a} has a {color} {animal}.",
@@ -461,11 +473,11 @@ def _scene_words(rng: random.Random) -> list[str]:
 def _scene_numbers(rng: random.Random) -> list[str]:
     """Numbers that recur inside the paragraph: sums, comparisons, order, counting on."""
     a, b = rng.sample(NAMES, 2)
-    x, y = rng.sample(range(1, 100), 2)
-    p, q = rng.randint(0, 9), rng.randint(0, 9)
-    numbers = rng.sample(range(1, 21), rng.randint(3, 4))
+    x, y = rng.sample(range(1, COMPARE_MAX + 1), 2)
+    p, q = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
+    numbers = rng.sample(range(1, SORT_MAX + 1), rng.randint(3, 4))
     listed, ordered = ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
-    n, food = rng.randint(1, 95), rng.choice(FOODS)
+    n, food = rng.randint(1, COUNT_MAX), rng.choice(FOODS)
     pool = [
         f"{a} has {x} points and {b} has {y} points. The bigger number is {max(x, y)}, so {a if x > y else b} wins.",
         f"Which is larger, {x} or {y}? It is {max(x, y)}, because {max(x, y)} is greater than {min(x, y)}.",

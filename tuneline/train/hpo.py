@@ -51,16 +51,17 @@ def sample_params(trial: Any, space: SearchSpace) -> dict[str, Any]:
             return options[0]
         return trial.suggest_categorical(name, options)
 
-    return {
-        "learning_rate": uniform("learning_rate", space.learning_rate, log=True),
-        "lora_r": int(choice("lora_r", space.lora_r)),
-        "lora_alpha": int(choice("lora_alpha", space.lora_alpha)),
-        "lora_dropout": uniform("lora_dropout", space.lora_dropout),
-        "batch_size": int(choice("batch_size", space.batch_size)),
-        "grad_accum": int(choice("grad_accum", space.grad_accum)),
-        "epochs": float(choice("epochs", space.epochs)),
-        "warmup_ratio": uniform("warmup_ratio", space.warmup_ratio),
-    }
+    sampled: dict[str, Any] = {}
+    for name, log in (("learning_rate", True), ("lora_dropout", False), ("warmup_ratio", False)):
+        bounds = getattr(space, name)
+        if bounds:  # empty: not searched, the SFT recipe's value holds
+            sampled[name] = uniform(name, bounds, log=log)
+    for name, cast in (("lora_r", int), ("lora_alpha", int), ("batch_size", int), ("grad_accum", int),
+                       ("epochs", float)):
+        options = getattr(space, name)
+        if options:
+            sampled[name] = cast(choice(name, options))
+    return sampled
 
 
 def sft_params_from_trial(
