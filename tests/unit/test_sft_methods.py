@@ -171,6 +171,53 @@ def test_template_without_generation_markers_labels_the_final_answer(base_dir):
     assert tok.decode(labelled) == "mulp" + tok.eos_token
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_dir, tmp_path):
+    """The trainer's fast loss (LM head only at labelled positions) is the model's own loss, on padded
+    and on padding-free batches alike, and both batch layouts give the same loss and gradients."""
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from tuneline.train.common import FlatCollator, PadCollator, tokenize_chat
+    from tuneline.train.methods import apply_method
+    from tuneline.train.sft import _make_trainer_class
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    features = tokenize_chat(tok, reverse_records(6, seed=3), 64)
+    assert len({len(f["input_ids"]) for f in features}) > 1  # the padded batch really holds padding
+    model, _ = apply_method(base_dir, params_for(method, bf16=False), seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
+    trainer = _make_trainer_class()(model=model, args=args, train_dataset=features)
+    model.train()
+    results = {}
+    for layout, collator in (("padded", PadCollator(tok.pad_token_id)), ("flat", FlatCollator())):
+        batch = collator(features)
+        n_labels = (batch["labels"][:, 1:] != -100).sum()
+        for path in (method, "reference"):
+            trainer.method = path  # "reference" is not a label-only method: the model's own loss
+            model.zero_grad()
+            loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_labels)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[layout, path] = (loss.detach(), grads)
+    fast, g_fast = results["padded", method]
+    assert g_fast
+    for key, (loss, grads) in results.items():
+        assert torch.allclose(loss, fast, atol=1e-5), key
+        assert grads.keys() == g_fast.keys(), key
+        for name in g_fast:
+            assert torch.allclose(grads[name], g_fast[name], atol=1e-6, rtol=1e-3), (key, name)
+
+
+def test_flat_collator_restarts_positions_and_ignores_each_first_label():
+    from tuneline.train.common import IGNORE_INDEX, FlatCollator
+
+    batch = FlatCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+
+
 def test_collator_pads_labels_with_ignore_and_masks_padding():
     from tuneline.train.common import IGNORE_INDEX, PadCollator
 

@@ -241,7 +241,20 @@ def _build_classes() -> dict[str, type]:
                 self._restore(model, state.best_model_checkpoint)
             return control
 
+    class RestoreWeightsCallback(Base):
+        """Gives back the original fp32 tensors of weights stored in bf16 for training, when training
+        ends (before any later callback or the caller sees the model)."""
+
+        def __init__(self, swapped: list[tuple[Any, Any]]) -> None:
+            self.swapped = swapped
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for param, data in self.swapped:
+                param.data = data
+            return control
+
     _CLASSES.update(
+        RestoreWeightsCallback=RestoreWeightsCallback,
         PromptEncoderStateCallback=PromptEncoderStateCallback,
         AdaLoraAllocateCallback=AdaLoraAllocateCallback,
         CompleteCheckpointCallback=CompleteCheckpointCallback,

@@ -177,6 +177,37 @@ class PadCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+@dataclass
+class FlatCollator:
+    """Padding-free batches: the batch's sequences concatenated into one row, ``position_ids`` restarting
+    at 0 for each, no ``attention_mask``.
+
+    Given position ids that restart and no attention mask, transformers builds a block-diagonal causal
+    mask (``masking_utils.find_packed_sequence_indices``), so no token attends across sequences: the
+    same examples and the same loss as the padded batch, without computing a single padding position.
+    The first label of every sequence is ignored so no position predicts the next sequence's first
+    token. Only for models whose forward adds nothing in front of the tokens (not prompt learning).
+    """
+
+    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
+        import torch
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            input_ids += ids
+            labels += [IGNORE_INDEX] + list(f["labels"][1:])
+            positions += range(len(ids))
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,  # a KV cache turns transformers' packed-sequence detection off
+        }
+
+
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 64) -> list[int]:
     """A shuffled order of indices in which consecutive runs of ``batch_size`` have similar lengths.
 

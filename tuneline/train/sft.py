@@ -25,6 +25,10 @@ from tuneline.params import SftParams
 
 MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
+# adapter methods whose checkpoints hold only adapter weights, so the frozen base may be stored in
+# bf16 while training (qlora's base is already 4-bit)
+FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens in front: padded batches only
 
 
 @dataclass
@@ -46,6 +50,7 @@ class SftResult:
     tokens_per_second: float  # real_tokens / train_seconds
     train_seconds: float  # wall time of this process's training loop (evaluation and saving included)
     bf16: bool
+    padding_free: bool = False  # batches were one row each, no padding computed
     max_steps: int = 0  # planned optimizer steps (epochs capped by max_steps)
     train_examples: int = 0
     dropped_examples: int = 0  # records whose assistant tokens were all cut by max_length
@@ -110,7 +115,10 @@ def _make_trainer_class() -> type:
             lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             with self.accelerator.autocast():
                 hidden = lm.get_decoder()(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"),
+                    use_cache=False,
                 ).last_hidden_state
                 targets = inputs["labels"][:, 1:]
                 keep = targets != -100
@@ -154,8 +162,8 @@ def train_sft(
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
     from tuneline.train import callbacks as cb
-    from tuneline.train.common import PadCollator, resolve_bf16, tokenize_chat
-    from tuneline.train.methods import apply_method, write_method_file
+    from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
+    from tuneline.train.methods import apply_method, frozen_linears_to_bf16, write_method_file
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if params.num_processes != world:
@@ -178,6 +186,8 @@ def train_sft(
     steps = planned_steps(len(train_data), params, max_steps)
     has_val = bool(val_data)
 
+    # padding-free batches need a forward that adds nothing in front of the tokens
+    padding_free = params.padding_free and params.method not in PROMPT_LEARNING_METHODS
     # model for the method (adapters, quantization, freezing)
     model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps)
 
@@ -219,8 +229,12 @@ def train_sft(
     resume = cb.last_valid_checkpoint(checkpoints)
     resumed_from = cb.checkpoint_step(resume) if resume is not None else 0
 
-    # callbacks that add files to a checkpoint come before the one that marks it complete
+    # frozen base weights in bf16 (same matmuls as autocast's casts, without them): CPU adapters only;
+    # put back before any other on_train_end sees the model
     callbacks: list[Any] = []
+    if bf16 and not torch.cuda.is_available() and params.method in FROZEN_BASE_METHODS:
+        callbacks.append(cb.RestoreWeightsCallback(frozen_linears_to_bf16(model)))
+    # callbacks that add files to a checkpoint come before the one that marks it complete
     if params.method == "adalora":
         callbacks.append(cb.AdaLoraAllocateCallback(resume_from=resume))
     if params.method == "ptuning":
@@ -239,7 +253,7 @@ def train_sft(
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data if has_val else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=FlatCollator() if padding_free else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -289,6 +303,7 @@ def train_sft(
         tokens_per_second=real_tokens / train_seconds if train_seconds > 0 else 0.0,
         train_seconds=train_seconds,
         bf16=bf16,
+        padding_free=padding_free,
         max_steps=steps,
         train_examples=len(train_data),
         dropped_examples=len(train_records) - len(train_data),
