@@ -107,7 +107,7 @@ def prepared_dataset(
             DataSource(path=f["path"], format=f["format"], schema=f["schema"], fields=f["fields"], task=f["task"])
         )
         context.log.info(f"{f['path']}: {result.schema}, {result.read} rows, {len(result.rejected)} unreadable")
-        per_file.append({"path": f["path"], "schema": result.schema, "read": result.read,
+        per_file.append({"path": f["path"], "role": f["role"], "schema": result.schema, "read": result.read,
                          "parse_rejected": len(result.rejected)})
         records.extend(result.records)
         parse_rejections.extend(result.rejected)

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 
@@ -27,15 +27,6 @@ def candidates(base_model: dict, sft_adapter: dict, dpo_adapter: dict, distilled
     }
 
 
-def current_champion(tracker: Any, name: str) -> Optional[dict]:
-    from tuneline.deploy.registry import RegistryError, get_version
-
-    try:
-        return get_version(tracker, name, "champion")
-    except RegistryError:
-        return None
-
-
 @dg.asset(group_name="evaluation", kinds={"pytorch"})
 def evaluation_report(
     context: dg.AssetExecutionContext,
@@ -52,7 +43,7 @@ def evaluation_report(
     base, SFT, DPO and student models on the test split, plus the training/serving template parity."""
     from tuneline.data.demo import TASK_FAMILIES, check_answer
     from tuneline.evaluate.report import compare, evaluate_model, markdown_table, plot_comparison, template_parity
-    from tuneline.deploy.registry import load_registered
+    from tuneline.deploy.registry import current_champion, load_registered
     from tuneline.evaluate.gate import decide
     from tuneline.models.provision import load_tokenizer
 

@@ -1,5 +1,6 @@
 """The base model: a hub id or local path, or a tiny Llama the pipeline builds and pretrains offline."""
 
+import dataclasses
 
 import dagster as dg
 
@@ -7,6 +8,7 @@ from assets._meta import image, mlflow_link, scalars
 from resources.artifacts import ArtifactStore
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
+from tuneline.deploy.lineage import TAG_STARTED_FROM
 
 
 @dg.asset(group_name="model", kinds={"pytorch"})
@@ -25,18 +27,32 @@ def base_model(
 
     r = recipe.load()
     out = artifacts.stage_dir("base_model", context.run.run_id)
+    model_params, pretrain_params, started_from = r.model, r.pretrain, None
+    if recipe.retrain and r.drift.retrain_from == "champion":
+        # a retrain continues from the model in service (new rows + replay keep its skills), not from scratch
+        from tuneline.deploy.registry import current_champion, download_version
+
+        champion = current_champion(mlflow.tracker(), r.registered_model_name())
+        if champion is not None:
+            started_from = f"models:/{champion['name']}/{champion['version']}"
+            model_params = dataclasses.replace(r.model, build=None, name_or_path=str(download_version(
+                mlflow.tracker(), champion)), revision=None)
+            pretrain_params = dataclasses.replace(r.pretrain, enabled=False)
+            context.log.info(f"retrain: starting from the champion {started_from}")
+        else:
+            context.log.info("retrain: no champion yet, so the base model is provisioned as the recipe says")
     corpus_files = [f for f in raw_dataset["files"] if f["role"] == "corpus"]
     texts = [rec.messages[0]["content"] for f in corpus_files for rec in read_source(f["path"]).records]
-    steps = r.steps(r.pretrain.steps)
-    context.log.info(f"base model: {r.model.build or r.model.name_or_path}; corpus {len(texts)} passages; "
-                     f"pretraining {steps if r.pretrain.enabled else 0} steps")
+    steps = r.steps(pretrain_params.steps)
+    context.log.info(f"base model: {started_from or r.model.build or r.model.name_or_path}; corpus {len(texts)} "
+                     f"passages; pretraining {steps if pretrain_params.enabled and not started_from else 0} steps")
 
     def progress(step: int, total: int, loss: float) -> None:
         if step == 1 or step % max(1, total // 10) == 0 or step == total:
             context.log.info(f"pretraining step {step}/{total}: loss {loss:.4f}")
 
     info = provision_base_model(
-        r.model, r.pretrain, texts, out / "model", seed=r.seed, steps=steps, progress=progress
+        model_params, pretrain_params, texts, out / "model", seed=r.seed, steps=steps, progress=progress
     )
     run_id = mlflow.start_stage_run(
         context, r, dataset_sha256=raw_dataset["sha256"],
@@ -48,7 +64,8 @@ def base_model(
     tracker.log_metrics(run_id, {"n_params": info.n_params, "vocab_size": info.vocab_size,
                                  **{k: v for k, v in (details.get("pretrain") or {}).items()
                                     if isinstance(v, (int, float))}})
-    tracker.set_tags(run_id, {"tuneline.weights_sha256": info.weights_sha256})
+    tracker.set_tags(run_id, {"tuneline.weights_sha256": info.weights_sha256,
+                              **({TAG_STARTED_FROM: started_from} if started_from else {})})
     metadata = {}
     if info.loss_curve:
         plot = plot_curves({"pretrain loss": info.loss_curve}, out / "pretrain_loss.png",
@@ -57,12 +74,13 @@ def base_model(
         metadata["pretrain_loss_curve"] = image(plot, "pretraining loss")
     tracker.log_artifact(run_id, info.path, "model")
     tracker.end_run(run_id)
-    value = {**details, "mlflow_run_id": run_id}
+    value = {**details, "started_from": started_from, "mlflow_run_id": run_id}
     return dg.Output(
         value,
         metadata={
             "path": dg.MetadataValue.path(str(info.path)),
             "source": info.source,
+            "started_from": started_from or "recipe (no champion carried over)",
             "weights_sha256": info.weights_sha256,
             "n_params": info.n_params,
             "vocab_size": info.vocab_size,

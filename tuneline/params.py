@@ -168,6 +168,7 @@ class SplitParams:
 
 
 PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze")
+LORA_METHODS = ("lora", "qlora", "adalora")  # the methods the ``lora`` section (and its search) applies to
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ class SftParams:
     save_steps: int = 25  # checkpoint every N steps (a multiple of eval_steps)
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)  # patience, min_delta
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
-    group_by_length: bool = True  # length-grouped batches (removes most padding)
+    padding_free: bool = True  # each batch as one row with no padding (not for prefix/prompt/P-tuning)
+    group_by_length: bool = False  # length-grouped batches (less padding where padding_free cannot apply)
     num_processes: int = 1  # > 1 launches the trainer with `accelerate launch`
 
     def __post_init__(self) -> None:
@@ -226,16 +228,29 @@ class SftParams:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Ranges Optuna samples from (TPE)."""
+    """Ranges Optuna samples from (TPE). A range or choice left empty is not searched: the ``sft`` section's
+    value holds."""
 
     learning_rate: tuple[float, float] = (5e-4, 5e-3)  # log-uniform range
     lora_r: tuple[int, ...] = (8, 16, 32)  # choices
     lora_alpha: tuple[int, ...] = (16, 32, 64)  # choices
     lora_dropout: tuple[float, float] = (0.0, 0.1)  # uniform range
-    batch_size: tuple[int, ...] = (8,)  # choices
-    grad_accum: tuple[int, ...] = (1,)  # choices
-    epochs: tuple[float, ...] = (1.0,)  # choices
+    batch_size: tuple[int, ...] = ()  # choices
+    grad_accum: tuple[int, ...] = ()  # choices
+    epochs: tuple[float, ...] = ()  # choices
     warmup_ratio: tuple[float, float] = (0.0, 0.1)  # uniform range
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "lora_dropout", "warmup_ratio"):
+            bounds = getattr(self, name)
+            if bounds and (len(bounds) != 2 or bounds[0] > bounds[1]):
+                raise RecipeError(f"space.{name}: a range is [low, high] with low <= high, or [] (not searched)")
+
+    def for_method(self, method: str) -> "SearchSpace":
+        """The space that applies to ``method``: the LoRA dimensions only for LoRA-family methods."""
+        if method in LORA_METHODS:
+            return self
+        return dataclasses.replace(self, lora_r=(), lora_alpha=(), lora_dropout=())
 
 
 @dataclass(frozen=True)
@@ -359,6 +374,7 @@ class DriftParams:
     seed: int = 0  # subsampling and permutation seed
     replay_ratio: float = 0.2  # on retrain, replayed / (new + replayed) share of previous training data
     incoming_dir: Optional[str] = None  # folder where newly labelled rows are dropped; None = $TUNELINE_HOME/incoming
+    retrain_from: Literal["champion", "base"] = "champion"  # retrain continues from the champion (when one exists)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.significance < 1.0:

@@ -1,8 +1,11 @@
 """The whole chain in memory on a tiny recipe: search, SFT, DPO, distillation, evaluation, the gate,
-registration, lineage; then a worse recipe refused by the gate while the champion stays."""
+registration, lineage; a worse recipe refused by the gate while the champion stays; a retrain on new rows
+plus replay whose passport shows both; rollback."""
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -34,14 +37,14 @@ CHAIN = {
 }
 
 
-def run_chain(recipe: dict, path: Path):
+def run_chain(recipe: dict, path: Path, retrain: bool = False):
     from pipelines import definitions
     from resources import build_resources
     from resources.recipe import RecipeResource
 
     path.write_text(yaml.safe_dump(recipe))
     resources = build_resources("local")
-    resources["recipe"] = RecipeResource(path=str(path))
+    resources["recipe"] = RecipeResource(path=str(path), retrain=retrain)
     result = dg.materialize([*definitions.ASSETS, *definitions.CHECKS], resources=resources, raise_on_error=False)
     return result, resources
 
@@ -52,7 +55,7 @@ def materialized(result) -> set[str]:
 
 @pytest.mark.slow
 def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, tmp_path: Path) -> None:
-    from tuneline.deploy.lineage import build_passport
+    from tuneline.deploy.lineage import build_passport, passport_markdown
     from tuneline.deploy.registry import get_version, load_registered, rollback, chat_generate
     from tuneline.tracking import TAG_DAGSTER_RUN
 
@@ -97,12 +100,42 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     assert not gate["passed"] and "champion" in gate["baselines"]
     assert get_version(tracker, name, "champion")["version"] == 1
 
+    # a retrain: newly labelled rows of a task the champion never saw, plus a replay of the old train rows;
+    # the passport shows both the new file and the replayed share
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    words = ["cat", "dog", "red", "blue", "sun", "moon", "tree", "fish", "bird", "milk"]
+    rows = [{"instruction": f"Reverse the order of these words: {' '.join(picked)}.", "input": "",
+             "output": " ".join(reversed(picked))} for picked in itertools.islice(itertools.permutations(words, 3), 0, 720, 9)]
+    new_file = incoming / "labelled.jsonl"
+    new_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    retrain = {**CHAIN, "drift": {"incoming_dir": str(incoming), "replay_ratio": 0.8},
+               "gate": {**CHAIN["gate"], "min_margin": 0.0}}
+    result3, _ = run_chain(retrain, tmp_path / "retrain.yaml", retrain=True)
+    replay = result3.output_for_node("dataset_splits")["replay"]
+    assert replay["new"] > 0 and replay["replayed"] > 0, replay
+    assert "registered_model" in materialized(result3), result3.output_for_node("evaluation_report")["table"] + str(replay)
+    retrained = build_passport(tracker, f"{name}@champion")
+    assert retrained["version"] == 2 and retrained["broken_links"] == []
+    assert retrained["started_from"] == f"models:/{name}/1"  # the retrain continued from the champion
+    roles = {d["role"] for d in retrained["data"]}
+    assert "incoming" in roles and roles - {"incoming"}, roles
+    assert str(new_file) in {d["path"] for d in retrained["data"]}
+    assert retrained["splits"]["replay"]["new"] == replay["new"]
+    assert retrained["splits"]["replay"]["replayed"] == replay["replayed"]
+    assert f"{replay['new']} new train rows + {replay['replayed']} replayed" in passport_markdown(retrained)
+
+    # rollback moves champion back to version 1 and says so
+    moved = rollback(tracker, name)
+    assert (moved["from_version"], moved["to_version"]) == (2, 1)
+    assert get_version(tracker, name, "champion")["version"] == 1
+
     # a broken link is reported: remove a data file the chain read
     data_file = Path(passport["data"][0]["path"])
     data_file.unlink()
     broken = build_passport(tracker, f"{name}/1")["broken_links"]
     assert any(str(data_file) in b["link"] for b in broken)
 
-    # with one champion only there is nothing to roll back to
+    # version 1 was the first champion: there is nothing before it to roll back to
     with pytest.raises(LookupError):
         rollback(tracker, name)

@@ -19,6 +19,8 @@ from tuneline.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TAG_DATASET, TAG_GIT, 
 
 INPUTS_ARTIFACT = "lineage/inputs.json"  # logged by prepared_dataset: the raw files with their sha256
 GATE_ARTIFACT = "evaluation/gate.json"  # logged by evaluation_report: the promotion decision and evidence
+TAG_STARTED_FROM = "tuneline.started_from"  # on a retrain's base_model run: the champion it continued from
+REPLAY_ARTIFACT = "lineage/replay.json"  # logged by dataset_splits on a retrain: new vs replayed train rows
 
 
 def _time(ms: Optional[int]) -> Optional[str]:
@@ -61,6 +63,7 @@ def walk_runs(tracker: Tracker, stage: str, run_id: str, broken: list[dict]) -> 
             "metrics": dict(run.data.metrics),
             "upstream": {k[len(TAG_PARENT_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PARENT_PREFIX)},
             "asset": tags.get(TAG_ASSET),
+            "started_from": tags.get(TAG_STARTED_FROM),
         }
         if run.info.status != "FINISHED":
             broken.append({"link": f"{name} run {rid}", "error": f"run status is {run.info.status}"})
@@ -121,6 +124,9 @@ def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
         return runs.get(name, {})
 
     splits = stage("dataset_splits")
+    replay = None  # only a retrain mixes new rows with replayed ones
+    if splits and any(a.path == REPLAY_ARTIFACT for a in tracker.client().list_artifacts(splits["run_id"], "lineage")):
+        replay = _artifact_json(tracker, splits["run_id"], REPLAY_ARTIFACT)
     prepared = stage("prepared_dataset")
     hpo = stage("hpo_study")
     shas = {r["git_sha"] for r in runs.values() if r.get("git_sha")}
@@ -133,9 +139,11 @@ def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
         "validation": {k: prepared.get("metrics", {}).get(k) for k in ("read", "accepted", "quarantined",
                                                                          "quarantined_fraction")},
         "splits": {"dataset_sha256": splits.get("dataset_sha256"),
-                   "rows": {k[5:]: v for k, v in splits.get("metrics", {}).items() if k.startswith("rows_")}},
+                   "rows": {k[5:]: v for k, v in splits.get("metrics", {}).items() if k.startswith("rows_")},
+                   "replay": replay},
         "search": {"best_value": hpo.get("metrics", {}).get("best_value"),
                    "best_params": {k[5:]: v for k, v in hpo.get("params", {}).items() if k.startswith("best.")}},
+        "started_from": stage("base_model").get("started_from"),
         "runs": {name_: r["run_id"] for name_, r in runs.items()},
         "stages": {name_: {k: r[k] for k in ("run_id", "dagster_run_id", "started", "ended", "status", "params",
                                             "metrics")} for name_, r in runs.items()},
@@ -154,6 +162,12 @@ def passport_markdown(p: dict[str, Any]) -> str:
               f"- Dagster runs: {', '.join(p['dagster_run_ids'])}", ""]
     lines += ["## Data", "", "| role | path | sha256 | status |", "|---|---|---|---|"]
     lines += [f"| {d.get('role')} | `{d['path']}` | `{d['sha256'][:16]}` | {d.get('status')} |" for d in p["data"]]
+    if p.get("started_from"):
+        lines += [f"Started from: {p['started_from']} (a retrain continues from the champion)", ""]
+    replay = p["splits"].get("replay")
+    if replay:
+        lines += ["", f"Retrain: {replay['new']} new train rows + {replay['replayed']} replayed from the previous "
+                      f"training data (ratio {replay['ratio_actual']:.3f}, target {replay['ratio_target']})"]
     lines += ["", f"Validation: {p['validation']}", f"Splits: {p['splits']}", "",
               f"Search best: {p['search']}", "", "## Stages", "", "| stage | MLflow run | Dagster run | started | ended |",
               "|---|---|---|---|---|"]

@@ -163,6 +163,14 @@ def get_version(tracker: Tracker, name: str, alias_or_version: int | str | None 
     return _version_dict(client.get_model_version(name, newest.version))
 
 
+def current_champion(tracker: Tracker, name: str) -> Optional[dict[str, Any]]:
+    """The version holding ``champion`` (as :func:`get_version` gives it), or None when there is none."""
+    try:
+        return get_version(tracker, name, CHAMPION)
+    except RegistryError:
+        return None
+
+
 def _known(client: Any, name: str) -> str:
     """A hint listing what exists, for error messages."""
     from mlflow.exceptions import MlflowException
