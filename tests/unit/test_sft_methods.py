@@ -507,3 +507,34 @@ def test_unknown_world_size_is_a_clear_error(base_dir, data, tmp_path):
     train, val = data
     with pytest.raises(ValueError, match="accelerate launch --num_processes 2"):
         train_sft(base_dir, train, val, params_for("lora", num_processes=2), tmp_path / "run", seed=0)
+
+
+def test_fast_adapter_dropout_keeps_the_rate_and_the_expectation(base_dir):
+    from tuneline.train.methods import _fast_dropout_class, apply_method, fast_adapter_dropout
+
+    drop = _fast_dropout_class()(0.05)
+    x = torch.ones(400_000)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.95) < 0.002  # binomial sd here is 0.0003
+    assert abs(y.mean().item() - 1.0) < 0.003  # kept values are scaled by 1/keep-probability
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # same seed, same mask
+    drop.eval()
+    assert drop(x) is x
+
+    lora = LoraParams(r=4, alpha=8, dropout=0.1)
+    model, _ = apply_method(base_dir, params_for("lora", bf16=False, lora=lora), seed=0)
+    before = sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    assert before > 0 and fast_adapter_dropout(model) == before
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def test_attention_mask_is_dropped_only_for_right_padded_batches():
+    from tuneline.train.sft import _needed_mask
+
+    right = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    left = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert _needed_mask(right) is None and _needed_mask(None) is None
+    assert _needed_mask(left) is left

@@ -74,6 +74,15 @@ def planned_steps(n_examples: int, params: SftParams, max_steps: Optional[int] =
     return steps
 
 
+def _needed_mask(mask: Any) -> Any:
+    """None for a right-padded batch: under causal attention its real tokens only ever see earlier real
+    tokens, and padding positions carry no label, so the mask changes nothing the loss reads; without it
+    SDPA runs its causal kernel instead of materializing a mask (measured: ~10% less time per step)."""
+    if mask is None or mask.shape[1] < 2 or bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return None
+    return mask
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
@@ -116,7 +125,7 @@ def _make_trainer_class() -> type:
             with self.accelerator.autocast():
                 hidden = lm.get_decoder()(
                     input_ids=inputs["input_ids"],
-                    attention_mask=inputs.get("attention_mask"),
+                    attention_mask=_needed_mask(inputs.get("attention_mask")),
                     position_ids=inputs.get("position_ids"),
                     use_cache=False,
                 ).last_hidden_state
@@ -131,6 +140,11 @@ def _make_trainer_class() -> type:
             else:
                 loss = loss / keep.sum().clamp(min=1)
             return loss
+
+        def floating_point_ops(self, inputs):
+            """No FLOP estimate per step: it walks every parameter of the model each step (2.6 ms of a
+            ~75 ms LoRA step on the tiny Llama) for a statistic (``total_flos``) nothing here reads."""
+            return 0
 
         def _get_eval_sampler(self, eval_dataset):
             if not self.group_by_length or self.args.world_size > 1:
@@ -163,7 +177,7 @@ def train_sft(
 
     from tuneline.train import callbacks as cb
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
-    from tuneline.train.methods import apply_method, frozen_linears_to_bf16, write_method_file
+    from tuneline.train.methods import apply_method, fast_adapter_dropout, frozen_linears_to_bf16, write_method_file
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if params.num_processes != world:
@@ -234,6 +248,8 @@ def train_sft(
     callbacks: list[Any] = []
     if bf16 and not torch.cuda.is_available() and params.method in FROZEN_BASE_METHODS:
         callbacks.append(cb.RestoreWeightsCallback(frozen_linears_to_bf16(model)))
+    if not torch.cuda.is_available():
+        info["fast_dropout_modules"] = fast_adapter_dropout(model)
     # callbacks that add files to a checkpoint come before the one that marks it complete
     if params.method == "adalora":
         callbacks.append(cb.AdaLoraAllocateCallback(resume_from=resume))
