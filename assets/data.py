@@ -1,6 +1,7 @@
 """Data stages: raw files -> prepared chat records (validated, quarantined) -> train/validation/test splits."""
 
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,10 @@ def dataset_splits(
         result.splits["train"], replay = mix_with_replay(new, previous, r.drift.replay_ratio, r.seed)
         context.log.info(f"retrain: {len(new)} new train rows + {replay['replayed']} replayed "
                          f"(ratio {r.drift.replay_ratio})")
-    reference = [rec.prompt_text() for rec in result.splits.get("train", [])][: r.drift.max_samples]
+    # the drift reference: a seeded sample of the train prompts (the split is ordered by stratum, so its
+    # first rows would hold one task family only)
+    train_prompts = [rec.prompt_text() for rec in result.splits.get("train", [])]
+    reference = random.Random(r.seed).sample(train_prompts, min(len(train_prompts), r.drift.max_samples))
     write_jsonl(out / "drift_reference.jsonl", ({"prompt": p} for p in reference))
     paths = {}
     for name, rows in result.splits.items():

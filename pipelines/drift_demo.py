@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def main() -> int:
     if shared.is_dir():
         for path in sorted(shared.glob("*.jsonl")):
             drifted += prompts_from(path, n // 2)
+    # split files are ordered by stratum (task family): shuffle so each window mixes what it samples
+    rng = random.Random(recipe.seed)
+    rng.shuffle(in_dist)
+    rng.shuffle(drifted)
     log = InferenceLog(recipe.serve.log_path)
     cursor = json.dumps({"last_id": log.last_id()})  # this demo's traffic only
 

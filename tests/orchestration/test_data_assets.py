@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from tuneline.records import ChatRecord, read_jsonl
 from tuneline.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TAG_GIT, Tracker
 
 DATA_ASSETS = ["raw_dataset", "base_model", "prepared_dataset", "dataset_splits"]
@@ -29,6 +30,11 @@ def materialize_data(recipe_path: Path):
 
 @pytest.mark.slow
 def test_data_assets_materialize_with_checks(state: Path, tiny_recipe: Path) -> None:
+    # stratified by task (the split is then ordered by family) and a drift reference smaller than train
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    recipe["split"]["stratify_by"] = "task"
+    recipe["drift"] = {"max_samples": 24}
+    tiny_recipe.write_text(yaml.safe_dump(recipe))
     result, resources = materialize_data(tiny_recipe)
     assert result.success
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -51,6 +57,14 @@ def test_data_assets_materialize_with_checks(state: Path, tiny_recipe: Path) -> 
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {h[:36] for h in splits["sha256"].values()}
     base = result.output_for_node("base_model")
     assert base["weights_sha256"] and Path(base["path"], "model.safetensors").is_file()
+
+    # the drift reference samples the whole train split, not its first rows (the split is ordered by stratum)
+    train_prompts = {ChatRecord.from_dict(r).prompt_text(): ChatRecord.from_dict(r).task
+                     for r in read_jsonl(splits["paths"]["train"])}
+    reference = [json.loads(line)["prompt"] for line in Path(splits["drift_reference_path"]).read_text().splitlines()]
+    assert reference and set(reference) <= set(train_prompts)
+    families = {train_prompts[p] for p in reference}
+    assert families == set(train_prompts.values()), families
 
 
 @pytest.mark.slow
