@@ -538,3 +538,25 @@ def test_attention_mask_is_dropped_only_for_right_padded_batches():
     left = torch.tensor([[1, 1, 1], [0, 1, 1]])
     assert _needed_mask(right) is None and _needed_mask(None) is None
     assert _needed_mask(left) is left
+
+
+def test_bf16_autocast_layout_keeps_the_autocast_loss_and_is_undone(base_dir):
+    from tuneline.train.methods import apply_method, bf16_autocast_layout
+
+    model, _ = apply_method(base_dir, params_for("lora", lora=LoraParams(r=4, alpha=8, dropout=0.0)), seed=0)
+    model.eval()
+    ids = sample_ids(base_dir)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(input_ids=ids, labels=ids).loss
+        undo = bf16_autocast_layout(model)
+        assert any(p.dtype == torch.bfloat16 for p in model.parameters())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            laid_out = model(input_ids=ids, labels=ids).loss
+        undo()
+        after = model(input_ids=ids).logits
+    assert abs(laid_out.item() - auto.item()) < 2e-3  # the same bf16 matmul inputs, cast once
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert torch.equal(before, after)

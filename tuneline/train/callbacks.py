@@ -241,20 +241,19 @@ def _build_classes() -> dict[str, type]:
                 self._restore(model, state.best_model_checkpoint)
             return control
 
-    class RestoreWeightsCallback(Base):
-        """Gives back the original fp32 tensors of weights stored in bf16 for training, when training
-        ends (before any later callback or the caller sees the model)."""
+    class UndoAtTrainEndCallback(Base):
+        """Runs ``undo`` when training ends, before any later callback or the caller sees the model
+        (e.g. the bf16 layout of ``methods.bf16_autocast_layout``)."""
 
-        def __init__(self, swapped: list[tuple[Any, Any]]) -> None:
-            self.swapped = swapped
+        def __init__(self, undo: Callable[[], None]) -> None:
+            self.undo = undo
 
         def on_train_end(self, args, state, control, **kwargs):
-            for param, data in self.swapped:
-                param.data = data
+            self.undo()
             return control
 
     _CLASSES.update(
-        RestoreWeightsCallback=RestoreWeightsCallback,
+        UndoAtTrainEndCallback=UndoAtTrainEndCallback,
         PromptEncoderStateCallback=PromptEncoderStateCallback,
         AdaLoraAllocateCallback=AdaLoraAllocateCallback,
         CompleteCheckpointCallback=CompleteCheckpointCallback,

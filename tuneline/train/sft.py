@@ -177,7 +177,7 @@ def train_sft(
 
     from tuneline.train import callbacks as cb
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
-    from tuneline.train.methods import apply_method, fast_adapter_dropout, frozen_linears_to_bf16, write_method_file
+    from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if params.num_processes != world:
@@ -247,7 +247,7 @@ def train_sft(
     # put back before any other on_train_end sees the model
     callbacks: list[Any] = []
     if bf16 and not torch.cuda.is_available() and params.method in FROZEN_BASE_METHODS:
-        callbacks.append(cb.RestoreWeightsCallback(frozen_linears_to_bf16(model)))
+        callbacks.append(cb.UndoAtTrainEndCallback(bf16_autocast_layout(model)))
     if not torch.cuda.is_available():
         info["fast_dropout_modules"] = fast_adapter_dropout(model)
     # callbacks that add files to a checkpoint come before the one that marks it complete
