@@ -56,7 +56,7 @@ CHILD_TIMEOUT_S = 900
 
 CONTENDERS = {
     "ours": "tuneline train_sft (plain Trainer, bf16 autocast, shipped defaults)",
-    "ours-flat": "control: ours with padding_free=True (each batch one padding-free row)",
+    "ours-flat": "control: ours with padding_free=True forced (each batch one padding-free row)",
     "trl": "TRL SFTTrainer, bf16 autocast, no gradient checkpointing",
     "llamafactory": "LLaMA-Factory, bf16, no gradient checkpointing",
     "trl-defaults": "TRL SFTTrainer at its defaults (bf16, gradient checkpointing on)",
@@ -178,24 +178,34 @@ def write_json(path: Path | str, data: Any) -> None:
 # the shared setup
 
 
-def build_setup(work: Path, seed: int, pad_vocab: int) -> dict[str, Any]:
-    """Demo data, tokenizer, tiny Llama, and each contender's data in its native format."""
+def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = None) -> dict[str, Any]:
+    """Data (the demo's, or ``data``: any SFT file ingest reads), tokenizer, tiny Llama, and each
+    contender's data in its native format."""
     sys.path.insert(0, str(ROOT))
     from tuneline.data.demo import read_corpus, write_demo_data
     from tuneline.data.ingest import read_source
     from tuneline.data.split import split_records
     from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
     from tuneline.params import DemoDataParams, SplitParams, TinyModelParams
-    from tuneline.records import write_jsonl
+    from tuneline.records import sha256_file, write_jsonl
 
     work.mkdir(parents=True, exist_ok=True)
-    manifest = write_demo_data(DemoDataParams(), work / "demo")
-    records = read_source(work / "demo" / "sft.jsonl").records  # alpaca rows -> ChatRecords
+    if data is None:
+        manifest = write_demo_data(DemoDataParams(), work / "demo")
+        records = read_source(work / "demo" / "sft.jsonl").records  # alpaca rows -> ChatRecords
+        corpus = read_corpus(work / "demo" / "corpus.txt")
+        data_sha256 = manifest["files"]["sft.jsonl"]["sha256"]
+    else:
+        # a real SFT file: conversations with a non-empty answer; the tokenizer learns from its text
+        records = [r for r in read_source(data).records
+                   if r.kind == "sft" and r.messages[-1]["content"].strip()]
+        corpus = [m["content"] for r in records for m in r.messages]
+        data_sha256 = sha256_file(data)
     split = split_records(records, SplitParams(), seed=seed)
     train, val = split.splits["train"], split.splits["validation"]
 
     tiny = TinyModelParams()  # hidden 256, intermediate 768, 4 layers, 4 heads, vocab 4096
-    tokenizer = train_tokenizer(read_corpus(work / "demo" / "corpus.txt"), tiny)  # as the pipeline does
+    tokenizer = train_tokenizer(corpus, tiny)  # as the pipeline does
     model = init_tiny_model(tokenizer, tiny, seed=0)
     learned_vocab = len(tokenizer)
     if pad_vocab and pad_vocab > learned_vocab:
@@ -280,7 +290,8 @@ def build_setup(work: Path, seed: int, pad_vocab: int) -> dict[str, Any]:
         "data": {
             "train_records": len(train),
             "val_records": len(val),
-            "sft_sha256": manifest["files"]["sft.jsonl"]["sha256"],
+            "source": str(data) if data is not None else "demo",
+            "sft_sha256": data_sha256,
         },
     }
 
@@ -289,7 +300,7 @@ def build_setup(work: Path, seed: int, pad_vocab: int) -> dict[str, Any]:
 # child: our SFT stage
 
 
-def run_ours(spec_path: Path, out: Path, result_path: Path, padding_free: bool = False) -> None:
+def run_ours(spec_path: Path, out: Path, result_path: Path, padding_free: Optional[bool] = None) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -310,9 +321,9 @@ def run_ours(spec_path: Path, out: Path, result_path: Path, padding_free: bool =
         lora=LoraParams(r=spec["lora"]["r"], alpha=spec["lora"]["alpha"], dropout=spec["lora"]["dropout"]),
         eval_steps=1000,  # beyond the 50 steps: no evaluation or checkpoint inside the timed part
         save_steps=1000,
-        # bf16, padding_free (False) and group_by_length (False: the Trainer's random sampler, so the
-        # very batches TRL and LLaMA-Factory get) stay at what the pipeline ships; the
-        # `ours-flat` control turns padding-free batches on
+        # bf16, padding_free (None: chosen from the rows' mean length) and group_by_length (False: the
+        # Trainer's random sampler, so the very batches TRL and LLaMA-Factory get) stay at what the
+        # pipeline ships; the `ours-flat` control forces padding-free batches on
         padding_free=padding_free,
     )
     cb = timing_callback(str(out / "train_dataset.jsonl"))
@@ -653,6 +664,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run just these contenders")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--data", type=Path, help="an SFT data file to use instead of the demo data "
+                   "(e.g. ../shared/data/sft/alpaca.jsonl); use another --work-dir, --results and --plot")
     p.add_argument("--pad-vocab", type=int, default=4096,
                    help="pad the model's (tied) embedding to this many rows; 0 = the tokenizer's own size")
     p.add_argument("--max-load", type=float, default=1.5, help="1-min load average allowed before the first run")
@@ -681,7 +694,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plot(saved["summary"], saved["runs"], args.plot, saved.get("plot_subtitle", ""))
         return 0
     if args.child:
-        run_ours(args.spec, args.out, args.result, padding_free=args.child == "ours-flat")
+        run_ours(args.spec, args.out, args.result, padding_free=True if args.child == "ours-flat" else None)
         return 0
 
     if args.only:
@@ -699,7 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     work = args.work_dir.resolve()
     print(f"setup under {work}", flush=True)
-    setup = build_setup(work, args.seed, args.pad_vocab)
+    setup = build_setup(work, args.seed, args.pad_vocab, args.data.resolve() if args.data else None)
     spec_path = work / "spec.json"
     m = setup["model"]
     print(f"tiny Llama: {m['parameters']:,} parameters (vocab {m['vocab']}, tokenizer {m['tokenizer_tokens']} tokens, "

@@ -560,3 +560,15 @@ def test_bf16_autocast_layout_keeps_the_autocast_loss_and_is_undone(base_dir):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
     assert torch.equal(before, after)
+
+
+def test_padding_free_is_chosen_from_the_rows_mean_length():
+    from tuneline.train.sft import PADDING_FREE_MIN_MEAN_TOKENS, use_padding_free
+
+    short = [{"input_ids": [1] * (PADDING_FREE_MIN_MEAN_TOKENS - 10)}] * 4
+    long = [{"input_ids": [1] * (PADDING_FREE_MIN_MEAN_TOKENS + 10)}] * 4
+    assert not use_padding_free(params_for("lora"), short)
+    assert use_padding_free(params_for("lora"), long)
+    assert use_padding_free(params_for("full", padding_free=True), short)
+    assert not use_padding_free(params_for("lora", padding_free=False), long)
+    assert not use_padding_free(params_for("prefix", padding_free=True), long)  # virtual tokens in front
