@@ -27,16 +27,17 @@ def base_model(
 
     r = recipe.load()
     out = artifacts.stage_dir("base_model", context.run.run_id)
+    tracker = mlflow.tracker()
     model_params, pretrain_params, started_from = r.model, r.pretrain, None
     if recipe.retrain and r.drift.retrain_from == "champion":
         # a retrain continues from the model in service (new rows + replay keep its skills), not from scratch
         from tuneline.deploy.registry import current_champion, download_version
 
-        champion = current_champion(mlflow.tracker(), r.registered_model_name())
+        champion = current_champion(tracker, r.registered_model_name())
         if champion is not None:
             started_from = f"models:/{champion['name']}/{champion['version']}"
             model_params = dataclasses.replace(r.model, build=None, name_or_path=str(download_version(
-                mlflow.tracker(), champion)), revision=None)
+                tracker, champion)), revision=None)
             pretrain_params = dataclasses.replace(r.pretrain, enabled=False)
             context.log.info(f"retrain: starting from the champion {started_from}")
         else:
@@ -45,7 +46,7 @@ def base_model(
     texts = [rec.messages[0]["content"] for f in corpus_files for rec in read_source(f["path"]).records]
     steps = r.steps(pretrain_params.steps)
     context.log.info(f"base model: {started_from or r.model.build or r.model.name_or_path}; corpus {len(texts)} "
-                     f"passages; pretraining {steps if pretrain_params.enabled and not started_from else 0} steps")
+                     f"passages; pretraining {steps if pretrain_params.enabled else 0} steps")
 
     def progress(step: int, total: int, loss: float) -> None:
         if step == 1 or step % max(1, total // 10) == 0 or step == total:
@@ -58,7 +59,6 @@ def base_model(
         context, r, dataset_sha256=raw_dataset["sha256"],
         params={k: v for k, v in r.flat().items() if k.startswith(("model.", "pretrain.", "seed", "max_steps"))},
     )
-    tracker = mlflow.tracker()
     details = info.to_dict()
     tracker.log_series(run_id, "pretrain_loss", info.loss_curve)
     tracker.log_metrics(run_id, {"n_params": info.n_params, "vocab_size": info.vocab_size,

@@ -183,13 +183,12 @@ def fast_adapter_dropout(model: Any) -> int:
     cls = _fast_dropout_class()
     n = 0
     for module in model.modules():
-        for container in ("lora_dropout",):
-            dropouts = getattr(module, container, None)
-            if isinstance(dropouts, torch.nn.ModuleDict):
-                for key, drop in list(dropouts.items()):
-                    if type(drop) is torch.nn.Dropout and drop.p > 0:
-                        dropouts[key] = cls(drop.p)
-                        n += 1
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for key, drop in list(dropouts.items()):
+                if type(drop) is torch.nn.Dropout and drop.p > 0:
+                    dropouts[key] = cls(drop.p)
+                    n += 1
     return n
 
 

@@ -109,8 +109,8 @@ def _make_trainer_class() -> type:
     from tuneline.train.common import LengthGroupedSampler
 
     class SftTrainer(Trainer):
-        """``Trainer`` with length-grouped batches: a seeded, resumable train order, and evaluation
-        in length order (deterministic; the same validation loss at every evaluation of a model)."""
+        """``Trainer`` with optional length-grouped batches (a seeded, resumable train order, and evaluation
+        in length order), and a label-only head loss for methods whose forward adds nothing."""
 
         group_by_length: bool = True
 
@@ -262,8 +262,8 @@ def train_sft(
     resume = cb.last_valid_checkpoint(checkpoints)
     resumed_from = cb.checkpoint_step(resume) if resume is not None else 0
 
-    # frozen base weights in bf16 (same matmuls as autocast's casts, without them): CPU adapters only;
-    # put back before any other on_train_end sees the model
+    # the bf16 autocast layout (same matmuls as autocast's casts, without them): CPU adapters only;
+    # undone before any other on_train_end sees the model
     callbacks: list[Any] = []
     if bf16 and not torch.cuda.is_available() and params.method in FROZEN_BASE_METHODS:
         callbacks.append(cb.UndoAtTrainEndCallback(bf16_autocast_layout(model)))
