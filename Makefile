@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RECIPE ?= configs/demo.yaml
 STATE := $(CURDIR)/.tuneline
 export DAGSTER_HOME := $(STATE)/dagster
-export MLFLOW_TRACKING_URI := sqlite:///$(STATE)/mlflow.db
+export MLFLOW_TRACKING_URI := sqlite:///$(STATE)/mlflow.db?timeout=60
 export TUNELINE_HOME := $(STATE)
 export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test ui serve drift-demo clean
+.PHONY: install run test ui serve drift-demo prod-up prod-run prod-down clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,17 @@ serve: install
 
 drift-demo: install
 	RECIPE=$(RECIPE) $(BIN)/python -m pipelines.drift_demo
+
+# The production stack on this machine: PostgreSQL (must be reachable: TUNELINE_PG_HOST/PORT/USER, PGPASSWORD),
+# an MLflow server on it, the Dagster daemon and webserver; all bound to 127.0.0.1, stopped by PID.
+prod-up: install
+	$(BIN)/tuneline prod up --recipe $(RECIPE)
+
+prod-run: install
+	$(BIN)/tuneline prod run --recipe $(RECIPE)
+
+prod-down:
+	$(BIN)/tuneline prod down
 
 clean:
 	rm -rf $(STATE)

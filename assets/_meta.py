@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import dagster as dg
+
+from tuneline.storage import redact
 
 
 def image(path: str | Path, title: str = "") -> dg.MetadataValue:
@@ -26,12 +28,18 @@ def scalars(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, float):
             out[f"{prefix}{key}"] = dg.MetadataValue.float(value)
         elif isinstance(value, str):
-            out[f"{prefix}{key}"] = dg.MetadataValue.text(value)
+            out[f"{prefix}{key}"] = dg.MetadataValue.text(redact(value))
     return out
 
 
-def mlflow_link(run_id: str, tracking_uri: str) -> dict[str, Any]:
+def mlflow_link(run_id: Optional[str], tracking_uri: str) -> dict[str, Any]:
     return {
-        "mlflow_run_id": dg.MetadataValue.text(run_id),
-        "mlflow_tracking_uri": dg.MetadataValue.text(tracking_uri),
+        "mlflow_run_id": dg.MetadataValue.text(run_id or "none"),
+        "mlflow_tracking_uri": dg.MetadataValue.text(redact(tracking_uri)),
     }
+
+
+def file_table(files: Sequence[Any]) -> dg.MetadataValue:
+    """A Markdown table of input files (role, URI, bytes, sha256, licence)."""
+    rows = "\n".join(f"| {f.role} | `{f.uri}` | {f.bytes:,} | `{f.sha256[:16]}` | {f.licence or '-'} |" for f in files)
+    return dg.MetadataValue.md("| role | uri | bytes | sha256 | licence |\n|---|---|---:|---|---|\n" + rows)

@@ -1,86 +1,34 @@
 """Data stages: raw files -> prepared chat records (validated, quarantined) -> train/validation/test splits."""
 
-
-import random
-from pathlib import Path
-from typing import Any
-
 import dagster as dg
 
-from assets._meta import mlflow_link, scalars
+from assets._meta import file_table, mlflow_link, scalars
 from resources.artifacts import ArtifactStore
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
-from tuneline.data import split as splitting
-from tuneline.paths import resolve, state_dir
-from tuneline.records import ChatRecord, read_jsonl, read_records, sha256_file, sha256_text, write_jsonl
+from tuneline.refs import ModelRef, PreparedRef, RawDataRef, SplitsRef
 
 GROUP = "data"
 
 
-def _file_entry(path: Path, role: str, **source: Any) -> dict[str, Any]:
-    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, "role": role, **source}
-
-
-INCOMING_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-
-
-def incoming_files(r) -> list[Path]:
-    """Newly labelled files dropped into the recipe's incoming folder (for retraining)."""
-    folder = Path(r.drift.incoming_dir) if r.drift.incoming_dir else state_dir() / "incoming"
-    return sorted(p for p in folder.glob("*") if p.suffix in INCOMING_SUFFIXES and p.is_file())
-
-
 @dg.asset(group_name=GROUP, kinds={"python"})
-def raw_dataset(
-    context: dg.AssetExecutionContext, recipe: RecipeResource, artifacts: ArtifactStore
-) -> dg.Output[dict]:
-    """The recipe's input files (and the generated demo data), each with its sha256."""
-    from tuneline.data.demo import write_demo_data
+def raw_dataset(context: dg.AssetExecutionContext, recipe: RecipeResource, artifacts: ArtifactStore) -> dg.Output:
+    """The recipe's input files (and the generated demo data), each with its sha256. A retrain claims the newly
+    labelled files of the incoming folder (moved to ``consumed/``, so no later retrain reuses them)."""
+    from tuneline.data.raw import claim, collect_inputs, incoming_files, stage_inputs
 
     r = recipe.load()
-    files: list[dict[str, Any]] = []
-    demo_manifest = None
-    if r.data.demo is not None:
-        out = artifacts.stage_dir("raw_dataset", context.run.run_id) / "demo"
-        demo_manifest = write_demo_data(r.data.demo, out)
-        roles = {"sft.jsonl": "sft", "preference.jsonl": "preference", "corpus.txt": "corpus", "drift.jsonl": "drift"}
-        for name, role in roles.items():
-            files.append(_file_entry(out / name, role, format="auto", schema="auto", fields={}, task=None))
-    for source in r.data.sources:
-        path = resolve(source.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.sources: {path} does not exist (recipe {recipe.path})")
-        files.append(
-            _file_entry(path, "data", format=source.format, schema=source.schema, fields=dict(source.fields),
-                        task=source.task)
-        )
-    if recipe.retrain:
-        for path in incoming_files(r):
-            files.append(_file_entry(path, "incoming", format="auto", schema="auto", fields={}, task=None))
-        context.log.info(f"retrain: {sum(f['role'] == 'incoming' for f in files)} incoming file(s)")
-    for corpus in r.data.corpus:
-        path = resolve(corpus)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.corpus: {path} does not exist (recipe {recipe.path})")
-        files.append(_file_entry(path, "corpus", format="txt", schema="text", fields={}, task=None))
-    value = {
-        "recipe": r.name,
-        "files": files,
-        "demo": demo_manifest,
-        "sha256": sha256_text("\n".join(f["sha256"] for f in files)),
-    }
-    table = "\n".join(f"| {f['role']} | `{f['path']}` | {f['bytes']:,} | `{f['sha256'][:16]}` |" for f in files)
-    return dg.Output(
-        value,
-        metadata={
-            "files": dg.MetadataValue.md("| role | path | bytes | sha256 |\n|---|---|---:|---|\n" + table),
-            "n_files": len(files),
-            "sha256": value["sha256"],
-            "recipe": dg.MetadataValue.json(r.to_dict()),
-            **{f"{f['role']}_path": dg.MetadataValue.path(f["path"]) for f in files if f["role"] == "drift"},
-        },
-    )
+    run_id = context.run.root_run_id or context.run.run_id
+    work = artifacts.workspace("raw_dataset", run_id)
+    claimed = claim(incoming_files(r), r, run_id) if recipe.retrain else []
+    raw = stage_inputs(collect_inputs(r, work.path / "demo", recipe_path=recipe.path, retrain=recipe.retrain,
+                                      claimed=claimed), artifacts.shared_uri("inputs"))
+    context.log.info(f"{len(raw.files)} input files; claimed {len(claimed)} incoming")
+    return dg.Output(raw, metadata={
+        "files": file_table(raw.files), "n_files": len(raw.files), "sha256": raw.sha256,
+        "incoming_claimed": len(claimed), "recipe": dg.MetadataValue.json(r.to_dict()),
+        **{"drift_file": dg.MetadataValue.url(f.uri) for f in raw.by_role("drift")},
+    })
 
 
 @dg.asset(group_name=GROUP, kinds={"python"})
@@ -89,104 +37,52 @@ def prepared_dataset(
     recipe: RecipeResource,
     artifacts: ArtifactStore,
     mlflow: MlflowResource,
-    raw_dataset: dict,
-    base_model: dict,
-) -> dg.Output[dict]:
+    raw_dataset: RawDataRef,
+    base_model: ModelRef,
+) -> dg.Output:
     """Canonical chat records from every input file; rows failing the row rules go to quarantine."""
-    from tuneline.data.ingest import read_source
-    from tuneline.data.validate import validate_records
-    from tuneline.models.provision import load_tokenizer
-    from tuneline.params import DataSource
+    from tuneline.data.prepare import log_prepared, prepare
+    from tuneline.models.provision import load_tokenizer, local_model_dir
 
     r = recipe.load()
-    out = artifacts.stage_dir("prepared_dataset", context.run.run_id)
-    records, parse_rejections, per_file, read = [], [], [], 0
-    for f in raw_dataset["files"]:
-        if f["role"] not in ("sft", "preference", "data", "incoming"):
-            continue
-        result = read_source(
-            DataSource(path=f["path"], format=f["format"], schema=f["schema"], fields=f["fields"], task=f["task"])
-        )
-        context.log.info(f"{f['path']}: {result.schema}, {result.read} rows, {len(result.rejected)} unreadable")
-        per_file.append({"path": f["path"], "role": f["role"], "schema": result.schema, "read": result.read,
-                         "parse_rejected": len(result.rejected)})
-        records.extend(result.records)
-        parse_rejections.extend(result.rejected)
-        read += result.read
-    sampled = splitting.sample_records(records, r.data.sample_fraction, r.seed)
-    sampled_out = len(records) - len(sampled)
-    tokenizer = load_tokenizer(base_model["path"])
-    result = validate_records(
-        sampled, r.validation, tokenizer=tokenizer, parse_rejections=parse_rejections,
-        read=read - sampled_out, docs_dir=out / "data_docs",
+    work = artifacts.workspace("prepared_dataset", context.run.run_id)
+    prepared = prepare(raw_dataset, r, load_tokenizer(local_model_dir(base_model)), work.path)
+    work.sync()
+    v = prepared.validation
+    run_id = mlflow.start_stage_run(context, r, dataset_sha256=raw_dataset.sha256,
+                                    params=r.flat_section("validation", "data"),
+                                    upstream={"base_model": base_model.mlflow_run_id})
+    content = log_prepared(mlflow.tracker(), run_id, prepared, raw_dataset)
+    mlflow.tracker().end_run(run_id)
+    ref = PreparedRef(
+        records_uri=work.uri_of(prepared.records_path), quarantine_uri=work.uri_of(prepared.quarantine_path),
+        sha256=content["records"]["sha256"], quarantine_sha256=content["quarantine"]["sha256"],
+        **prepared.counts(), reasons=v.reasons, success=v.success, failures=tuple(v.failures),
+        expectations=tuple(v.expectations), files=tuple(prepared.files), mlflow_run_id=run_id,
+        docs_uri=work.uri_of(v.docs_path) if v.docs_path else None,
     )
-    write_jsonl(out / "records.jsonl", (rec.to_dict() for rec in result.accepted))
-    write_jsonl(out / "quarantine.jsonl", (q.to_dict() for q in result.quarantined))
-    sha = sha256_file(out / "records.jsonl")
-    run_id = mlflow.start_stage_run(
-        context, r, dataset_sha256=sha, params={k: v for k, v in r.flat().items() if k.startswith(("validation.", "data."))},
-        upstream={"base_model": base_model["mlflow_run_id"]},
-    )
-    tracker = mlflow.tracker()
-    counts = {"read": result.read, "accepted": len(result.accepted), "quarantined": len(result.quarantined),
-              "sampled_out": sampled_out}
-    tracker.log_metrics(run_id, {**counts, "quarantined_fraction": result.quarantined_fraction()})
-    tracker.log_dict(run_id, {"reasons": result.reasons, "failures": result.failures, "files": per_file},
-                     "validation/summary.json")
-    tracker.log_artifact(run_id, out / "quarantine.jsonl", "validation")
-    tracker.log_dict(run_id, {"files": raw_dataset["files"], "raw_sha256": raw_dataset["sha256"]},
-                     "lineage/inputs.json")
-    docs_path = getattr(result, "docs_path", None)
-    if docs_path:
-        tracker.log_artifact(run_id, Path(docs_path).parent, "validation/data_docs")
-    tracker.end_run(run_id)
-    value = {
-        "records_path": str(out / "records.jsonl"),
-        "quarantine_path": str(out / "quarantine.jsonl"),
-        "sha256": sha,
-        **counts,
-        "reasons": result.reasons,
-        "success": result.success,
-        "failures": result.failures,
-        "expectations": result.expectations,
-        "docs_path": str(docs_path) if docs_path else None,
-        "files": per_file,
-        "mlflow_run_id": run_id,
-    }
-    return dg.Output(
-        value,
-        metadata={
-            **scalars("", counts),
-            "accepted_plus_quarantined_equals_read": counts["accepted"] + counts["quarantined"] == counts["read"],
-            "quarantine_reasons": dg.MetadataValue.json(result.reasons),
-            "files": dg.MetadataValue.json(per_file),
-            "sha256": sha,
-            "records_path": dg.MetadataValue.path(value["records_path"]),
-            "quarantine_path": dg.MetadataValue.path(value["quarantine_path"]),
-            "data_docs": dg.MetadataValue.path(str(docs_path)) if docs_path else dg.MetadataValue.text("none"),
-            **mlflow_link(run_id, mlflow.tracking_uri),
-        },
-    )
+    return dg.Output(ref, metadata={
+        **scalars("", prepared.counts()), "accepted_plus_quarantined_equals_read": ref.balanced,
+        "quarantine_reasons": dg.MetadataValue.json(v.reasons), "sha256": ref.sha256,
+        "files": dg.MetadataValue.json([f.to_dict() for f in prepared.files]),
+        "records": dg.MetadataValue.url(ref.records_uri), "quarantine": dg.MetadataValue.url(ref.quarantine_uri),
+        "data_docs": dg.MetadataValue.url(ref.docs_uri or "none"), **mlflow_link(run_id, mlflow.tracking_uri),
+    })
 
 
 @dg.asset_check(asset=prepared_dataset, blocking=True)
-def prepared_dataset_passes_validation(prepared_dataset: dict) -> dg.AssetCheckResult:
+def prepared_dataset_passes_validation(prepared_dataset: PreparedRef) -> dg.AssetCheckResult:
     """The Great Expectations suite passed and quarantine stayed within the recipe's thresholds."""
     v = prepared_dataset
-    balanced = v["accepted"] + v["quarantined"] == v["read"]
-    failures = list(v["failures"]) + ([] if balanced else ["accepted + quarantined != read: rows were lost"])
+    failures = list(v.failures) + ([] if v.balanced else ["accepted + quarantined != read: rows were lost"])
     return dg.AssetCheckResult(
-        passed=bool(v["success"]) and balanced,
+        passed=v.success and v.balanced,
         severity=dg.AssetCheckSeverity.ERROR,
         description="; ".join(failures) or "all row rules and thresholds passed",
-        metadata={
-            "read": v["read"],
-            "accepted": v["accepted"],
-            "quarantined": v["quarantined"],
-            "quarantine_reasons": dg.MetadataValue.json(v["reasons"]),
-            "expectations": dg.MetadataValue.json(v["expectations"]),
-            "data_docs": dg.MetadataValue.path(v["docs_path"] or "none"),
-        },
+        metadata={"read": v.read, "accepted": v.accepted, "quarantined": v.quarantined,
+                  "quarantine_reasons": dg.MetadataValue.json(v.reasons),
+                  "expectations": dg.MetadataValue.json(list(v.expectations)),
+                  "data_docs": dg.MetadataValue.url(v.docs_uri or "none")},
     )
 
 
@@ -196,77 +92,45 @@ def dataset_splits(
     recipe: RecipeResource,
     artifacts: ArtifactStore,
     mlflow: MlflowResource,
-    prepared_dataset: dict,
-) -> dg.Output[dict]:
-    """Train/validation/test (and preference) splits by content hash and seed, leak-free by prompt."""
-    r = recipe.load()
-    out = artifacts.stage_dir("dataset_splits", context.run.run_id)
-    result = splitting.split_records(read_records(prepared_dataset["records_path"]), r.split, r.seed)
-    replay = None
-    new_sources = {f["path"] for f in prepared_dataset.get("files", []) if f.get("role") == "incoming"}
-    if new_sources:  # retrain: new rows plus a replay sample of the previous training data
-        from tuneline.monitoring.replay import mix_with_replay
+    prepared_dataset: PreparedRef,
+) -> dg.Output:
+    """Train/validation/test (and preference) splits by content hash and seed, leak-free by prompt; on a
+    retrain, the new rows plus a replay sample of the previous training data."""
+    from tuneline.data.split import log_splits, plan_splits, write_splits
 
-        train = result.splits["train"]
-        new = [rec for rec in train if rec.source in new_sources]
-        previous = [rec for rec in train if rec.source not in new_sources]
-        result.splits["train"], replay = mix_with_replay(new, previous, r.drift.replay_ratio, r.seed)
-        context.log.info(f"retrain: {len(new)} new train rows + {replay['replayed']} replayed "
-                         f"(ratio {r.drift.replay_ratio})")
-    # the drift reference: a seeded sample of the train prompts (the split is ordered by stratum, so its
-    # first rows would hold one task family only)
-    train_prompts = [rec.prompt_text() for rec in result.splits.get("train", [])]
-    reference = random.Random(r.seed).sample(train_prompts, min(len(train_prompts), r.drift.max_samples))
-    write_jsonl(out / "drift_reference.jsonl", ({"prompt": p} for p in reference))
-    paths = {}
-    for name, rows in result.splits.items():
-        paths[name] = str(out / f"{name}.jsonl")
-        write_jsonl(paths[name], (row.to_dict() for row in rows))
-    hashes = result.sha256()
-    counts = result.counts()
-    combined = sha256_text("\n".join(f"{k}:{hashes[k]}" for k in sorted(hashes)))
-    run_id = mlflow.start_stage_run(
-        context, r, dataset_sha256=combined,
-        params={"split.seed": r.seed, **{k: v for k, v in r.flat().items() if k.startswith("split.")}},
-        upstream={"prepared_dataset": prepared_dataset["mlflow_run_id"]},
-    )
-    tracker = mlflow.tracker()
-    for name, rows in result.splits.items():
-        tracker.log_dataset(run_id, [row.to_dict() for row in rows], name=f"{r.name}-{name}", digest=hashes[name],
-                            source=paths[name], context=name)
-    tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in counts.items()})
-    tracker.end_run(run_id)
-    if replay is not None:
-        tracker.log_dict(run_id, replay, "lineage/replay.json")
-    value = {"paths": paths, "counts": counts, "sha256": hashes, "dataset_sha256": combined, "seed": r.seed,
-             "strata": result.strata, "replay": replay, "drift_reference_path": str(out / "drift_reference.jsonl"),
-             "mlflow_run_id": run_id}
-    return dg.Output(
-        value,
-        metadata={
-            **scalars("rows_", counts),
-            **{f"sha256_{k}": dg.MetadataValue.text(v) for k, v in hashes.items()},
-            "dataset_sha256": combined,
-            "strata": dg.MetadataValue.json(result.strata),
-            "replay": dg.MetadataValue.json(replay or {"note": "no incoming data: no replay mixing"}),
-            "drift_reference_path": dg.MetadataValue.path(value["drift_reference_path"]),
-            "split_params": dg.MetadataValue.json({"seed": r.seed, **r.to_dict()["split"]}),
-            **mlflow_link(run_id, mlflow.tracking_uri),
-        },
-    )
+    r = recipe.load()
+    work = artifacts.workspace("dataset_splits", context.run.run_id)
+    new_sources = {f.uri for f in prepared_dataset.files if f.role == "incoming"}
+    plan = plan_splits(prepared_dataset.read_records(), r.split, r.seed, new_sources=new_sources,
+                       replay_ratio=r.drift.replay_ratio, reference_size=r.drift.max_samples)
+    files = write_splits(plan, work.path)
+    work.sync()
+    run_id = mlflow.start_stage_run(context, r, dataset_sha256=plan.dataset_sha256(),
+                                    params={"split.seed": r.seed, **r.flat_section("split")},
+                                    upstream={"prepared_dataset": prepared_dataset.mlflow_run_id})
+    log_splits(mlflow.tracker(), run_id, plan, files, recipe_name=r.name)
+    ref = SplitsRef(uris={n: work.uri_of(p) for n, p in files.splits.items()}, counts=plan.result.counts(),
+                    sha256=plan.result.sha256(), dataset_sha256=plan.dataset_sha256(), seed=r.seed,
+                    membership_uri=work.uri_of(files.membership), drift_reference_uri=work.uri_of(files.reference),
+                    mlflow_run_id=run_id, strata=plan.result.strata, replay=plan.replay)
+    return dg.Output(ref, metadata={
+        **scalars("rows_", ref.counts), **{f"sha256_{k}": dg.MetadataValue.text(v) for k, v in ref.sha256.items()},
+        "dataset_sha256": ref.dataset_sha256, "strata": dg.MetadataValue.json(ref.strata),
+        "replay": dg.MetadataValue.json(ref.replay or {"note": "no incoming data: no replay mixing"}),
+        "drift_reference": dg.MetadataValue.url(ref.drift_reference_uri),
+        "split_params": dg.MetadataValue.json({"seed": r.seed, **r.to_dict()["split"]}),
+        **mlflow_link(run_id, mlflow.tracking_uri),
+    })
 
 
 @dg.asset_check(asset=dataset_splits, blocking=True)
-def dataset_splits_have_no_leakage(dataset_splits: dict) -> dg.AssetCheckResult:
+def dataset_splits_have_no_leakage(dataset_splits: SplitsRef) -> dg.AssetCheckResult:
     """No record and no normalized prompt appears on two sides (train / validation / test)."""
-    splits = {name: [ChatRecord.from_dict(row) for row in read_jsonl(path)]
-              for name, path in dataset_splits["paths"].items()}
-    report = splitting.find_leakage(splits)
+    from tuneline.data.split import find_leakage, read_splits
+
+    report = find_leakage(read_splits(dataset_splits))
     return dg.AssetCheckResult(
         passed=report.ok,
-        metadata={
-            "exact_overlaps": len(report.exact),
-            "normalized_overlaps": len(report.normalized),
-            "examples": dg.MetadataValue.json(report.exact[:5] + report.normalized[:5]),
-        },
+        metadata={"exact_overlaps": len(report.exact), "normalized_overlaps": len(report.normalized),
+                  "examples": dg.MetadataValue.json(report.exact[:5] + report.normalized[:5])},
     )

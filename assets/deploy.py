@@ -1,13 +1,11 @@
-"""Deployment: register the candidate that passed the promotion gate and move the aliases."""
-
-import json
-from pathlib import Path
+"""Deployment: register the candidate the promotion gate accepted and move the aliases; a refusal is a result."""
 
 import dagster as dg
 
 from assets._meta import mlflow_link
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
+from tuneline.refs import EvaluationRef, SplitsRef
 
 
 @dg.asset(group_name="deployment", kinds={"mlflow"})
@@ -15,55 +13,32 @@ def registered_model(
     context: dg.AssetExecutionContext,
     recipe: RecipeResource,
     mlflow: MlflowResource,
-    evaluation_report: dict,
-    dpo_adapter: dict,
-    distilled_student: dict,
-) -> dg.Output[dict]:
-    """The gate's candidate as full weights (adapters merged, merged-vs-unmerged logits checked) in the
-    MLflow Model Registry: alias ``challenger`` on the new version, ``champion`` moved to it. Runs only
-    when ``candidate_passes_promotion_gate`` passed (a blocking check); stores the lineage passport."""
-    from tuneline.deploy.lineage import build_passport, passport_markdown
-    from tuneline.deploy.registry import promote, register_model
+    evaluation_report: EvaluationRef,
+    dataset_splits: SplitsRef,
+) -> dg.Output:
+    """The gate's candidate in the MLflow Model Registry: alias ``challenger`` on the new version, ``champion``
+    moved to it (compare-and-set: refused if the champion moved since the gate compared against it), with
+    its lineage passport, its model card and its drift reference (the prompts and tokenizer the drift sensor
+    tests its traffic against). When the gate refused the candidate, nothing is registered, the
+    champion stays, and the materialization says ``refused`` and why: a refusal is a decision, not an error."""
+    from tuneline.deploy.publish import publish_candidate
 
     r = recipe.load()
-    gate = evaluation_report["gate"]
-    if not gate["passed"]:  # the blocking check stops this asset first; never register a losing candidate
-        raise dg.Failure(f"promotion gate did not pass: {gate['reasons']}")
-    stage = gate["candidate_stage"]
-    source = dpo_adapter if stage == "dpo_adapter" else distilled_student
-    model_dir = Path(source["merged_model_dir"] if stage == "dpo_adapter" else source["output_dir"])
-    merge_file = model_dir / "merge.json"
-    merge_check = json.loads(merge_file.read_text()) if merge_file.is_file() else {"merged": False,
-                                                                                     "note": "full weights"}
-    name = r.registered_model_name()
+    gate = evaluation_report.gate
     run_id = mlflow.start_stage_run(
-        context, r, params={"candidate": gate["candidate"], "candidate_stage": stage, "model_dir": str(model_dir)},
-        upstream={"evaluation_report": evaluation_report["mlflow_run_id"], stage: source["mlflow_run_id"]},
+        context, r, params={"candidate": gate.candidate, "candidate_stage": gate.candidate_stage,
+                            "decision": "registered" if gate.passed else "refused"},
+        upstream={"evaluation_report": evaluation_report.mlflow_run_id,
+                  gate.candidate_stage: evaluation_report.candidate.mlflow_run_id},
     )
-    tracker = mlflow.tracker()
-    tracker.log_dict(run_id, merge_check, "merge_check.json")
-    registered = register_model(tracker, name, model_dir, run_id=run_id, passport_md=None,
-                                tags={"tuneline.candidate_stage": stage, "tuneline.gate.passed": True},
-                                aliases=("challenger",))
-    moved = promote(tracker, name, registered["version"])
-    context.log.info(f"registered {name} version {registered['version']}; champion: "
-                     f"{moved['previous_version']} -> {moved['version']}")
-    tracker.end_run(run_id)
-    passport = build_passport(tracker, f"{name}/{registered['version']}")
-    markdown = passport_markdown(passport)
-    tracker.client().log_text(run_id, markdown, "passport.md")
-    tracker.log_dict(run_id, passport, "passport.json")
-    value = {**registered, "champion_previous_version": moved["previous_version"], "mlflow_run_id": run_id,
-             "broken_links": passport["broken_links"], "model_dir": str(model_dir)}
-    return dg.Output(value, metadata={
-        "registered_model": name,
-        "version": int(registered["version"]),
-        "aliases": dg.MetadataValue.json(["challenger", "champion"]),
-        "previous_champion": moved["previous_version"] or 0,
-        "model_uri": registered["model_uri"],
-        "weights_sha256": registered.get("weights_sha256") or "",
-        "merge_check": dg.MetadataValue.json(merge_check),
-        "passport": dg.MetadataValue.md(markdown),
-        "broken_links": len(passport["broken_links"]),
+    ref, card = publish_candidate(mlflow.tracker(), r, evaluation_report, run_id=run_id,
+                                  drift_reference_uri=dataset_splits.drift_reference_uri)
+    context.log.info(f"{ref.name}: {ref.decision}" + (f" version {ref.version}" if ref.version else f" ({ref.reason})"))
+    return dg.Output(ref, metadata={
+        "decision": ref.decision, "reason": ref.reason or "passed the gate", "registered_model": ref.name,
+        "version": ref.version or 0, "champion_version": ref.champion_version or 0,
+        "previous_champion": ref.champion_previous_version or 0, "model_uri": ref.model_uri or "none",
+        "weights_sha256": ref.weights_sha256 or "", "broken_links": ref.broken_links,
+        "model_card": dg.MetadataValue.md(card or f"refused: {ref.reason}"),
         **mlflow_link(run_id, mlflow.tracking_uri),
     })

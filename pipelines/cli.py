@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pipelines import prod
 from tuneline.data import cli_ingest
 from tuneline.monitoring import cli_drift
 from tuneline.paths import project_root, state_dir
+from tuneline.settings import load_settings
+from tuneline.tracking import fail_fast_defaults, sqlite_tracking_uri
 
 
 def setup_environment() -> Path:
@@ -25,11 +28,14 @@ def setup_environment() -> Path:
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
-    source = project_root() / "dagster.yaml"
+    production = os.environ.get("TUNELINE_PROFILE") == "production"
+    source = project_root() / ("deploy/dagster.production.yaml" if production else "dagster.yaml")
     if source.is_file() and (not config.exists() or config.read_bytes() != source.read_bytes()):
         shutil.copyfile(source, config)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(home / "mlflow.db"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", sqlite_tracking_uri(home / "mlflow.db"))
+    fail_fast_defaults()
     for key, value in {"GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "MLFLOW_LOGGING_LEVEL": "WARNING",  # its table-creation notes are not the command's output
                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
         os.environ.setdefault(key, value)
@@ -44,12 +50,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from resources import build_resources
     from resources.recipe import RecipeResource
 
-    resources = build_resources()
+    settings = load_settings(recipe=args.recipe)
+    if args.submit:
+        return cmd_submit(args, settings)
+    resources = build_resources(settings=settings)
     resources["recipe"] = RecipeResource(
-        path=args.recipe, seed=args.seed, max_steps=args.max_steps, sample_fraction=args.sample_fraction
+        path=settings.recipe, seed=args.seed, max_steps=args.max_steps, sample_fraction=args.sample_fraction
     )
     recipe = resources["recipe"].load()  # fail fast on a bad recipe, before any step runs
-    print(f"tuneline: materializing the asset graph for recipe {args.recipe} ({recipe.name})", flush=True)
+    print(f"tuneline: materializing the asset graph for recipe {settings.recipe} ({recipe.name}), "
+          f"profile {settings.profile}", flush=True)
     started = time.time()
     instance = dg.DagsterInstance.get()
     result = dg.materialize(
@@ -60,26 +70,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise_on_error=False,
         tags={"tuneline/recipe": recipe.name},
     )
-    print_summary(result, resources, home, time.time() - started)
-    if result.success:
-        return 0
-    if refused_by_gate_only(result):
-        print("The promotion gate refused the candidate: nothing was registered and the champion stays.")
-        return 0
-    return 1
+    print_summary(result, settings, home, time.time() - started)
+    return 0 if result.success else 1
 
 
-def refused_by_gate_only(result: Any) -> bool:
-    """True when the only failure of the run is the promotion gate's blocking check (a decision, not an error)."""
-    import dagster as dg
+def cmd_submit(args: argparse.Namespace, settings: Any) -> int:
+    """``tuneline run --submit``: the run goes through the instance's queue (a daemon must be running)."""
+    from pipelines.prod import submit, stored_value
 
-    failed = [e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
-    return bool(failed) and all(key.endswith("candidate_passes_promotion_gate") for key in failed)
+    started = time.time()
+    config = {"resources": {"recipe": {"config": {k: v for k, v in (
+        ("path", settings.recipe), ("seed", args.seed), ("max_steps", args.max_steps),
+        ("sample_fraction", args.sample_fraction)) if v is not None}}}}
+    run_id, status = submit("train_model_job", recipe=settings.recipe, run_config=config, timeout=args.timeout)
+    print(f"tuneline run {run_id}: {status} in {time.time() - started:.0f} s (queued through the instance's "
+          "run coordinator)")
+    for key, lines in summary_figures(lambda name: stored_value(name, run_id)).items():
+        print(f"{key}:")
+        for text in lines:
+            print(f"  {text}")
+    return 0 if status == "SUCCESS" else 1
 
 
-def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> None:
+def print_summary(result: Any, settings: Any, home: Path, seconds: float) -> None:
     """What was materialized, the key figures, and where to look."""
     import dagster as dg
+
+    from tuneline.storage import redact
 
     materialized = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
     checks = [(e.check_name, e.passed) for e in result.get_asset_check_evaluations()]
@@ -88,7 +105,7 @@ def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> N
     print(f"materialized ({len(materialized)}): {', '.join(materialized) or 'nothing'}")
     for name, passed in checks:
         print(f"  check {name}: {'passed' if passed else 'FAILED'}")
-    for key, lines in summary_figures(result).items():
+    for key, lines in summary_figures(lambda name: _output(result, name)).items():
         print(f"{key}:")
         for text in lines:
             print(f"  {text}")
@@ -98,57 +115,62 @@ def print_summary(result: Any, resources: dict, home: Path, seconds: float) -> N
                 error = event.step_failure_data.error
                 print(f"FAILED step {event.step_key}: {error.message.strip() if error else ''}")
     print(f"where to look:\n  Dagster UI and MLflow UI: make ui   (state in {home})")
-    print(f"  MLflow tracking: {resources['mlflow'].tracking_uri}\n{line}")
+    print(f"  MLflow tracking: {redact(settings.tracking_uri)}\n{line}")
 
 
-def summary_figures(result: Any) -> dict[str, list[str]]:
+def _output(result: Any, name: str) -> Any:
+    try:
+        return result.output_for_node(name)
+    except Exception:  # the step did not run or failed
+        return None
+
+
+def summary_figures(value: Any) -> dict[str, list[str]]:
+    """Key figures of a run, from ``value(asset name)`` (the asset's reference, or None)."""
     out: dict[str, list[str]] = {}
-
-    def value(name: str) -> Optional[dict]:
-        try:
-            return result.output_for_node(name)
-        except Exception:  # the step did not run or failed
-            return None
 
     base = value("base_model")
     if base:
-        pre = base.get("pretrain") or {}
-        out["base_model"] = [f"{base['source']}: {base['n_params']:,} params, vocab {base['vocab_size']}, "
-                             f"weights sha256 {base['weights_sha256'][:12]}"]
-        if pre:
+        m = base.metrics
+        out["base_model"] = [f"{base.source}: {m.get('n_params', 0):,} params, vocab {m.get('vocab_size')}, "
+                             f"weights sha256 {base.sha256[:12]}"]
+        if "pretrain_eval_loss_after" in m:
             out["base_model"].append(
-                f"pretraining: eval loss {pre.get('eval_loss_before', float('nan')):.3f} -> "
-                f"{pre.get('eval_loss_after', float('nan')):.3f}, {pre.get('tokens_per_second', 0):,.0f} tok/s"
-            )
+                f"pretraining: eval loss {m['pretrain_eval_loss_before']:.3f} -> {m['pretrain_eval_loss_after']:.3f}, "
+                f"{m.get('pretrain_tokens_per_second', 0):,.0f} tok/s (resumed from step "
+                f"{m.get('pretrain_resumed_from_step', 0)})")
     prepared = value("prepared_dataset")
     if prepared:
-        out["prepared_dataset"] = [
-            f"read {prepared['read']}, accepted {prepared['accepted']}, quarantined {prepared['quarantined']} "
-            f"{prepared['reasons']}"
-        ]
+        out["prepared_dataset"] = [f"read {prepared.read}, accepted {prepared.accepted}, quarantined "
+                                   f"{prepared.quarantined} {prepared.reasons}"]
     splits = value("dataset_splits")
     if splits:
-        out["dataset_splits"] = [", ".join(f"{k} {v}" for k, v in splits["counts"].items())]
+        out["dataset_splits"] = [", ".join(f"{k} {v}" for k, v in splits.counts.items())]
     hpo = value("hpo_study")
-    if hpo and hpo.get("enabled"):
-        out["hpo_study"] = [f"{hpo['n_complete']} complete, {hpo['n_pruned']} pruned; best val loss "
-                            f"{hpo['best_value']:.4f} with {hpo['best_params']}"]
+    if hpo and hpo.enabled:
+        out["hpo_study"] = [f"{hpo.n_complete} complete, {hpo.n_pruned} pruned; best val loss "
+                            f"{hpo.best_value:.4f} with {hpo.best_params}"]
     sft = value("sft_adapter")
     if sft:
-        out["sft_adapter"] = [f"{sft['method']}: {sft['global_step']} steps (best {sft['best_step']}, stopped early "
-                              f"{sft['stopped_early']}), best val loss {sft['best_val_loss']:.4f}, "
-                              f"{sft['tokens_per_second']:,.0f} real tok/s"]
+        m = sft.metrics
+        out["sft_adapter"] = [f"{m['method']}: {m['global_step']} steps (best {m['best_step']}, stopped early "
+                              f"{m['stopped_early']}), best val loss {m['best_val_loss']:.4f}, "
+                              f"{m['tokens_per_second']:,.0f} real tok/s"]
     evaluation = value("evaluation_report")
     if evaluation:
-        out["evaluation_report (test split)"] = evaluation["table"].splitlines()
-        gate = evaluation["gate"]
-        out["promotion gate"] = [f"{'PASSED' if gate['passed'] else 'REFUSED'}: {gate['candidate']} vs "
-                                 f"{', '.join(gate['baselines'])}"] + [f"- {r}" for r in gate["reasons"]]
+        out["evaluation_report (test split)"] = evaluation.table.splitlines()
+        gate = evaluation.gate
+        out["promotion gate"] = [f"{'PASSED' if gate.passed else 'REFUSED'}: {gate.candidate} vs "
+                                 f"{', '.join(gate.baselines)}"] + [f"- {r}" for r in gate.reasons]
     registered = value("registered_model")
     if registered:
-        out["registered_model"] = [f"{registered['name']} version {registered['version']} is champion "
-                                   f"(previous: {registered['champion_previous_version']}); "
-                                   f"tuneline lineage {registered['name']}@champion"]
+        if registered.decision == "registered":
+            out["registered_model"] = [f"{registered.name} version {registered.version} is champion (previous: "
+                                       f"{registered.champion_previous_version}); tuneline lineage "
+                                       f"{registered.name}@champion"]
+        else:
+            out["registered_model"] = [f"refused: {registered.reason}; nothing was registered, the champion stays "
+                                       f"(version {registered.champion_version})"]
     return out
 
 
@@ -191,52 +213,71 @@ def _tracker():
     from tuneline.tracking import Tracker
 
     setup_environment()
-    return Tracker(os.environ["MLFLOW_TRACKING_URI"])
+    return Tracker(load_settings().tracking_uri)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load NAME@ALIAS from the registry and serve it on 127.0.0.1 (every request logged)."""
-    from tuneline.deploy.server import serve
-    from tuneline.params import ServeParams
+    import dataclasses
 
-    name = args.model or _recipe_model_name(args.recipe)
-    serve(f"{name}@{args.alias}", tracker=_tracker(), host=args.host, port=args.port,
-          params=ServeParams(host=args.host, port=args.port, alias=args.alias))
+    from tuneline.deploy.server import serve
+
+    setup_environment()
+    settings = load_settings(recipe=args.recipe)
+    recipe = _recipe(settings)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("alias", args.alias)) if v is not None}
+    params = dataclasses.replace(recipe.serve, **overrides)  # the recipe's whole serve section, log path included
+    name = args.model or recipe.registered_model_name()
+    serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)))
     return 0
 
 
-def _recipe_model_name(recipe_path: str) -> str:
+def _recipe(settings: Any) -> Any:
     from tuneline.params import load_recipe
     from tuneline.paths import resolve
 
-    return load_recipe(resolve(recipe_path)).registered_model_name()
+    return load_recipe(resolve(settings.recipe))
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tuneline.deploy.registry import RegistryError, rollback
+    from tuneline.deploy.registry import rollback
 
-    try:
-        moved = rollback(_tracker(), args.name)
-    except RegistryError as exc:
-        print(f"tuneline rollback: {exc}", file=sys.stderr)
-        return 2
+    moved = rollback(_tracker(), args.name)
     print(f"{moved['name']}: champion moved from version {moved['from_version']} back to {moved['to_version']}")
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    """The passport of a registered version; with --verify every artifact it names is re-downloaded and
+    re-hashed. Exit 1 when a link is broken."""
     import json
 
-    from tuneline.deploy.lineage import build_passport, passport_markdown
-    from tuneline.deploy.registry import RegistryError
+    from tuneline.deploy.lineage import build_passport, passport_markdown, verify_passport
 
-    try:
-        passport = build_passport(_tracker(), args.ref)
-    except RegistryError as exc:
-        print(f"tuneline lineage: {exc}", file=sys.stderr)
-        return 2
+    tracker = _tracker()
+    passport = build_passport(tracker, args.ref)
+    if args.verify:
+        passport["verified"] = verify_passport(tracker, passport)
+        passport["broken_links"] += passport["verified"]
     print(json.dumps(passport, indent=2, default=str) if args.json else passport_markdown(passport))
+    if args.verify and not args.json:
+        checked = sum(len(files) for files in passport["content"].values())
+        print(f"verified: {checked} content-addressed artifacts and the registered weights re-downloaded from "
+              f"the tracking server and re-hashed; {len(passport['verified'])} broken")
     return 1 if passport["broken_links"] else 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Re-run the chain behind a registered version from its passport; exit 1 unless everything matches."""
+    import json
+
+    from tuneline.deploy.reproduce import report_markdown, reproduce
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    report = reproduce(_tracker(), args.ref, stages=stages, atol=args.atol,
+                       work_dir=Path(args.work_dir) if args.work_dir else None)
+    print(json.dumps(report, indent=2, default=str) if args.json else report_markdown(report))
+    return 0 if report["all_match"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,22 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize the whole asset graph for a recipe")
-    run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: configs/demo.yaml)")
+    run.add_argument("--recipe", default=None, help="recipe YAML (default: $TUNELINE_RECIPE or configs/demo.yaml)")
     run.add_argument("--seed", type=int, help="override the recipe's seed")
     run.add_argument("--max-steps", type=int, help="cap every training loop")
     run.add_argument("--sample-fraction", type=float, help="keep this fraction of the data rows")
     run.add_argument("--select", default=None, help="Dagster asset selection (default: everything)")
+    run.add_argument("--submit", action="store_true",
+                     help="submit train_model_job through the instance's run queue (needs a running daemon: "
+                     "make prod-up, or make ui) and wait for it")
+    run.add_argument("--timeout", type=float, default=4 * 3600, help="with --submit: seconds to wait")
     run.set_defaults(func=cmd_run)
 
     cli_ingest.add_parser(sub)
     cli_drift.add_parser(sub)
+    prod.add_parser(sub)
 
     serve = sub.add_parser("serve", help="serve a registered model on 127.0.0.1")
     serve.add_argument("--model", help="registered model name (default: the recipe's)")
-    serve.add_argument("--recipe", default="configs/demo.yaml", help="recipe naming the model (default: demo)")
-    serve.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--recipe", default=None, help="recipe (default: $TUNELINE_RECIPE or configs/demo.yaml)")
+    serve.add_argument("--alias", default=None, help="registry alias to serve (default: the recipe's serve.alias)")
+    serve.add_argument("--host", default=None, help="bind address (default: the recipe's serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="TCP port (default: the recipe's serve.port)")
     serve.set_defaults(func=cmd_serve)
 
     rollback = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
@@ -269,7 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = sub.add_parser("lineage", help="the lineage passport of NAME@ALIAS or NAME/VERSION")
     lineage.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     lineage.add_argument("--json", action="store_true", help="one JSON object")
+    lineage.add_argument("--verify", action="store_true",
+                         help="re-download every artifact the passport names and check its sha256")
     lineage.set_defaults(func=cmd_lineage)
+
+    repro = sub.add_parser("reproduce", help="re-run the chain behind NAME@ALIAS from its passport alone")
+    repro.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    repro.add_argument("--stages", help="comma-separated: base, sft, dpo, student (default: all training stages)")
+    repro.add_argument("--atol", type=float, default=1e-4, help="weights within this max abs difference match")
+    repro.add_argument("--work-dir", help="where the rerun writes (default: a new temporary folder)")
+    repro.add_argument("--json", action="store_true", help="one JSON object")
+    repro.set_defaults(func=cmd_reproduce)
 
     ui = sub.add_parser("ui", help="start the Dagster and MLflow UIs on 127.0.0.1")
     ui.add_argument("--dagster-port", type=int, default=3000)
@@ -279,8 +335,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run a subcommand. An expected failure (a bad recipe or argument, a missing file, an unknown model, an
+    unreachable server) ends with one line on stderr naming the file, key or URI, and exit status 2."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    setup_environment()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted below: expected failures get one line, bugs a traceback
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"tuneline {args.command}: {message}", file=sys.stderr)
+        return 2
+
+
+def user_error(exc: BaseException) -> Optional[str]:
+    """The one-line message for an expected failure, or None for a bug (which keeps its traceback)."""
+    from tuneline.storage import redact
+
+    expected: tuple[type, ...] = (ValueError, LookupError, OSError, RuntimeError)
+    try:
+        from mlflow.exceptions import MlflowException
+
+        expected += (MlflowException,)
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        pass
+    if not isinstance(exc, expected) or isinstance(exc, (NotImplementedError, RecursionError)):
+        return None
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(text if len(text) <= 600 else text[:597] + "...")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pipelines.jobs import ALL_JOBS
 from pipelines.schedules import ALL_SCHEDULES
 from pipelines.sensors import ALL_SENSORS
 from resources import build_resources
+from tuneline.settings import load_settings
+from tuneline.tracking import fail_fast_defaults
 
 ASSETS = [
     data.raw_dataset,
@@ -27,17 +29,24 @@ CHECKS = [
     data.prepared_dataset_passes_validation,
     data.dataset_splits_have_no_leakage,
     evaluation.serving_template_matches_training,
-    evaluation.candidate_passes_promotion_gate,
 ]
 
-# One machine: steps run in-process (a fresh Python per step costs 2-3 s here); training runs in its
-# own process through Pipes. A production profile swaps in a distributed executor.
+SETTINGS = load_settings()
+fail_fast_defaults()  # a dead tracking server fails a step in seconds, not after minutes of retries
+
+# Local: steps run in-process (a fresh Python per step costs 2-3 s here); training runs in its own process
+# through Pipes. Production: each step in its own process (two at a time), so one run's long step does not
+# hold the others and a crashed step takes nothing else down; the typed references cross processes through
+# the IO manager's JSON files.
+EXECUTOR = (dg.in_process_executor if SETTINGS.profile == "local"
+            else dg.multiprocess_executor.configured({"max_concurrent": 2}))
+
 defs = dg.Definitions(
     assets=[*ASSETS, *SPECS],
     asset_checks=CHECKS,
     jobs=ALL_JOBS,
     schedules=ALL_SCHEDULES,
     sensors=ALL_SENSORS,
-    resources=build_resources(),
-    executor=dg.in_process_executor,
+    resources=build_resources(settings=SETTINGS),
+    executor=EXECUTOR,
 )

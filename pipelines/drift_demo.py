@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipelines.cli import setup_environment
+from tuneline import storage
 from tuneline.paths import project_root
 
 
@@ -67,9 +69,11 @@ def prompts_from(path: Path, n: int) -> list[str]:
 def evaluate_sensor(instance: dg.DagsterInstance, recipe_path: str, cursor: str) -> dg.SensorResult:
     from pipelines.sensors import data_drift_sensor
     from resources.recipe import RecipeResource
+    from resources.tracking import MlflowResource
+    from tuneline.settings import load_settings
 
-    context = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                      resources={"recipe": RecipeResource(path=recipe_path)})
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={
+        "recipe": RecipeResource(path=recipe_path), "mlflow": MlflowResource(tracking_uri=load_settings().tracking_uri)})
     return data_drift_sensor(context)
 
 
@@ -89,18 +93,21 @@ def show(result: dg.SensorResult) -> None:
 
 def main() -> int:
     setup_environment()
+    from tuneline.data.raw import incoming_dir
     from tuneline.deploy.inference_log import InferenceLog
     from tuneline.params import load_recipe
     from tuneline.paths import resolve
+    from tuneline.settings import load_settings
 
     recipe_path = os.environ.get("RECIPE", "configs/demo.yaml")
     recipe = load_recipe(resolve(recipe_path))
     n = recipe.drift.window_requests
     instance = dg.DagsterInstance.get()
-    reference_dir = Path(latest_value(instance, "dataset_splits", "drift_reference_path")).parent
+    reference_dir = storage.fetch(latest_value(instance, "dataset_splits", "drift_reference")).parent
     in_dist = [json.loads(line)["messages"][0]["content"]
                for line in (reference_dir / "test.jsonl").read_text().splitlines() if line.strip()]
-    drifted = prompts_from(Path(latest_value(instance, "raw_dataset", "drift_path")), n)
+    drift_file = storage.fetch(latest_value(instance, "raw_dataset", "drift_file"))
+    drifted = prompts_from(drift_file, n)
     shared = project_root().parent / "shared" / "data" / "drift"
     if shared.is_dir():
         for path in sorted(shared.glob("*.jsonl")):
@@ -109,7 +116,7 @@ def main() -> int:
     rng = random.Random(recipe.seed)
     rng.shuffle(in_dist)
     rng.shuffle(drifted)
-    log = InferenceLog(recipe.serve.log_path)
+    log = InferenceLog(load_settings().log_path(recipe))
     cursor = json.dumps({"last_id": log.last_id()})  # this demo's traffic only
 
     port = free_port()
@@ -129,9 +136,14 @@ def main() -> int:
             post(port, prompt)
         second = evaluate_sensor(instance, recipe_path, first.cursor)
         show(second)
-        ok = not first.run_requests and bool(second.run_requests)
-        print("\nresult:", "no retrain on in-distribution traffic, a retrain on drifted traffic" if ok
-              else "UNEXPECTED: see the reports above")
+        print(f"\n3. the drifted rows get labelled: {drift_file.name} dropped into {incoming_dir(recipe)}")
+        incoming_dir(recipe).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(drift_file, incoming_dir(recipe) / f"labelled-{drift_file.name}")
+        third = evaluate_sensor(instance, recipe_path, first.cursor)  # the same window, now with rows to learn from
+        show(third)
+        ok = not first.run_requests and not second.run_requests and bool(third.run_requests)
+        print("\nresult:", "no retrain on in-distribution traffic; drift alone reported; a retrain once labelled "
+              "rows arrived" if ok else "UNEXPECTED: see the reports above")
         return 0 if ok else 1
     finally:
         os.killpg(server.pid, 15)

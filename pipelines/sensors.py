@@ -7,54 +7,59 @@ import dagster as dg
 
 from pipelines.jobs import retrain_job
 from resources.recipe import RecipeResource
-
-
-def drift_reference(instance: dg.DagsterInstance) -> list[str]:
-    """The reference prompts stored by the latest dataset_splits materialization."""
-    from tuneline.records import read_jsonl
-
-    event = instance.get_latest_materialization_event(dg.AssetKey("dataset_splits"))
-    if event is None or event.asset_materialization is None:
-        return []
-    entry = event.asset_materialization.metadata.get("drift_reference_path")
-    return [row["prompt"] for row in read_jsonl(entry.value)] if entry is not None else []
+from resources.tracking import MlflowResource
 
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
-def data_drift_sensor(context: dg.SensorEvaluationContext, recipe: RecipeResource) -> dg.SensorResult:
-    """Tests each new window of served requests against the training reference; requests a retrain
-    (run_key = window id, so a window never triggers twice) when the prompts drifted."""
+def data_drift_sensor(context: dg.SensorEvaluationContext, recipe: RecipeResource,
+                      mlflow: MlflowResource) -> dg.SensorResult:
+    """Tests each new window of served requests against the serving champion's own training reference, with
+    its tokenizer; requests a retrain (run_key = window id, so a window never triggers twice) when the prompts
+    drifted and newly labelled rows wait in the incoming folder. Drift with nothing new to learn from is
+    reported (an observation of ``served_traffic``), not retrained on. The cursor moves past failed requests."""
+    from tuneline.data.raw import incoming_dir, incoming_files
     from tuneline.deploy.inference_log import InferenceLog
+    from tuneline.models.provision import load_tokenizer
     from tuneline.monitoring.drift import compute_drift
-    from tuneline.monitoring.windows import next_window
+    from tuneline.monitoring.reference import champion_reference
+    from tuneline.monitoring.windows import plan_window
+    from tuneline.settings import load_settings
 
     r = recipe.load()
-    cursor = json.loads(context.cursor) if context.cursor else {"last_id": 0}
-    log = InferenceLog(r.serve.log_path)
-    rows = log.read_since(cursor["last_id"], limit=r.drift.window_requests)
-    window = next_window(rows, now=time.time(), window_requests=r.drift.window_requests,
-                         window_minutes=r.drift.window_minutes)
-    if window is None:
-        return dg.SensorResult(skip_reason=f"{len(rows)} untested request(s): the window is not complete yet",
-                               cursor=json.dumps(cursor))
-    reference = drift_reference(context.instance)
-    if not reference:
-        return dg.SensorResult(skip_reason="no dataset_splits materialization holds a drift reference yet",
-                               cursor=json.dumps(cursor))
-    report = compute_drift(reference, list(window.prompts), r.drift).to_dict()
-    new_cursor = json.dumps({"last_id": window.last_id, "last_window": window.id})
+    settings = load_settings()
+    last_id = json.loads(context.cursor)["last_id"] if context.cursor else 0
+    rows = InferenceLog(settings.log_path(r)).read_since(last_id, limit=max(5 * r.drift.window_requests, 500))
+    plan = plan_window(rows, last_id=last_id, now=time.time(), window_requests=r.drift.window_requests,
+                       window_minutes=r.drift.window_minutes)
+    if plan.window is None:
+        return dg.SensorResult(skip_reason=plan.reason, cursor=json.dumps({"last_id": plan.cursor}))
+    window = plan.window
+    reference = champion_reference(mlflow.tracker(), r.registered_model_name(), settings.home / "monitoring")
+    if reference is None:
+        return dg.SensorResult(skip_reason=f"{r.registered_model_name()} has no champion registered with a drift "
+                                           "reference yet", cursor=json.dumps({"last_id": last_id}))
+    report = compute_drift(reference.prompts, list(window.prompts), r.drift,
+                           tokenizer=load_tokenizer(reference.tokenizer_dir)).to_dict()
+    new_cursor = json.dumps({"last_id": plan.cursor, "last_window": window.id})
+    waiting = incoming_files(r)
     observation = dg.AssetObservation(
         asset_key="served_traffic",
-        metadata={"window": window.id, "requests": len(window.prompts), "drift": report["drift"],
-                  "drift_score": report["score"], "p_value": report["p_value"], "threshold": report["threshold"],
-                  "features": dg.MetadataValue.json(report["features"]),
+        metadata={"window": window.id, "requests": len(window.prompts), "failed_skipped": plan.skipped,
+                  "champion_version": reference.version, "drift": report["drift"], "drift_score": report["score"],
+                  "p_value": report["p_value"], "threshold": report["threshold"],
+                  "incoming_files": len(waiting), "features": dg.MetadataValue.json(report["features"]),
                   "reasons": dg.MetadataValue.json(report["reasons"])},
     )
-    context.log.info(f"window {window.id}: drift={report['drift']} p={report['p_value']:.4g} "
-                     f"score={report['score']:.4g}")
+    context.log.info(f"window {window.id} vs champion v{reference.version}: drift={report['drift']} "
+                     f"p={report['p_value']:.4g} score={report['score']:.4g}")
     if not report["drift"]:
         return dg.SensorResult(skip_reason=f"window {window.id}: no drift (p={report['p_value']:.3g})",
                                cursor=new_cursor, asset_events=[observation])
+    if not waiting:
+        return dg.SensorResult(
+            skip_reason=f"window {window.id}: drift (p={report['p_value']:.3g}) but no newly labelled rows in "
+                        f"{incoming_dir(r)}: reported, not retrained on (label some and drop them there)",
+            cursor=new_cursor, asset_events=[observation])
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"drift-{window.id}",
                                     tags={"tuneline/trigger": "drift", "tuneline/window": window.id})],

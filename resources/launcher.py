@@ -1,31 +1,37 @@
 """How training jobs run: out of process, through Dagster Pipes.
 
-Every training job (a search trial, SFT, DPO, distillation) is a recipe CLI under
-``tuneline/recipes/`` that takes ``--spec spec.json``. The launcher is an interface: the
-subprocess implementation runs it on this machine (``accelerate launch`` when the job asks
-for several processes); a Kubernetes implementation will run the same command in a pod.
+Every training job (pretraining, a search worker, SFT, DPO, distillation, evaluation) is a recipe CLI under
+``tuneline/recipes/`` that takes ``--spec SPEC`` (a typed :class:`tuneline.specs.Spec`). The launcher is an
+interface: the subprocess implementation runs it on this machine (``torchrun`` when the job asks for several
+processes), the Kubernetes one (``resources/k8s.py``) in a pod; either way the trainer writes its
+:class:`~tuneline.specs.Outcome` to ``<out_uri>/result.json``, which the launcher reads back.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
 
-from tuneline.paths import project_root
+from tuneline import storage
+from tuneline.params import K8sParams
+from tuneline.paths import project_root, state_dir
+from tuneline.recipes._runner import trainer_error
+from tuneline.specs import RESULT_FILE, Outcome, Spec
+from tuneline.train.distributed import launch_command
 
 
 @dataclass
 class LaunchResult:
-    """What a finished job left: its result.json and anything it reported over Pipes."""
+    """What a finished job left: its outcome and anything it reported over Pipes."""
 
-    result: dict[str, Any]
+    outcome: Outcome
     reported_metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -34,18 +40,20 @@ class TrainingFailed(dg.Failure):
 
 
 class TrainingLauncher(dg.ConfigurableResource):
-    """Runs a recipe CLI with a spec and returns its result."""
+    """Runs a recipe CLI with a spec and returns its outcome."""
 
-    def launch(
-        self,
-        context: dg.AssetExecutionContext,
-        module: str,
-        spec: Mapping[str, Any],
-        workdir: Path,
-        *,
-        num_processes: int = 1,
-    ) -> LaunchResult:
+    def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
+               k8s: Optional[K8sParams] = None) -> LaunchResult:
+        """Run ``spec`` as ``num_processes`` ranks; ``k8s`` is the recipe's pod placement (used by launchers
+        that start pods)."""
         raise NotImplementedError("use a concrete TrainingLauncher such as PipesSubprocessLauncher")
+
+
+def read_outcome(spec: Spec) -> Outcome:
+    uri = storage.join(spec.out_uri, RESULT_FILE)
+    if not storage.exists(uri):
+        raise TrainingFailed(description=f"{spec.module} exited without writing {storage.redact(uri)}")
+    return Outcome.load(uri)
 
 
 class PipesSubprocessLauncher(TrainingLauncher):
@@ -55,49 +63,39 @@ class PipesSubprocessLauncher(TrainingLauncher):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the child.")
 
     def command(self, module: str, spec_path: Path, num_processes: int) -> list[str]:
-        if num_processes > 1:
-            return [self.python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-                    "-m", module, "--spec", str(spec_path)]
-        return [self.python, "-m", module, "--spec", str(spec_path)]
+        """``python -m module --spec SPEC``; under torchrun (gloo on CPU, NCCL on GPU) for several processes."""
+        return launch_command(self.python, module, ["--spec", str(spec_path)], num_processes)
 
-    def launch(
-        self,
-        context: dg.AssetExecutionContext,
-        module: str,
-        spec: Mapping[str, Any],
-        workdir: Path,
-        *,
-        num_processes: int = 1,
-    ) -> LaunchResult:
-        workdir.mkdir(parents=True, exist_ok=True)
-        spec = {**spec, "out_dir": str(spec.get("out_dir", workdir)), "error_file": str(workdir / "error.txt")}
-        spec_path = workdir / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=2, default=str))
-        result_path = Path(spec["out_dir"]) / "result.json"
-        for stale in (result_path, Path(spec["error_file"])):
-            stale.unlink(missing_ok=True)
+    def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
+               k8s: Optional[K8sParams] = None) -> LaunchResult:
+        # the spec and the trainer's traceback live on this machine, beside nothing else of the stage
+        launch_dir = state_dir() / "launch" / hashlib.sha256(spec.out_uri.encode()).hexdigest()[:16]
+        launch_dir.mkdir(parents=True, exist_ok=True)
+        error_file = launch_dir / "error.txt"
+        spec = replace(spec, error_file=str(error_file))
+        spec_path = launch_dir / "spec.json"
+        spec.save(str(spec_path))
+        error_file.unlink(missing_ok=True)
+        result_uri = storage.join(spec.out_uri, RESULT_FILE)
+        if storage.is_local(result_uri):
+            storage.local_path(result_uri).unlink(missing_ok=True)
         env = {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
-        cmd = self.command(module, spec_path, num_processes)
+        cmd = self.command(spec.module, spec_path, num_processes)
         context.log.info(f"launching {' '.join(cmd)}")
         client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()))
         try:
             invocation = client.run(command=cmd, context=context)
         except Exception as exc:  # the trainer crashed, was killed, or reported an exception
             raise TrainingFailed(
-                description=f"{module} failed: {trainer_error(Path(spec['error_file'])) or exc}",
+                description=f"{spec.module} failed: {trainer_error(error_file) or exc}",
                 metadata={"spec": dg.MetadataValue.path(str(spec_path))},
             ) from exc
-        if not result_path.is_file():
-            raise TrainingFailed(description=f"{module} exited without writing {result_path}")
-        reported: dict[str, Any] = {}
-        for item in invocation.get_results():
-            reported.update(getattr(item, "metadata", None) or {})
-        return LaunchResult(result=json.loads(result_path.read_text()), reported_metadata=reported)
+        return LaunchResult(outcome=read_outcome(spec), reported_metadata=reported_metadata(invocation))
 
 
-def trainer_error(path: Path, lines: int = 30) -> Optional[str]:
-    """The last lines of the trainer's own traceback, when it wrote one."""
-    if not path.is_file():
-        return None
-    text = path.read_text(errors="replace").strip().splitlines()
-    return "\n".join(text[-lines:])
+def reported_metadata(invocation: Any) -> dict[str, Any]:
+    """Everything the trainer reported over Pipes (materialization metadata), merged."""
+    reported: dict[str, Any] = {}
+    for item in invocation.get_results():
+        reported.update(getattr(item, "metadata", None) or {})
+    return reported

@@ -83,11 +83,14 @@ class PretrainParams:
     warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.01  # AdamW weight decay
     log_every: int = 10  # record the loss every N steps
+    checkpoint_every: int = 100  # write a resumable checkpoint every N steps
     bf16: Optional[bool] = None  # bf16 autocast; None = use it when the CPU/GPU supports it
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
             raise RecipeError("pretrain: steps and batch_size must be >= 1 and seq_len >= 8")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise RecipeError("pretrain: log_every and checkpoint_every must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,11 @@ class SplitParams:
             raise RecipeError("split: fractions must be >= 0 and val_fraction + test_fraction < 1")
 
 
+def _check_processes(section: str, num_processes: int) -> None:
+    if num_processes < 1:
+        raise RecipeError(f"{section}.num_processes must be >= 1")
+
+
 PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze")
 LORA_METHODS = ("lora", "qlora", "adalora")  # the methods the ``lora`` section (and its search) applies to
 
@@ -192,6 +200,10 @@ class EarlyStoppingParams:
     patience: int = 3  # evaluations without improvement before stopping
     min_delta: float = 0.0  # smallest decrease of validation loss that counts as improvement
 
+    def __post_init__(self) -> None:
+        if self.patience < 1 or self.min_delta < 0:
+            raise RecipeError("early_stopping: need patience >= 1 and min_delta >= 0")
+
 
 @dataclass(frozen=True)
 class SftParams:
@@ -215,9 +227,10 @@ class SftParams:
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
     padding_free: Optional[bool] = None  # each batch as one row, no padding; None = when rows average >= 64 tokens
     group_by_length: bool = False  # length-grouped batches (less padding where padding_free cannot apply)
-    num_processes: int = 1  # > 1 launches the trainer with `accelerate launch`
+    num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
 
     def __post_init__(self) -> None:
+        _check_processes("sft", self.num_processes)
         if self.method not in PEFT_METHODS:
             raise RecipeError(f"method: {self.method!r} is not one of {', '.join(PEFT_METHODS)}")
         if self.save_steps % self.eval_steps:
@@ -263,8 +276,29 @@ class HpoParams:
     eval_steps: int = 10  # report validation loss to the pruner every N steps
     pruner_startup_trials: int = 2  # trials that are never pruned
     pruner_warmup_steps: int = 10  # steps before a trial can be pruned
-    storage: Optional[str] = None  # SQLAlchemy URL; None = SQLite under .tuneline/
+    storage: Optional[str] = None  # SQLAlchemy URL (sqlite:///..., postgresql://...); None = SQLite under .tuneline/
     space: SearchSpace = field(default_factory=SearchSpace)  # what to search
+    workers: int = 1  # trial workers running at once against the study, each an out-of-process trainer
+    threads_per_worker: Optional[int] = None  # torch threads per trial; None = cores // (workers * sft.num_processes)
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats to the storage
+    grace_period: int = 120  # a running trial silent this long (its worker died) is failed and run again
+    max_retries: int = 2  # times a trial whose worker died is run again
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1 or self.workers < 1:
+            raise RecipeError("hpo: n_trials and workers must be >= 1")
+        if self.trial_max_steps < 1 or self.eval_steps < 1 or self.eval_steps > self.trial_max_steps:
+            raise RecipeError("hpo: need trial_max_steps >= 1 and 1 <= eval_steps <= trial_max_steps (a trial must "
+                              "report a validation loss at least once)")
+        if self.pruner_startup_trials < 0 or self.pruner_warmup_steps < 0:
+            raise RecipeError("hpo: pruner_startup_trials and pruner_warmup_steps must be >= 0")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise RecipeError("hpo.threads_per_worker must be >= 1 (or null)")
+        if self.heartbeat_interval < 1 or self.grace_period < 2 * self.heartbeat_interval:
+            # a live trial whose heartbeat is merely late must not be taken for dead (optuna#5470)
+            raise RecipeError("hpo: need heartbeat_interval >= 1 and grace_period >= 2 * heartbeat_interval")
+        if self.max_retries < 0:
+            raise RecipeError("hpo.max_retries must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -279,7 +313,18 @@ class DpoParams:
     batch_size: int = 8  # pairs per step
     max_length: int = 256  # prompt + response tokens
     lora: LoraParams = field(default_factory=LoraParams)  # the fresh DPO adapter
+    save_steps: int = 50  # checkpoint every N steps (a retry resumes from the last complete one)
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
+    num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
+
+    def __post_init__(self) -> None:
+        _check_processes("dpo", self.num_processes)
+        if self.beta <= 0 or self.learning_rate <= 0 or self.epochs <= 0:
+            raise RecipeError("dpo: beta, learning_rate and epochs must be > 0")
+        if self.batch_size < 1 or self.max_length < 8 or self.save_steps < 1:
+            raise RecipeError("dpo: need batch_size >= 1, max_length >= 8 and save_steps >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError("dpo.max_steps must be >= 1 (or null)")
 
 
 @dataclass(frozen=True)
@@ -297,9 +342,14 @@ class DistillParams:
     max_steps: Optional[int] = None  # hard cap on optimizer steps
     batch_size: int = 8  # sequences per step
     max_length: int = 256  # longest sequence
+    save_steps: int = 100  # checkpoint every N steps (a retry resumes from the last complete one)
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
+    num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 8 or self.save_steps < 1 or self.learning_rate <= 0:
+            raise RecipeError("distill: need batch_size >= 1, max_length >= 8, save_steps >= 1, learning_rate > 0")
+        _check_processes("distill", self.num_processes)
         if self.student_layers is None and self.student_hidden_size is None:
             raise RecipeError("distill: set student_layers or student_hidden_size")
         if self.temperature <= 0 or self.alpha_kl < 0 or self.alpha_ce < 0 or self.alpha_kl + self.alpha_ce == 0:
@@ -403,21 +453,53 @@ class DriftParams:
 class GateParams:
     """Promotion policy: which candidate, by how much it must win, what it may not lose."""
 
-    candidate: Literal["teacher", "student"] = "teacher"  # teacher = the DPO model; student = the distilled one
+    candidate: Literal["teacher", "student", "sft"] = "teacher"  # teacher = the DPO model; student = the distilled one
     primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss"] = "task_accuracy"  # per example
     # ("loss": the test loss of each example, lower is better; the gain is the baseline's loss minus the candidate's)
     min_margin: float = 0.02  # the candidate's mean gain over each baseline must be at least this
     require_ci_above_zero: bool = True  # the paired bootstrap CI of the gain must lie above zero
     max_latency_increase: float = 0.5  # p50 latency may grow at most this fraction over each baseline
     max_preference_accuracy_drop: float = 0.05  # preference accuracy may drop at most this much
+    max_parent_regression: float = 0.0  # the candidate's primary metric may trail its parent stage's by this much
     bootstrap_samples: int = 2000  # paired bootstrap resamples
     confidence: float = 0.95  # confidence level of the interval
 
     def __post_init__(self) -> None:
-        if self.min_margin < 0 or self.max_latency_increase < 0 or self.max_preference_accuracy_drop < 0:
+        if (self.min_margin < 0 or self.max_latency_increase < 0 or self.max_preference_accuracy_drop < 0
+                or self.max_parent_regression < 0):
             raise RecipeError("gate: margins and tolerances must be >= 0")
         if not 0.5 < self.confidence < 1:
             raise RecipeError("gate.confidence must be in (0.5, 1)")
+
+
+_K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"  # a Kubernetes resource quantity
+
+
+@dataclass(frozen=True)
+class K8sParams:
+    """Where training pods run when the profile's launcher is Kubernetes (ignored by the local launcher)."""
+
+    image: Optional[str] = None  # trainer image; None = the launcher's (TUNELINE_K8S_IMAGE)
+    namespace: Optional[str] = None  # namespace for training pods; None = the launcher's
+    cpu: str = "2"  # CPU request and limit per pod (a Kubernetes quantity: "2", "500m")
+    memory: str = "8Gi"  # memory request and limit per pod ("8Gi")
+    gpus: int = 0  # nvidia.com/gpu per pod (request = limit); num_processes ranks share them
+    node_selector: dict[str, str] = field(default_factory=dict)  # node labels the pod must match
+    tolerations: tuple[dict[str, str], ...] = ()  # taints the pod tolerates (GPU node pools are often tainted)
+
+    def __post_init__(self) -> None:
+        import re
+
+        for name in ("cpu", "memory"):
+            if not re.match(_K8S_QUANTITY, getattr(self, name)):
+                raise RecipeError(f"k8s.{name}: {getattr(self, name)!r} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)")
+        if self.gpus < 0:
+            raise RecipeError("k8s.gpus must be >= 0")
+        known = {"key", "operator", "value", "effect"}
+        for i, toleration in enumerate(self.tolerations):
+            if set(toleration) - known:
+                raise RecipeError(f"k8s.tolerations[{i}]: unknown key {', '.join(sorted(set(toleration) - known))} "
+                                  f"(allowed: {', '.join(sorted(known))})")
 
 
 @dataclass(frozen=True)
@@ -449,12 +531,15 @@ class Recipe:
     serve: ServeParams = field(default_factory=ServeParams)  # inference server
     drift: DriftParams = field(default_factory=DriftParams)  # drift monitoring
     gate: GateParams = field(default_factory=GateParams)  # promotion policy
+    k8s: K8sParams = field(default_factory=K8sParams)  # training pods on Kubernetes (the k8s launcher)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise RecipeError("name: use letters, digits, '-', '_' or '.'")
         if self.max_steps is not None and self.max_steps < 1:
             raise RecipeError("max_steps must be >= 1")
+        for problem in cross_field_problems(self):
+            raise RecipeError(problem)
 
     def steps(self, configured: int) -> int:
         """Steps a loop configured for ``configured`` steps really runs (``max_steps`` caps it)."""
@@ -491,6 +576,39 @@ class Recipe:
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values, for MLflow params and Dagster metadata."""
         return flatten(self.to_dict())
+
+    def flat_section(self, *sections: str) -> dict[str, Any]:
+        """:meth:`flat`, only the keys of the named top-level sections (``"sft"``, ``"seed"``, ...)."""
+        return {k: v for k, v in self.flat().items() if k.split(".", 1)[0] in sections}
+
+
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning", "multitask_prompt")  # virtual tokens: nothing to merge
+
+
+def cross_field_problems(recipe: "Recipe") -> list[str]:
+    """Combinations of keys that cannot run, each a one-line message naming the keys and the fix: found when
+    the recipe loads, not hours into a run."""
+    problems = []
+    if recipe.sft.method in PROMPT_LEARNING and recipe.dpo.enabled:
+        problems.append(f"sft.method: {recipe.sft.method} with dpo.enabled: true cannot run: DPO starts from "
+                        "the SFT weights and prompt learning trains virtual tokens, not weights; set dpo.enabled: "
+                        "false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
+    if recipe.gate.candidate == "student" and not recipe.distill.enabled:
+        problems.append("gate.candidate: student needs distill.enabled: true (nothing else makes a student)")
+    if recipe.gate.candidate == "teacher" and not recipe.dpo.enabled:
+        problems.append("gate.candidate: teacher (the DPO model) needs dpo.enabled: true; with DPO off set "
+                        "gate.candidate: sft")
+    if recipe.distill.enabled and not recipe.dpo.enabled:
+        problems.append("distill.enabled: true needs dpo.enabled: true (the student learns from the DPO model); "
+                        "set distill.enabled: false")
+    if recipe.gate.primary_metric == "task_accuracy" and recipe.data.demo is None:
+        problems.append("gate.primary_metric: task_accuracy needs an answer checker, which only the demo tasks "
+                        "(data.demo) have; use exact_match, rouge_l or loss for this data")
+    if recipe.sft.early_stopping.patience and recipe.sft.max_steps is not None \
+            and recipe.sft.eval_steps > recipe.sft.max_steps:
+        problems.append(f"sft.eval_steps ({recipe.sft.eval_steps}) > sft.max_steps ({recipe.sft.max_steps}): "
+                        "early stopping would never see a validation loss; lower sft.eval_steps")
+    return problems
 
 
 # ---------------------------------------------------------------------------

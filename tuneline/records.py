@@ -28,16 +28,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_dir(path: str | Path) -> str:
-    """One hash over every file (relative name and content) under a directory."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
-
-
 @dataclass
 class ChatRecord:
     """One canonical example.

@@ -254,6 +254,20 @@ def test_rollback_without_a_previous_champion_errors_clearly(tracker, model_dirs
 
 
 @pytest.mark.slow
+def test_promotion_is_compare_and_set(tracker, model_dirs) -> None:
+    """A decision made against champion version N never overwrites a champion that moved on since."""
+    from tuneline.deploy.registry import ChampionMoved, get_version, promote, register_model
+
+    for seed in (0, 1):
+        register_model(tracker, "chat-cas", model_dirs[seed], run_id=_run(tracker, f"cas{seed}"))
+    assert promote(tracker, "chat-cas", 1, expected=None)["changed"]  # no champion yet: as the gate saw it
+    with pytest.raises(ChampionMoved, match="version 1, not the version None"):
+        promote(tracker, "chat-cas", 2, expected=None)  # a concurrent run promoted version 1 meanwhile
+    assert get_version(tracker, "chat-cas@champion")["version"] == 1
+    assert promote(tracker, "chat-cas", 2, expected=1)["previous_version"] == 1
+
+
+@pytest.mark.slow
 def test_register_refuses_a_directory_without_safetensors_or_with_pickles(tracker, model_dirs, tmp_path) -> None:
     import shutil
 

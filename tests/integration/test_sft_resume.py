@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tuneline import storage
+from tuneline.models.provision import model_ref
 from tuneline.params import TinyModelParams
+from tuneline.refs import ModelRef
 from tuneline.records import ChatRecord, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,10 +55,10 @@ def spec_path(tmp_path_factory) -> Path:
     write_jsonl(root / "train.jsonl", (r.to_dict() for r in train))
     write_jsonl(root / "val.jsonl", (r.to_dict() for r in val))
     spec = {
-        "base_model": str(base),
-        "train_path": str(root / "train.jsonl"),
-        "val_path": str(root / "val.jsonl"),
-        "out_dir": str(root / "out"),
+        "base": model_ref(base, base.as_uri(), method="tiny", stage="test").to_dict(),
+        "train_uri": (root / "train.jsonl").as_uri(),
+        "val_uri": (root / "val.jsonl").as_uri(),
+        "out_uri": (root / "out").as_uri(),
         "params": {
             "method": "lora", "batch_size": 4, "eval_steps": 2, "save_steps": 2, "max_steps": MAX_STEPS,
             "lora": {"r": 4, "alpha": 8}, "early_stopping": {"patience": 1000},
@@ -82,7 +85,8 @@ def test_killed_recipe_resumes_from_last_complete_checkpoint(spec_path, tmp_path
     from tuneline.train.callbacks import COMPLETE_MARKER, checkpoint_step, last_valid_checkpoint
 
     spec = json.loads(spec_path.read_text())
-    checkpoints = Path(spec["out_dir"]) / "checkpoints"
+    out = storage.local_path(spec["out_uri"])
+    checkpoints = out / "checkpoints"
 
     # 1. run the CLI and SIGKILL it as soon as a checkpoint is marked complete
     stderr = open(tmp_path / "first.stderr", "w")
@@ -105,7 +109,7 @@ def test_killed_recipe_resumes_from_last_complete_checkpoint(spec_path, tmp_path
     assert valid is not None
     killed_at = checkpoint_step(valid)
     assert killed_at < MAX_STEPS, "the run finished before it was killed"
-    assert not (Path(spec["out_dir"]) / "result.json").exists()
+    assert not (out / "result.json").exists()
 
     # a checkpoint whose save never finished (no marker) must be ignored, though its step is higher
     fake = checkpoints / "checkpoint-9999"
@@ -137,11 +141,14 @@ def test_killed_recipe_resumes_from_last_complete_checkpoint(spec_path, tmp_path
     assert meta["global_step"] == MAX_STEPS
     assert meta["real_tokens"] > 0 and meta["tokens_per_second"] > 0
 
-    saved = json.loads((Path(spec["out_dir"]) / "result.json").read_text())
-    assert saved["resumed_from_step"] == killed_at and saved["global_step"] == MAX_STEPS
-    assert [s for s, _ in saved["train_losses"]] == list(range(1, MAX_STEPS + 1))  # history survives the kill
+    saved = json.loads((out / "result.json").read_text())
+    details = saved["details"]
+    assert details["resumed_from_step"] == killed_at and details["global_step"] == MAX_STEPS
+    assert [s for s, _ in details["train_losses"]] == list(range(1, MAX_STEPS + 1))  # history survives the kill
     assert not fake.exists()
-    assert (Path(saved["output_dir"]) / "adapter_model.safetensors").is_file()
+    model = ModelRef.from_dict(saved["model"])
+    assert model.kind == "adapter" and model.base is not None and model.method == "lora"
+    assert (storage.local_path(model.uri) / "adapter_model.safetensors").is_file()
 
     # every trainer log streamed over Pipes, per-step metrics landed in the MLflow run
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
@@ -154,7 +161,8 @@ def test_killed_recipe_resumes_from_last_complete_checkpoint(spec_path, tmp_path
 @pytest.mark.slow
 def test_recipe_error_exits_nonzero_with_traceback(tmp_path):
     bad = tmp_path / "spec.json"
-    bad.write_text(json.dumps({"base_model": "x", "train_path": "x", "val_path": "x", "out_dir": str(tmp_path),
+    base = {"uri": "file:///x", "sha256": "0", "kind": "full", "method": "tiny", "stage": "test"}
+    bad.write_text(json.dumps({"base": base, "train_uri": "x", "val_uri": "x", "out_uri": tmp_path.as_uri(),
                                "params": {"method": "lora", "lr": 1}, "seed": 0}))
     proc = subprocess.run(
         [sys.executable, "-m", "tuneline.recipes.sft", "--spec", str(bad)],

@@ -9,8 +9,11 @@ import dagster as dg
 import pytest
 import yaml
 
-from tuneline.records import ChatRecord, read_jsonl
-from tuneline.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TAG_GIT, Tracker
+from tuneline import storage
+from tuneline.models.provision import weights_sha256
+from tuneline.records import ChatRecord, read_jsonl, sha256_file
+from tuneline.refs import ModelRef, PreparedRef, SplitsRef
+from tuneline.tracking import CONTENT_ARTIFACT, TAG_ASSET, TAG_DAGSTER_RUN, TAG_GIT, Tracker
 
 DATA_ASSETS = ["raw_dataset", "base_model", "prepared_dataset", "dataset_splits"]
 
@@ -44,24 +47,32 @@ def test_data_assets_materialize_with_checks(state: Path, tiny_recipe: Path) -> 
     assert checks == {"prepared_dataset_passes_validation": True, "dataset_splits_have_no_leakage": True}
 
     prepared = result.output_for_node("prepared_dataset")
-    assert prepared["accepted"] + prepared["quarantined"] == prepared["read"] > 0
+    assert isinstance(prepared, PreparedRef) and prepared.accepted + prepared.quarantined == prepared.read > 0
     splits = result.output_for_node("dataset_splits")
-    assert set(splits["counts"]) >= {"train", "validation", "test", "preference_train", "preference_test"}
-    assert sum(v for k, v in splits["counts"].items()) == prepared["accepted"]
+    assert isinstance(splits, SplitsRef)
+    assert set(splits.counts) >= {"train", "validation", "test", "preference_train", "preference_test"}
+    assert sum(splits.counts.values()) == prepared.accepted
 
     tracker: Tracker = resources["mlflow"].tracker()
-    run = tracker.client().get_run(splits["mlflow_run_id"])
+    run = tracker.client().get_run(splits.mlflow_run_id)
     assert run.data.tags[TAG_DAGSTER_RUN] == result.run_id
     assert run.data.tags[TAG_ASSET] == "dataset_splits"
     assert run.data.tags[TAG_GIT]
-    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {h[:36] for h in splits["sha256"].values()}
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {h[:36] for h in splits.sha256.values()}
     base = result.output_for_node("base_model")
-    assert base["weights_sha256"] and Path(base["path"], "model.safetensors").is_file()
+    assert isinstance(base, ModelRef) and base.kind == "full" and base.method == "tiny"
+    assert base.sha256 == weights_sha256(storage.local_path(base.uri))
+
+    # the membership names every record of every split, and is logged content-addressed with the stage
+    members = json.loads(storage.read_text(splits.membership_uri))
+    assert {k: len(v) for k, v in members.items()} == splits.counts
+    content = json.loads(Path(tracker.client().download_artifacts(splits.mlflow_run_id, CONTENT_ARTIFACT)).read_text())
+    assert content["membership"]["sha256"] == sha256_file(storage.local_path(splits.membership_uri))
 
     # the drift reference samples the whole train split, not its first rows (the split is ordered by stratum)
     train_prompts = {ChatRecord.from_dict(r).prompt_text(): ChatRecord.from_dict(r).task
-                     for r in read_jsonl(splits["paths"]["train"])}
-    reference = [json.loads(line)["prompt"] for line in Path(splits["drift_reference_path"]).read_text().splitlines()]
+                     for r in read_jsonl(storage.local_path(splits.uri("train")))}
+    reference = [json.loads(line)["prompt"] for line in storage.read_text(splits.drift_reference_uri).splitlines()]
     assert reference and set(reference) <= set(train_prompts)
     families = {train_prompts[p] for p in reference}
     assert families == set(train_prompts.values()), families

@@ -41,15 +41,18 @@ def test_dagster_definitions_validate() -> None:
 
 
 def test_resources_profiles(monkeypatch) -> None:
+    import pytest
+
     from resources import build_resources
+    from resources.io import RefIOManager
+    from tuneline.settings import SettingsError
 
     local = build_resources("local")
     assert local["mlflow"].tracking_uri.startswith("sqlite:///")
+    assert isinstance(local["io_manager"], RefIOManager) and local["io_manager"].root.startswith("file:///")
     monkeypatch.delenv("TUNELINE_MLFLOW_URI", raising=False)
-    import pytest
-
-    with pytest.raises(RuntimeError, match="TUNELINE_MLFLOW_URI"):
+    with pytest.raises(SettingsError, match="TUNELINE_MLFLOW_URI"):
         build_resources("production")
-    with pytest.raises(ValueError, match="unknown profile"):
+    with pytest.raises(SettingsError, match="TUNELINE_PROFILE='staging'"):
         build_resources("staging")
     assert isinstance(local["recipe"], dg.ConfigurableResource)

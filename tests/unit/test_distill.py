@@ -152,6 +152,7 @@ def test_distillation_lowers_kl_and_a_retry_hits_the_teacher_cache(tmp_path: Pat
 def test_distill_recipe_cli_logs_steps_to_the_mlflow_run(tmp_path: Path, teacher_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from tuneline.models.provision import model_ref
     from tuneline.recipes import distill as recipe
     from tuneline.records import write_jsonl
 
@@ -160,16 +161,17 @@ def test_distill_recipe_cli_logs_steps_to_the_mlflow_run(tmp_path: Path, teacher
     run_id = client.create_run(client.create_experiment("distill-test")).info.run_id
     write_jsonl(tmp_path / "train.jsonl", (r.to_dict() for r in _records()))
     spec = {
-        "teacher_dir": str(teacher_dir), "train_path": str(tmp_path / "train.jsonl"),
-        "val_path": str(tmp_path / "train.jsonl"), "out_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "cache"), "seed": 0, "max_steps": 3, "top_k": 16,
+        "teacher": model_ref(teacher_dir, teacher_dir.as_uri(), method="dpo", stage="dpo_adapter").to_dict(),
+        "train_uri": (tmp_path / "train.jsonl").as_uri(),
+        "val_uri": (tmp_path / "train.jsonl").as_uri(), "out_uri": (tmp_path / "out").as_uri(),
+        "cache_uri": (tmp_path / "cache").as_uri(), "seed": 0, "max_steps": 3, "top_k": 16,
         "params": {"student_layers": 1, "batch_size": 4, "bf16": False},
         "mlflow": {"tracking_uri": uri, "run_id": run_id},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert recipe.main(["--spec", str(tmp_path / "spec.json")]) == 0
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    result = json.loads((tmp_path / "out" / "result.json").read_text())["metrics"]
     assert result["steps"] == 3 and result["top_k"] == 16 and not result["teacher_cache_hit"]
     assert [m.step for m in client.get_metric_history(run_id, "kl")] == [1, 2, 3]
-    after = client.get_metric_history(run_id, "distill_val_kl_after")
+    after = client.get_metric_history(run_id, "val_kl_after")
     assert after and after[0].value == pytest.approx(result["val_kl_after"])

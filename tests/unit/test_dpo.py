@@ -135,23 +135,29 @@ def test_dpo_raises_reward_accuracy_with_a_fresh_adapter_and_no_reference_copy(
 def test_dpo_recipe_cli_writes_result_and_teacher_ready_model(
     tmp_path: Path, sft_run: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
+    from tuneline import storage
+    from tuneline.models.provision import model_ref
     from tuneline.recipes import dpo as recipe
     from tuneline.records import write_jsonl
+    from tuneline.refs import ModelRef
 
     base, adapter = sft_run
     write_jsonl(tmp_path / "pairs.jsonl", (p.to_dict() for p in _pairs()))
+    base_ref = model_ref(base, base.as_uri(), method="tiny", stage="test")
     spec = {
-        "sft_model_dir": str(adapter), "base_model": str(base), "sft_method": "lora",
-        "train_path": str(tmp_path / "pairs.jsonl"), "val_path": str(tmp_path / "pairs.jsonl"),
-        "out_dir": str(tmp_path / "dpo"), "seed": 0, "max_steps": 2,
+        "sft": model_ref(adapter, adapter.as_uri(), method="lora", stage="sft_adapter", base=base_ref).to_dict(),
+        "train_uri": (tmp_path / "pairs.jsonl").as_uri(), "val_uri": (tmp_path / "pairs.jsonl").as_uri(),
+        "out_uri": (tmp_path / "dpo").as_uri(), "seed": 0, "max_steps": 2,
         "params": {"learning_rate": 5e-3, "batch_size": 8, "max_length": 64, "bf16": False,
                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert recipe.main(["--spec", str(tmp_path / "spec.json")]) == 0
     result = json.loads((tmp_path / "dpo" / "result.json").read_text())
-    assert result["steps"] == 2 and result["ref_model_is_none"]
-    assert (Path(result["merged_model_dir"]) / "model.safetensors").is_file()
+    assert result["metrics"]["steps"] == 2 and result["metrics"]["ref_model_is_none"]
+    model = ModelRef.from_dict(result["model"])
+    assert model.kind == "full" and model.method == "dpo"
+    assert (storage.local_path(model.uri) / "model.safetensors").is_file()
     out = capsys.readouterr().out
     assert '"step": 1' in out and "dpo done" in out
 

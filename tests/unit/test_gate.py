@@ -66,3 +66,20 @@ def test_loss_as_primary_metric_rewards_lower_loss() -> None:
     assert better.passed and better.evidence["base"]["gain"] > 0.4
     worse = decide(report("dpo", BASE), {"base": report("base", GOOD)}, params)
     assert not worse.passed and worse.evidence["base"]["gain"] < 0
+
+
+def test_candidate_worse_than_its_parent_is_refused() -> None:
+    parent = [1] * 82 + [0] * 18  # the SFT parent scores 0.82, the DPO candidate 0.80
+    d = decide(report("dpo", GOOD), {"base": report("base", BASE)}, GateParams(), parent=report("sft", parent))
+    assert not d.passed and any("worse than its parent sft" in r for r in d.reasons)
+    assert d.evidence["parent"]["gain"] < 0
+    tolerant = decide(report("dpo", GOOD), {"base": report("base", BASE)}, GateParams(max_parent_regression=0.05),
+                      parent=report("sft", parent))
+    assert tolerant.passed, tolerant.reasons
+
+
+def test_examples_without_a_value_are_skipped_and_counted() -> None:
+    candidate = report("dpo", GOOD)
+    candidate["per_example"]["correct"] = [None] * 10 + GOOD[10:]
+    d = decide(candidate, {"base": report("base", BASE)}, GateParams())
+    assert d.evidence["base"]["n"] == 90 and d.evidence["base"]["skipped_missing"] == 10

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,40 @@ def test_overrides_and_step_cap() -> None:
     assert (recipe.seed, recipe.max_steps, recipe.data.sample_fraction) == (5, 10, 0.5)
     assert recipe.steps(300) == 10 and recipe.steps(4) == 4
     assert build(Recipe, MINIMAL).steps(300) == 300
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"sft": {"method": "prefix"}}, "sft.method: prefix with dpo.enabled: true cannot run"),
+    ({"gate": {"candidate": "student"}, "distill": {"enabled": False}}, "gate.candidate: student needs distill"),
+    ({"dpo": {"enabled": False}, "distill": {"enabled": False}}, "gate.candidate: teacher (the DPO model) needs"),
+    ({"data": {"sources": [{"path": "x.jsonl"}]}}, "task_accuracy needs an answer checker"),
+    ({"sft": {"max_steps": 10, "eval_steps": 20, "save_steps": 20}}, "sft.eval_steps (20) > sft.max_steps (10)"),
+    ({"hpo": {"trial_max_steps": 5, "eval_steps": 10}}, "1 <= eval_steps <= trial_max_steps"),
+    ({"sft": {"early_stopping": {"patience": 0}}}, "early_stopping: need patience >= 1"),
+    ({"dpo": {"beta": 0}}, "dpo: beta, learning_rate and epochs must be > 0"),
+])
+def test_impossible_combinations_fail_at_load_naming_the_keys(changes: dict, needle: str) -> None:
+    from tuneline.params import Recipe, RecipeError, build
+
+    data = {"name": "x", "model": {"build": "tiny"}, "data": {"demo": {}}}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if key != "data" else value
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        build(Recipe, data)
+
+
+def test_a_bad_recipe_is_one_line_on_stderr_and_exit_2(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {build: tiny}\ndata: {demo: {}}\nsft: {lerning_rate: 0.1}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--recipe", str(bad)], capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "TUNELINE_HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "unknown key sft.lerning_rate" in proc.stderr and str(bad) in proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "pipelines.cli", "lineage", "nope@champion"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "TUNELINE_HOME": str(tmp_path)})
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope" in missing.stderr

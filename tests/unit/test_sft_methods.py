@@ -505,7 +505,7 @@ def test_unknown_world_size_is_a_clear_error(base_dir, data, tmp_path):
     from tuneline.train.sft import train_sft
 
     train, val = data
-    with pytest.raises(ValueError, match="accelerate launch --num_processes 2"):
+    with pytest.raises(ValueError, match="torchrun --standalone --nproc-per-node 2"):
         train_sft(base_dir, train, val, params_for("lora", num_processes=2), tmp_path / "run", seed=0)
 
 

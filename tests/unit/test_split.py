@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from tuneline.data.split import find_leakage, normalize_text, sample_records, split_records
 from tuneline.params import SplitParams
 from tuneline.records import ChatRecord
@@ -40,12 +42,16 @@ def test_split_is_deterministic_and_complete() -> None:
     assert a.sha256() != c.sha256()
 
 
-def test_adding_data_never_moves_existing_rows() -> None:
-    old = corpus(300)
-    before = split_records(old, SplitParams(), seed=3)
-    after = split_records(old + corpus(300, offset=1000), SplitParams(), seed=3)
-    for r in old:
-        assert side(before, r.id) == side(after, r.id)
+@pytest.mark.parametrize("stratify_by", [None, "task"])
+def test_adding_data_never_moves_existing_rows(stratify_by) -> None:
+    old = corpus(500)
+    params = SplitParams(stratify_by=stratify_by)
+    before = split_records(old, params, seed=3)
+    # 20% new rows, in the existing strata and in a new one
+    new = corpus(60, offset=1000) + [sft(f"fresh question {i}", "x", task="new_task") for i in range(40)]
+    after = split_records(old + new, params, seed=3)
+    moved = [r.id for r in old if side(before, r.id) != side(after, r.id)]
+    assert moved == []
 
 
 def test_same_prompt_stays_on_one_side_across_kinds_and_whitespace() -> None:
@@ -65,13 +71,17 @@ def test_leakage_is_detected() -> None:
     assert report.exact
 
 
-def test_stratified_split_gives_every_stratum_its_share() -> None:
+def test_stratified_split_reports_each_stratum_and_cuts_it_by_its_own_draw() -> None:
     rng = random.Random(0)
-    records = [sft(f"q{i}", "a", task="rare" if i < 20 else "common") for i in range(400)]
+    records = [sft(f"q{i}", "a", task="rare" if i < 40 else "common") for i in range(2000)]
     rng.shuffle(records)
-    result = split_records(records, SplitParams(val_fraction=0.1, test_fraction=0.2, stratify_by="task"), seed=9)
-    assert result.strata["rare"] == {"train": 14, "validation": 2, "test": 4}
-    assert result.strata["common"]["test"] == 76
+    params = SplitParams(val_fraction=0.1, test_fraction=0.2, stratify_by="task")
+    result = split_records(records, params, seed=9)
+    assert sum(result.strata["rare"].values()) == 40
+    common = result.strata["common"]
+    assert sum(common.values()) == 1960 and 0.16 < common["test"] / 1960 < 0.24
+    plain = split_records(records, SplitParams(val_fraction=0.1, test_fraction=0.2), seed=9)
+    assert plain.strata == {} and result.sha256() != plain.sha256()  # the stratum salts the draw
 
 
 def test_sampling_is_stable_and_proportional() -> None:

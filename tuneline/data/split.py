@@ -4,10 +4,11 @@ Every record is assigned through a *group key*: its normalized prompt. Records t
 a prompt (an SFT example and a preference pair on the same question, two answers to one
 instruction) always land in the same split, so no prompt crosses a split boundary.
 
-Default assignment is a fixed threshold on ``hash(seed, group)``: a group's split depends on
-nothing but itself, so adding data never moves an existing row (in particular never a test row
-into train). ``stratify_by`` instead ranks the groups of each stratum by that hash and cuts
-exact shares per stratum; that balances small strata but a row can move when its stratum grows.
+Assignment is a fixed threshold on ``hash(seed, group)``: a group's split depends on nothing but
+itself, so adding data never moves an existing row (in particular never a test row into train).
+``stratify_by`` keeps that rule and salts the hash with the group's stratum (its task or source), so
+each stratum is cut by its own independent draw and the per-stratum shares are reported; it does not
+force exact shares (ranking groups within a stratum would move rows as the stratum grows).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from tuneline.params import SplitParams
 from tuneline.records import ChatRecord, canonical_json, sha256_text
@@ -80,34 +82,17 @@ def _assign_threshold(u: float, params: SplitParams) -> str:
     return "train"
 
 
-def _assign_stratified(groups: dict[str, float], params: SplitParams) -> dict[str, str]:
-    ordered = sorted(groups, key=lambda g: (groups[g], g))
-    n = len(ordered)
-    n_test = round(n * params.test_fraction)
-    n_val = round(n * params.val_fraction)
-    out = {}
-    for rank, g in enumerate(ordered):
-        out[g] = "test" if rank < n_test else "validation" if rank < n_test + n_val else "train"
-    return out
-
-
 def split_records(records: list[ChatRecord], params: SplitParams, seed: int) -> SplitResult:
-    """Assign each record (kinds sft, classification, preference) to a split."""
+    """Assign each record (kinds sft, classification, preference) to a split by its group's hash alone."""
     keys = {r.id: group_key(r) for r in records}
-    hashes = {k: unit_hash(seed, k) for k in set(keys.values())}
-
-    if params.stratify_by is None:
-        assignment = {k: _assign_threshold(u, params) for k, u in hashes.items()}
-    else:
-        stratum_of: dict[str, str] = {}
+    stratum_of: dict[str, str] = {}
+    if params.stratify_by is not None:
         for r in records:  # a group's stratum is that of its first record
             stratum_of.setdefault(keys[r.id], _stratum(r, params.stratify_by))
-        by_stratum: dict[str, dict[str, float]] = defaultdict(dict)
-        for k, s in stratum_of.items():
-            by_stratum[s][k] = hashes[k]
-        assignment = {}
-        for groups in by_stratum.values():
-            assignment.update(_assign_stratified(groups, params))
+    assignment = {
+        k: _assign_threshold(unit_hash(seed, k, salt=f"split:{stratum_of[k]}" if stratum_of else "split"), params)
+        for k in set(keys.values())
+    }
 
     splits: dict[str, list[ChatRecord]] = {}
     for kind in ("sft", "classification", "preference"):
@@ -125,6 +110,100 @@ def split_records(records: list[ChatRecord], params: SplitParams, seed: int) -> 
     for rows in splits.values():
         rows.sort(key=lambda r: (r.source, r.line, r.id))
     return SplitResult(splits=splits, strata={s: dict(c) for s, c in strata.items()})
+
+
+def membership(splits: dict[str, list[ChatRecord]]) -> dict[str, list[str]]:
+    """Record ids per split, sorted: what an auditor checks a model's training data against."""
+    return {name: sorted(r.id for r in rows) for name, rows in splits.items()}
+
+
+@dataclass
+class SplitPlan:
+    """The splits of a run, with a retrain's replay mix and the drift sensor's reference prompts."""
+
+    result: SplitResult
+    replay: Optional[dict] = None
+    reference: list[str] = field(default_factory=list)
+
+    def dataset_sha256(self) -> str:
+        """One hash over every split's content hash."""
+        hashes = self.result.sha256()
+        return sha256_text("\n".join(f"{k}:{hashes[k]}" for k in sorted(hashes)))
+
+
+@dataclass
+class SplitFiles:
+    """Where :func:`write_splits` put a plan."""
+
+    splits: dict[str, Path]  # split name -> JSONL of records
+    membership: Path  # JSON: split name -> record ids
+    reference: Path  # JSONL of {"prompt": ...}: the drift reference
+
+
+MEMBERSHIP_FILE = "membership.json"
+REFERENCE_FILE = "drift_reference.jsonl"
+
+
+def write_splits(plan: SplitPlan, out_dir: Path) -> SplitFiles:
+    """Write each split, the membership (ids per split) and the drift reference under ``out_dir``."""
+    import json
+
+    from tuneline.records import write_jsonl
+
+    paths = {}
+    for name, rows in plan.result.splits.items():
+        paths[name] = out_dir / f"{name}.jsonl"
+        write_jsonl(paths[name], (row.to_dict() for row in rows))
+    members = out_dir / MEMBERSHIP_FILE
+    members.write_text(json.dumps(membership(plan.result.splits), indent=1) + "\n", encoding="utf-8")
+    write_jsonl(out_dir / REFERENCE_FILE, ({"prompt": p} for p in plan.reference))
+    return SplitFiles(splits=paths, membership=members, reference=out_dir / REFERENCE_FILE)
+
+
+def log_splits(tracker: Any, run_id: str, plan: SplitPlan, files: SplitFiles, *, recipe_name: str) -> None:
+    """Log the splits to the stage's MLflow run as named, hashed datasets, the membership as a
+    content-addressed artifact, the counts and a retrain's replay mix; then close the run."""
+    hashes = plan.result.sha256()
+    for name, rows in plan.result.splits.items():
+        tracker.log_dataset(run_id, [row.to_dict() for row in rows], name=f"{recipe_name}-{name}",
+                            digest=hashes[name], source=str(files.splits[name]), context=name)
+    tracker.log_metrics(run_id, {f"rows_{k}": v for k, v in plan.result.counts().items()})
+    tracker.log_contents(run_id, {"membership": files.membership})
+    if plan.replay is not None:
+        tracker.log_dict(run_id, plan.replay, REPLAY_ARTIFACT)
+    tracker.end_run(run_id)
+
+
+REPLAY_ARTIFACT = "lineage/replay.json"  # logged on a retrain: new vs replayed train rows
+
+
+def read_splits(ref: Any) -> dict[str, list[ChatRecord]]:
+    """Every split of a :class:`~tuneline.refs.SplitsRef`, read back as records."""
+    from tuneline import storage
+    from tuneline.records import read_records
+
+    return {name: read_records(storage.fetch(uri)) for name, uri in ref.uris.items()}
+
+
+def plan_splits(records: list[ChatRecord], params: SplitParams, seed: int, *, new_sources: set[str],
+                replay_ratio: float, reference_size: int) -> SplitPlan:
+    """Split; on a retrain (records from ``new_sources``) train on the new rows plus a replay sample of the
+    previous train rows; sample the drift reference from the train prompts (seeded: the split is ordered by
+    source and line, so its first rows would hold one file or task family only)."""
+    import random
+
+    result = split_records(records, params, seed)
+    replay = None
+    if new_sources:
+        from tuneline.monitoring.replay import mix_with_replay
+
+        train = result.splits["train"]
+        new = [rec for rec in train if rec.source in new_sources]
+        previous = [rec for rec in train if rec.source not in new_sources]
+        result.splits["train"], replay = mix_with_replay(new, previous, replay_ratio, seed)
+    prompts = [rec.prompt_text() for rec in result.splits.get("train", [])]
+    reference = random.Random(seed).sample(prompts, min(len(prompts), reference_size))
+    return SplitPlan(result=result, replay=replay, reference=reference)
 
 
 def _stratum(record: ChatRecord, by: str) -> str:

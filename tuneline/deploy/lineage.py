@@ -4,6 +4,12 @@ Starting from the version's source run (the ``registered_model`` stage), the wal
 ``tuneline.upstream.<stage>`` tags every stage run carries, back to the data files. Every link is
 checked: a run that no longer exists, a data file that is gone or whose sha256 changed, an artifact
 that cannot be read. A broken link is reported, never skipped.
+
+The records a model was trained on, the split membership (record ids per split) and the quarantine are
+logged by their stages as content-addressed MLflow artifacts (``content/<sha256>/<file>``, indexed in each
+run's ``lineage/content.json``); the passport names them by sha256, and :func:`verify_passport`
+re-downloads every one of them from the tracking server and re-hashes it, so an auditor on another machine
+that reaches the server can check the whole chain.
 """
 
 from __future__ import annotations
@@ -14,13 +20,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tuneline.deploy.registry import get_version, parse_model_ref
+from tuneline.data.prepare import INPUTS_ARTIFACT
+from tuneline.data.split import REPLAY_ARTIFACT
 from tuneline.records import sha256_file
-from tuneline.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TAG_DATASET, TAG_GIT, TAG_PARENT_PREFIX, Tracker
+from tuneline.tracking import (
+    CONTENT_ARTIFACT,
+    TAG_ASSET,
+    TAG_DAGSTER_RUN,
+    TAG_DATASET,
+    TAG_GIT,
+    TAG_PARENT_PREFIX,
+    Tracker,
+)
 
-INPUTS_ARTIFACT = "lineage/inputs.json"  # logged by prepared_dataset: the raw files with their sha256
 GATE_ARTIFACT = "evaluation/gate.json"  # logged by evaluation_report: the promotion decision and evidence
+MODEL_ARTIFACT = "lineage/model.json"  # logged by every stage that makes a model: its ModelRef
+SPEC_ARTIFACT = "lineage/spec.json"  # logged by every launched stage: the trainer spec it ran (what reproduce re-runs)
 TAG_STARTED_FROM = "tuneline.started_from"  # on a retrain's base_model run: the champion it continued from
-REPLAY_ARTIFACT = "lineage/replay.json"  # logged by dataset_splits on a retrain: new vs replayed train rows
 
 
 def _time(ms: Optional[int]) -> Optional[str]:
@@ -73,20 +89,80 @@ def walk_runs(tracker: Tracker, stage: str, run_id: str, broken: list[dict]) -> 
 
 
 def check_files(files: list[dict[str, Any]], broken: list[dict]) -> list[dict[str, Any]]:
+    """Each input file's status: ok, missing or changed (fetched from its URI, re-hashed)."""
+    from tuneline import storage
+
     out = []
     for f in files:
-        entry = {"path": f["path"], "sha256": f["sha256"], "role": f.get("role")}
-        path = Path(f["path"])
-        if not path.is_file():
-            broken.append({"link": f"data file {path}", "error": "file not found"})
+        uri = f.get("uri") or storage.to_uri(f["path"])
+        entry = {"uri": uri, "sha256": f["sha256"], "role": f.get("role"), "licence": f.get("licence")}
+        try:
+            actual = sha256_file(storage.fetch(uri))
+        except OSError:
+            broken.append({"link": f"data file {storage.redact(uri)}", "error": "file not found"})
             entry["status"] = "missing"
-        elif sha256_file(path) != f["sha256"]:
-            broken.append({"link": f"data file {path}", "error": "sha256 differs from the one recorded"})
-            entry["status"] = "changed"
         else:
-            entry["status"] = "ok"
+            if actual != f["sha256"]:
+                broken.append({"link": f"data file {storage.redact(uri)}", "error": "sha256 differs from the one recorded"})
+            entry["status"] = "ok" if actual == f["sha256"] else "changed"
         out.append(entry)
     return out
+
+
+def _stage_content(tracker: Tracker, runs: dict[str, dict[str, Any]], broken: list[dict]) -> dict[str, Any]:
+    """stage -> {name: {artifact, sha256, run_id}}: the content-addressed files each stage run logged."""
+    content: dict[str, Any] = {}
+    for stage, run in runs.items():
+        if not _has_artifact(tracker, run["run_id"], CONTENT_ARTIFACT):
+            continue
+        try:
+            content[stage] = _artifact_json(tracker, run["run_id"], CONTENT_ARTIFACT)
+        except Exception as exc:  # noqa: BLE001 - an unreadable index is a broken link
+            broken.append({"link": f"{stage} -> {CONTENT_ARTIFACT}", "error": str(exc)[:200]})
+    return content
+
+
+def _stage_artifacts(tracker: Tracker, runs: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
+    """stage -> the JSON artifact ``path`` its run logged (the ModelRef, the trainer spec), where it has one."""
+    return {stage: _artifact_json(tracker, run["run_id"], path) for stage, run in runs.items()
+            if _has_artifact(tracker, run["run_id"], path)}
+
+
+def _has_artifact(tracker: Tracker, run_id: str, path: str) -> bool:
+    folder = path.rsplit("/", 1)[0] if "/" in path else None
+    return any(a.path == path for a in tracker.client().list_artifacts(run_id, folder))
+
+
+def verify_passport(tracker: Tracker, passport: dict[str, Any]) -> list[dict[str, str]]:
+    """Re-download every content-addressed artifact the passport names and re-hash it; also re-fetch the
+    registered weights and check them against the version's sha256. Returns the broken links (empty: all
+    verified)."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    from tuneline.deploy.registry import RegistryError, download_version, get_version
+
+    broken: list[dict[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="tuneline-verify-") as tmp:
+        for stage, files in passport.get("content", {}).items():
+            for name, entry in files.items():
+                link = f"{stage} {name} content/{entry['sha256'][:12]}"
+                try:
+                    local = mlflow.artifacts.download_artifacts(
+                        run_id=entry["run_id"], artifact_path=entry["artifact"], dst_path=tmp,
+                        tracking_uri=tracker.tracking_uri)
+                except Exception as exc:  # noqa: BLE001 - any failure to fetch is a broken link
+                    broken.append({"link": link, "error": f"cannot download: {str(exc).splitlines()[0][:200]}"})
+                    continue
+                if sha256_file(local) != entry["sha256"]:
+                    broken.append({"link": link, "error": "sha256 of the downloaded artifact differs"})
+        try:
+            download_version(tracker, get_version(tracker, passport["model"], passport["version"]),
+                             cache_dir=Path(tmp) / "registry")
+        except (RegistryError, OSError) as exc:
+            broken.append({"link": f"registered weights {passport['model_uri']}", "error": str(exc)[:300]})
+    return broken
 
 
 def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
@@ -125,8 +201,9 @@ def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
 
     splits = stage("dataset_splits")
     replay = None  # only a retrain mixes new rows with replayed ones
-    if splits and any(a.path == REPLAY_ARTIFACT for a in tracker.client().list_artifacts(splits["run_id"], "lineage")):
+    if splits and _has_artifact(tracker, splits["run_id"], REPLAY_ARTIFACT):
         replay = _artifact_json(tracker, splits["run_id"], REPLAY_ARTIFACT)
+    content = _stage_content(tracker, runs, broken)
     prepared = stage("prepared_dataset")
     hpo = stage("hpo_study")
     shas = {r["git_sha"] for r in runs.values() if r.get("git_sha")}
@@ -136,6 +213,10 @@ def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
         "aliases": info.get("aliases", []),
         "model_uri": f"models:/{name}/{info['version']}",
         "data": data,
+        "content": content,
+        "models": _stage_artifacts(tracker, runs, MODEL_ARTIFACT),
+        "specs": _stage_artifacts(tracker, runs, SPEC_ARTIFACT),
+        "recipe": _recipe(tracker, runs),
         "validation": {k: prepared.get("metrics", {}).get(k) for k in ("read", "accepted", "quarantined",
                                                                          "quarantined_fraction")},
         "splits": {"dataset_sha256": splits.get("dataset_sha256"),
@@ -155,13 +236,26 @@ def build_passport(tracker: Tracker, ref: str) -> dict[str, Any]:
     }
 
 
+def _recipe(tracker: Tracker, runs: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The recipe the chain ran with (every launched stage logs it as ``recipe.json``)."""
+    for stage in ("sft_adapter", "base_model", "evaluation_report"):
+        if stage in runs and _has_artifact(tracker, runs[stage]["run_id"], "recipe.json"):
+            return _artifact_json(tracker, runs[stage]["run_id"], "recipe.json")
+    return None
+
+
 def passport_markdown(p: dict[str, Any]) -> str:
     """A readable rendering of the passport (stored with the model version)."""
     lines = [f"# Lineage passport: {p['model']} version {p['version']}", ""]
     lines += [f"- aliases: {', '.join(p['aliases']) or 'none'}", f"- code: git {p['git_sha']}",
               f"- Dagster runs: {', '.join(p['dagster_run_ids'])}", ""]
-    lines += ["## Data", "", "| role | path | sha256 | status |", "|---|---|---|---|"]
-    lines += [f"| {d.get('role')} | `{d['path']}` | `{d['sha256'][:16]}` | {d.get('status')} |" for d in p["data"]]
+    lines += ["## Data", "", "| role | uri | sha256 | licence | status |", "|---|---|---|---|---|"]
+    lines += [f"| {d.get('role')} | `{d['uri']}` | `{d['sha256'][:16]}` | {d.get('licence') or '-'} | {d.get('status')} |"
+              for d in p["data"]]
+    lines += ["", "## Content-addressed artifacts (re-checked by `tuneline lineage --verify`)", "",
+              "| stage | file | sha256 | MLflow run |", "|---|---|---|---|"]
+    lines += [f"| {stage} | {name} | `{e['sha256']}` | `{e['run_id']}` |"
+              for stage, files in p.get("content", {}).items() for name, e in files.items()]
     if p.get("started_from"):
         lines += [f"Started from: {p['started_from']} (a retrain continues from the champion)", ""]
     replay = p["splits"].get("replay")

@@ -199,11 +199,22 @@ def set_alias(tracker: Tracker, name: str, alias: str, version: int | str) -> di
     return get_version(tracker, name, alias)
 
 
-def promote(tracker: Tracker, name: str, version: int | str, *, alias: str = CHAMPION) -> dict[str, Any]:
+class ChampionMoved(RegistryError):
+    """The champion changed between the gate's comparison and the promotion: the decision is stale."""
+
+
+_UNCHECKED = object()
+
+
+def promote(tracker: Tracker, name: str, version: int | str, *, alias: str = CHAMPION,
+            expected: Any = _UNCHECKED) -> dict[str, Any]:
     """Move ``alias`` (``champion``) to ``version``; the version it leaves is tagged on the new one.
 
-    Returns ``{name, alias, version, previous_version, changed}``; promoting the current champion
-    again changes nothing.
+    With ``expected`` (the champion version the gate compared against, or None for "there was none") this is
+    a compare-and-set: when the alias no longer points there, :class:`ChampionMoved` is raised and nothing
+    changes, so a concurrent run's newer champion is never overwritten by a decision made against an older
+    one. Returns ``{name, alias, version, previous_version, changed}``; promoting the current champion again
+    changes nothing.
     """
     client = tracker.client()
     target = _get_by_version(client, name, version)
@@ -211,6 +222,9 @@ def promote(tracker: Tracker, name: str, version: int | str, *, alias: str = CHA
         raise RegistryError(f"cannot promote: registered model {name!r} has no version {version}{_known(client, name)}")
     current = _get_by_alias(client, name, alias)
     previous = int(current.version) if current is not None else None
+    if expected is not _UNCHECKED and previous != expected:
+        raise ChampionMoved(f"{name}@{alias} is version {previous}, not the version {expected} the gate compared "
+                            f"version {version} against: not promoted (evaluate it against the new champion)")
     if previous == int(version):
         return {"name": name, "alias": alias, "version": int(version), "previous_version": previous, "changed": False}
     if previous is not None:

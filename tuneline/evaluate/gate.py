@@ -1,18 +1,26 @@
-"""The promotion gate: does the candidate beat the base model and the current champion?
+"""The promotion gate: does the candidate beat the base model and the current champion, and not fall
+behind the stage it came from?
 
 The candidate must beat each baseline on the primary per-example metric by at least
 ``min_margin`` (mean paired difference), with the paired bootstrap interval of that difference
 clear of zero, and must stay within the tolerances on secondary metrics (p50 latency,
-preference accuracy). A tie fails; a missing champion leaves the base as the only baseline.
+preference accuracy). A tie fails; a missing champion leaves the base as the only baseline. Against
+its *parent* (the SFT model a DPO candidate came from, the DPO teacher of a student) the candidate only
+has to hold its ground: its mean may trail the parent's by at most ``max_parent_regression``.
+Examples with no per-example value on either side (an answer no checker could score, a record whose
+answer tokens were all cut) are left out of the comparison and counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tuneline.evaluate.metrics import paired_bootstrap_diff
 from tuneline.params import GateParams
+
+if TYPE_CHECKING:
+    from tuneline.refs import GateRef
 
 PER_EXAMPLE = {"task_accuracy": "correct", "exact_match": "exact_match", "rouge_l": "rouge_l", "loss": "loss"}
 LOWER_IS_BETTER = {"loss"}
@@ -36,24 +44,27 @@ class GateDecision:
         )
 
 
-def _scores(report: dict[str, Any], metric: str) -> tuple[list[str], list[float]]:
+def _scores(report: dict[str, Any], metric: str) -> tuple[list[str], list[Optional[float]]]:
     per = report["per_example"]
     values = per.get(PER_EXAMPLE[metric])
     if values is None:
         raise ValueError(f"report {report.get('name')!r} has no per-example {metric} (no task checker was used)")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # scores are "higher is better" from here on
-    return list(per["ids"]), [sign * float(v) for v in values]
+    return list(per["ids"]), [None if v is None else sign * float(v) for v in values]
 
 
-def _paired(candidate: dict, baseline: dict, metric: str) -> tuple[list[float], list[float]]:
-    """Scores of both models on the examples both were evaluated on, in the same order."""
+def _paired(candidate: dict, baseline: dict, metric: str) -> tuple[list[float], list[float], int]:
+    """Scores of both models on the examples both have a value for, in the same order; and how many of
+    the shared examples were skipped for a missing value."""
     c_ids, c_vals = _scores(candidate, metric)
     b_ids, b_vals = _scores(baseline, metric)
     b_map = dict(zip(b_ids, b_vals))
-    pairs = [(c, b_map[i]) for i, c in zip(c_ids, c_vals) if i in b_map]
+    shared = [(c, b_map[i]) for i, c in zip(c_ids, c_vals) if i in b_map]
+    pairs = [(c, b) for c, b in shared if c is not None and b is not None]
     if not pairs:
-        raise ValueError(f"{candidate.get('name')} and {baseline.get('name')} share no evaluated example")
-    return [c for c, _ in pairs], [b for _, b in pairs]
+        raise ValueError(f"{candidate.get('name')} and {baseline.get('name')} share no example with a "
+                         f"{metric} value on both sides")
+    return [c for c, _ in pairs], [b for _, b in pairs], len(shared) - len(pairs)
 
 
 def decide(
@@ -62,8 +73,9 @@ def decide(
     params: GateParams,
     *,
     seed: int = 0,
+    parent: Optional[dict[str, Any]] = None,
 ) -> GateDecision:
-    """Compare ``candidate`` (an evaluation report) with each non-None baseline report."""
+    """Compare ``candidate`` (an evaluation report) with each non-None baseline report, and with ``parent``."""
     present = {name: rep for name, rep in baselines.items() if rep is not None}
     reasons: list[str] = []
     evidence: dict[str, Any] = {"primary_metric": params.primary_metric, "min_margin": params.min_margin,
@@ -71,11 +83,12 @@ def decide(
     if not present:
         return GateDecision(False, candidate.get("name", "candidate"), [], ["no baseline to compare with"], evidence)
     for name, base in present.items():
-        a, b = _paired(candidate, base, params.primary_metric)
+        a, b, skipped = _paired(candidate, base, params.primary_metric)
         gain, low, high = paired_bootstrap_diff(a, b, samples=params.bootstrap_samples,
                                                 confidence=params.confidence, seed=seed)
-        item: dict[str, Any] = {"n": len(a), "candidate_mean": sum(a) / len(a), "baseline_mean": sum(b) / len(b),
-                                "gain": gain, "ci_low": low, "ci_high": high, "confidence": params.confidence}
+        item: dict[str, Any] = {"n": len(a), "skipped_missing": skipped, "candidate_mean": sum(a) / len(a),
+                                "baseline_mean": sum(b) / len(b), "gain": gain, "ci_low": low, "ci_high": high,
+                                "confidence": params.confidence}
         if gain < params.min_margin or gain <= 0:
             reasons.append(f"{params.primary_metric} gain over {name} is {gain:+.4f}, below the margin "
                            f"{params.min_margin:.4f}")
@@ -94,4 +107,35 @@ def decide(
                 reasons.append(f"preference accuracy {c_pref['mean']:.3f} is more than "
                                f"{params.max_preference_accuracy_drop:.3f} below {name}'s {b_pref['mean']:.3f}")
         evidence[name] = item
+    if parent is not None:
+        a, b, skipped = _paired(candidate, parent, params.primary_metric)
+        gain = sum(a) / len(a) - sum(b) / len(b)
+        evidence["parent"] = {"name": parent.get("name"), "n": len(a), "skipped_missing": skipped,
+                              "candidate_mean": sum(a) / len(a), "parent_mean": sum(b) / len(b), "gain": gain,
+                              "max_regression": params.max_parent_regression}
+        if gain < -params.max_parent_regression:
+            reasons.append(f"{params.primary_metric} is {-gain:.4f} worse than its parent {parent.get('name')} "
+                           f"(at most {params.max_parent_regression:.4f} allowed): the last stage made it worse")
     return GateDecision(not reasons, candidate.get("name", "candidate"), list(present), reasons, evidence)
+
+
+# gate.candidate -> (report name of the candidate, report name of its parent stage)
+CANDIDATES = {"teacher": ("dpo", "sft"), "student": ("student", "dpo"), "sft": ("sft", None)}
+
+
+def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion_version: Optional[int],
+              stages: dict[str, str]) -> "GateRef":
+    """The gate's decision on an evaluation report (``tuneline.recipes.evaluate``): the recipe's candidate
+    against the base model, the champion (when evaluated) and its parent stage."""
+    from tuneline.params import to_plain
+    from tuneline.refs import GateRef
+
+    name, parent = CANDIDATES[params.candidate]
+    models = report["models"]
+    if name not in models:
+        raise ValueError(f"gate.candidate {params.candidate!r} needs the {name!r} model, which was not evaluated")
+    decision = decide(models[name], {"base": models.get("base"), "champion": models.get("champion")}, params,
+                      seed=seed, parent=models.get(parent) if parent else None)
+    return GateRef(passed=decision.passed, candidate=name, candidate_stage=stages[name],
+                   baselines=tuple(decision.baselines), reasons=tuple(decision.reasons), evidence=decision.evidence,
+                   policy=to_plain(params), champion_version=champion_version)

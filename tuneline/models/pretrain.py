@@ -22,6 +22,9 @@ EVAL_FRACTION = 0.05  # share of packed blocks held out for evaluation
 MAX_EVAL_BLOCKS = 64  # cap on held-out blocks (keeps evaluation a few seconds on CPU)
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
 MAX_GRAD_NORM = 1.0
+CHECKPOINT_WEIGHTS = "model.safetensors"  # inside checkpoint-N/
+CHECKPOINT_OPTIMIZER = "optimizer.pt"  # AdamW state (torch.save; loaded with weights_only=True)
+CHECKPOINT_STATE = "loop_state.json"  # step, loss history, tokens seen, eval loss before training
 
 
 @dataclass
@@ -30,7 +33,7 @@ class PretrainResult:
 
     losses: list[tuple[int, float]]  # (step, mean training loss since the previous point)
     tokens_seen: int  # training tokens processed (steps x batch_size x seq_len)
-    seconds: float  # wall time of the training loop (evaluation excluded)
+    seconds: float  # wall time of the training loop (evaluation excluded; a resumed run adds its parts)
     tokens_per_second: float  # tokens_seen / seconds
     final_loss: float  # mean training loss of the last ``log_every`` steps
     bf16: bool  # whether bf16 autocast was used
@@ -43,6 +46,7 @@ class PretrainResult:
     batch_size: int = 0  # blocks per step
     corpus_tokens: int = 0  # tokens in the packed corpus (remainder dropped)
     device: str = "cpu"  # where it trained
+    resumed_from_step: int = 0  # the checkpoint a rerun continued from (0: started fresh)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +143,65 @@ def evaluate_blocks(model: Any, blocks: Any, *, batch_size: int, bf16: bool) -> 
     return total / max(1, count)
 
 
+def batch_indices(step: int, n_train: int, batch_size: int, seed: int) -> "Any":
+    """Indices of the training blocks step ``step`` (0-based) trains on: a function of the step alone.
+
+    Epoch ``e`` is a permutation of the blocks seeded by ``(seed, e)``, cut into full batches (a short tail
+    is dropped when there are at least ``batch_size`` blocks). Because no state carries from step to step,
+    a resumed run continues with exactly the batches the uninterrupted run would have seen.
+    """
+    import torch
+
+    per_epoch = max(1, n_train // batch_size) if n_train >= batch_size else 1
+    epoch, index = divmod(step, per_epoch)
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1))
+    return perm[index * batch_size : (index + 1) * batch_size]
+
+
+def _save_checkpoint(folder: Any, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Weights (safetensors), optimizer state and the loop's own state, then the completion marker."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tuneline.train.callbacks import mark_complete
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(_untied(model, tensors), str(folder / CHECKPOINT_WEIGHTS))
+    torch.save(optimizer.state_dict(), folder / CHECKPOINT_OPTIMIZER)
+    (folder / CHECKPOINT_STATE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+    mark_complete(folder, state["step"])
+
+
+def _untied(model: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """State dict without the tied copies safetensors refuses (shared storage saved once)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = key
+        out[key] = value
+    return out
+
+
+def _load_checkpoint(folder: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)), strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}")
+    optimizer.load_state_dict(torch.load(folder / CHECKPOINT_OPTIMIZER, weights_only=True))
+    return json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+
+
 def pretrain_causal_lm(
     model: Any,
     tokenizer: Any,
@@ -148,13 +211,22 @@ def pretrain_causal_lm(
     seed: int,
     steps: int,
     progress: Optional[Progress] = None,
+    checkpoint_dir: Optional[Any] = None,
+    on_checkpoint: Optional[Callable[[Any], None]] = None,
 ) -> PretrainResult:
     """Train ``model`` in place as a causal LM on ``texts`` for ``steps`` optimizer steps.
 
-    The model stays on its device; it is left in eval mode. ``progress(step, steps, loss)`` is
-    called at every logging point.
+    The model stays on its device; it is left in eval mode. ``progress(step, steps, loss)`` is called at
+    every logging point. With ``checkpoint_dir``, a complete checkpoint (weights, optimizer, loop state,
+    then a completion marker) is written every ``params.checkpoint_every`` steps and a rerun resumes from
+    the last complete one, giving the same result as an uninterrupted run (the batches are a function of
+    the step); ``on_checkpoint(folder)`` runs after each (e.g. an upload).
     """
+    from pathlib import Path
+
     import torch
+
+    from tuneline.train.callbacks import last_valid_checkpoint
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -169,81 +241,56 @@ def pretrain_causal_lm(
             "need at least 2 (one to train on, one held out)"
         )
 
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_blocks, generator=generator)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed))
     n_eval = min(MAX_EVAL_BLOCKS, max(1, round(n_blocks * EVAL_FRACTION)))
     eval_blocks = blocks[order[:n_eval]]
     train_blocks = blocks[order[n_eval:]]
     n_train = int(train_blocks.shape[0])
 
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=params.learning_rate,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    trainable = decay + no_decay
+
+    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resume = last_valid_checkpoint(root) if root is not None else None
+    state: dict[str, Any] = {"step": 0, "losses": [], "window": [], "tail": [], "tokens_seen": 0,
+                             "seconds": 0.0, "eval_before": None}
+    if resume is not None:
+        state = _load_checkpoint(resume, model, optimizer)
+    resumed_from = int(state["step"])
+    if state["eval_before"] is None:
+        state["eval_before"] = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
+
+    model.train()
+    start_time = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        for step in range(resumed_from, steps):
+            # any randomness in the model (dropout) is a function of the step too: resuming changes nothing
+            torch.manual_seed(seed * 1_000_003 + step)
+            start_time = _train_step(
+                model, optimizer, trainable, train_blocks, params, state, step=step, steps=steps, seed=seed,
+                n_train=n_train, device=device, bf16=bf16, progress=progress, root=root,
+                on_checkpoint=on_checkpoint, start_time=start_time,
+            )
+    seconds = state["seconds"] + time.perf_counter() - start_time
+    model.eval()
 
-        eval_before = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
-
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=params.learning_rate,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-        )
-        trainable = decay + no_decay
-
-        def batches():
-            while True:  # one fresh permutation of the training blocks per epoch
-                perm = torch.randperm(n_train, generator=generator)
-                for start in range(0, n_train, params.batch_size):
-                    idx = perm[start : start + params.batch_size]
-                    if idx.numel() < params.batch_size and n_train >= params.batch_size:
-                        break  # drop the short tail so every step sees batch_size blocks
-                    yield train_blocks[idx]
-
-        losses: list[tuple[int, float]] = []
-        window: list[float] = []
-        all_losses: list[float] = []
-        tokens_seen = 0
-        model.train()
-        stream = batches()
-        start_time = time.perf_counter()
-        for step in range(steps):
-            lr = lr_at(step, steps, params.learning_rate, params.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(stream).to(device)
-            with _autocast(device, bf16):
-                loss = model(input_ids=batch, labels=batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss is {float(loss)} at step {step + 1}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += batch.numel()
-            window.append(float(loss.detach()))
-            all_losses.append(window[-1])
-            done = step + 1
-            if done % params.log_every == 0 or done == steps or done == 1:
-                point = (done, sum(window) / len(window))
-                losses.append(point)
-                window = []
-                if progress is not None:
-                    progress(done, steps, point[1])
-        seconds = time.perf_counter() - start_time
-        model.eval()
-
-        eval_after = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
-
+    eval_after = evaluate_blocks(model, eval_blocks, batch_size=params.batch_size, bf16=bf16)
     return PretrainResult(
-        losses=losses,
-        tokens_seen=tokens_seen,
+        losses=[(int(s), float(v)) for s, v in state["losses"]],
+        tokens_seen=int(state["tokens_seen"]),
         seconds=seconds,
-        tokens_per_second=tokens_seen / seconds if seconds > 0 else 0.0,
-        final_loss=sum(all_losses[-params.log_every :]) / len(all_losses[-params.log_every :]),
+        tokens_per_second=state["tokens_seen"] / seconds if seconds > 0 else 0.0,
+        final_loss=sum(state["tail"]) / len(state["tail"]),
         bf16=bf16,
-        eval_loss_before=eval_before,
+        eval_loss_before=float(state["eval_before"]),
         eval_loss_after=eval_after,
         steps=steps,
         train_blocks=n_train,
@@ -252,6 +299,56 @@ def pretrain_causal_lm(
         batch_size=params.batch_size,
         corpus_tokens=n_blocks * params.seq_len,
         device=str(device),
+        resumed_from_step=resumed_from,
         meta={"lr_schedule": "linear warmup + cosine", "min_lr_ratio": MIN_LR_RATIO, "max_grad_norm": MAX_GRAD_NORM,
-              "eval_fraction": EVAL_FRACTION, "seed": seed},
+              "eval_fraction": EVAL_FRACTION, "seed": seed, "batch_order": "seeded permutation per epoch"},
     )
+
+
+def _train_step(model: Any, optimizer: Any, trainable: list, train_blocks: Any, params: PretrainParams,
+                state: dict[str, Any], *, step: int, steps: int, seed: int, n_train: int, device: Any, bf16: bool,
+                progress: Optional[Progress], root: Any, on_checkpoint: Optional[Callable[[Any], None]],
+                start_time: float) -> float:
+    """One optimizer step (and the log point / checkpoint after it); returns the timer's start."""
+    import shutil
+
+    import torch
+
+    from tuneline.train.callbacks import checkpoint_step, disk_full_explained
+
+    lr = lr_at(step, steps, params.learning_rate, params.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = train_blocks[batch_indices(step, n_train, params.batch_size, seed)].to(device)
+    with _autocast(device, bf16):
+        loss = model(input_ids=batch, labels=batch).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"pretraining loss is {float(loss)} at step {step + 1}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["tokens_seen"] += batch.numel()
+    value = float(loss.detach())
+    state["window"].append(value)
+    state["tail"] = (state["tail"] + [value])[-params.log_every :]
+    done = step + 1
+    if done % params.log_every == 0 or done == steps or done == 1:
+        point = [done, sum(state["window"]) / len(state["window"])]
+        state["losses"].append(point)
+        state["window"] = []
+        if progress is not None:
+            progress(done, steps, point[1])
+    if root is not None and done < steps and done % params.checkpoint_every == 0:
+        state["step"] = done
+        state["seconds"] += time.perf_counter() - start_time
+        model.eval()
+        with disk_full_explained(root):
+            _save_checkpoint(root / f"checkpoint-{done}", model, optimizer, state)
+        model.train()
+        for old in sorted(root.glob("checkpoint-*"), key=checkpoint_step)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        if on_checkpoint is not None:
+            on_checkpoint(root / f"checkpoint-{done}")
+        return time.perf_counter()
+    return start_time

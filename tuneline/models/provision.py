@@ -12,11 +12,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tuneline.models.pretrain import PretrainResult, Progress, pretrain_causal_lm
 from tuneline.params import ModelParams, PretrainParams
 from tuneline.records import sha256_file
+
+if TYPE_CHECKING:
+    from tuneline.refs import ModelRef
 
 CONFIG_FIELDS = (
     "model_type",
@@ -189,12 +192,15 @@ def provision_base_model(
     seed: int,
     steps: Optional[int] = None,
     progress: Optional[Progress] = None,
+    checkpoint_dir: Optional[str | Path] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> BaseModelInfo:
     """Build or load the base model, pretrain it on ``corpus_texts`` when asked, save it to ``out_dir``.
 
     ``build: tiny`` trains the tokenizer on the corpus, initializes the Llama from ``seed`` and
     always pretrains (``steps`` or ``pretrain_params.steps``). ``name_or_path`` loads the model and
-    runs continued pretraining only when ``pretrain_params.enabled``. ``out_dir`` is replaced.
+    runs continued pretraining only when ``pretrain_params.enabled``. ``out_dir`` is replaced. With
+    ``checkpoint_dir`` pretraining writes resumable checkpoints there and a rerun continues from them.
     """
     import torch
 
@@ -229,6 +235,8 @@ def provision_base_model(
             seed=seed,
             steps=steps if steps is not None else pretrain_params.steps,
             progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            on_checkpoint=on_checkpoint,
         )
         model.to("cpu")
 
@@ -266,8 +274,38 @@ def provision_base_model(
     )
 
 
-def plot_loss_curve(points: Sequence[tuple[float, float]], path: str | Path, title: str) -> Path:
-    """PNG of one loss curve (a thin wrapper over :func:`tuneline.plots.plot_curves`)."""
-    from tuneline.plots import plot_curves
+# ---------------------------------------------------------------------------
+# references to model directories (what stages hand each other)
 
-    return plot_curves({"loss": points}, path, title, xlabel="step", ylabel="loss")
+
+def model_ref(local_dir: str | Path, uri: str, *, method: str, stage: str, **fields: Any) -> "ModelRef":
+    """A :class:`~tuneline.refs.ModelRef` for a saved model directory: ``adapter`` when it holds an adapter
+    (then ``base=`` is required), else ``full``; the weights hash is taken from the files."""
+    from tuneline.refs import ModelRef
+
+    kind = "adapter" if (Path(local_dir) / "adapter_config.json").is_file() else "full"
+    return ModelRef(uri=uri, sha256=weights_sha256(local_dir), kind=kind, method=method, stage=stage, **fields)
+
+
+def local_model_dir(ref: "ModelRef") -> Path:
+    """The model's directory on this machine (fetched from the artifact store when it is remote); the
+    weights are checked against the reference's sha256."""
+    from tuneline import storage
+
+    path = storage.fetch(ref.uri)
+    actual = weights_sha256(path)
+    if actual != ref.sha256:
+        raise ValueError(f"{storage.redact(ref.uri)}: weights sha256 {actual[:16]} does not match the "
+                         f"reference's {ref.sha256[:16]} (the files changed after {ref.stage} wrote them)")
+    return path
+
+
+def load_model_ref(ref: "ModelRef") -> tuple[Any, Any]:
+    """(model, tokenizer) for a reference: full weights, or the adapter on its base."""
+    from tuneline.train.sft import load_trained
+
+    if ref.kind == "adapter":
+        assert ref.base is not None
+        return load_trained(local_model_dir(ref.base), local_model_dir(ref))
+    path = local_model_dir(ref)
+    return load_causal_lm(path), load_tokenizer(path)

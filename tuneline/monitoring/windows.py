@@ -46,3 +46,39 @@ def next_window(
     if len(usable) >= min_requests and now - usable[0][1] >= window_minutes * 60:
         return Window(usable[0][0], usable[-1][0], tuple(t for _, _, t in usable), "timeout")
     return None
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """What the drift sensor does with the rows it read: a window to test (or none), and how far its cursor
+    may move without ever skipping a usable request."""
+
+    window: Optional[Window]
+    cursor: int  # the last log id the sensor is done with
+    skipped: int  # unusable rows (failed requests, no user text) passed over
+    reason: str  # why there is no window, or what the window is
+
+
+def plan_window(rows: list[dict[str, Any]], *, last_id: int, now: float, window_requests: int,
+                window_minutes: float, min_requests: int = 10) -> WindowPlan:
+    """Plan the next drift test over the log rows read after ``last_id`` (oldest first).
+
+    The cursor moves past unusable rows (failed requests, rows without a user turn) even when no window forms,
+    so a log where most requests fail never makes the sensor re-read the same rows forever; it never moves
+    past a usable row that is not yet in a tested window.
+    """
+    usable_ids = [row["id"] for row in rows if prompt_of(row)]
+    window = next_window(rows, now=now, window_requests=window_requests, window_minutes=window_minutes,
+                         min_requests=min_requests)
+    if window is not None:
+        skipped = sum(1 for row in rows if row["id"] <= window.last_id and row["id"] not in set(usable_ids))
+        return WindowPlan(window, window.last_id, skipped, f"window {window.id} ({window.reason})")
+    if usable_ids:
+        before = [row["id"] for row in rows if row["id"] < usable_ids[0]]
+        return WindowPlan(None, before[-1] if before else last_id, len(before),
+                          f"{len(usable_ids)} usable request(s) waiting: the window is not complete yet"
+                          + (f"; {len(before)} failed request(s) passed over" if before else ""))
+    if rows:
+        return WindowPlan(None, rows[-1]["id"], len(rows),
+                          f"{len(rows)} failed request(s) passed over: nothing to test for drift")
+    return WindowPlan(None, last_id, 0, "no new requests")

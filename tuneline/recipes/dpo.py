@@ -1,96 +1,86 @@
-"""DPO out of process: ``python -m tuneline.recipes.dpo --spec SPEC.json``.
+"""DPO out of process: ``python -m tuneline.recipes.dpo --spec SPEC.json`` (a :class:`~tuneline.specs.DpoSpec`).
 
-The spec (JSON)::
-
-    {"sft_model_dir": "runs/sft/model", "base_model": "path/to/base", "sft_method": "lora",
-     "train_path": "pref_train.jsonl", "val_path": "pref_val.jsonl", "out_dir": "runs/dpo",
-     "params": {...DpoParams...}, "seed": 42, "max_steps": null,
-     "merge": true,                                                             # optional, default true
-     "mlflow": {"tracking_uri": "sqlite:////abs/mlflow.db", "run_id": "..."},   # optional
-     "asset_key": "dpo_adapter"}                                                # optional
-
-Train and val files hold preference ``ChatRecord`` rows. Under Dagster Pipes every TRL log streams as
-``pipes.log.info`` and the run ends with ``report_asset_materialization``; otherwise progress is printed.
-With ``mlflow`` set, per-step metrics go to that run. With ``merge`` (the default) the DPO adapter is also
-merged onto the merged SFT base (``load_dpo_model``), ready to be the distillation teacher; its directory
-is ``merged_model_dir`` in ``out_dir/result.json`` (``DpoResult.to_dict()`` plus that key). Any error exits
-non-zero with the traceback on stderr.
+The SFT model (full weights, or an adapter on its base) and the preference splits are read from their URIs.
+Under Dagster Pipes every TRL log streams as ``pipes.log.info`` and the run ends with
+``report_asset_materialization``; otherwise progress is printed. With ``mlflow`` set, per-step metrics go to
+that run. With ``merge`` (the default) the DPO adapter is also merged onto the merged SFT base
+(``load_dpo_model``), ready to be the distillation teacher and the gate's candidate: the outcome's model is
+then that full-weights directory, else the DPO adapter on the merged SFT base. Any error exits non-zero with
+the traceback on stderr.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 from tuneline.recipes import _runner
+from tuneline.specs import DpoSpec, Outcome
 
-REQUIRED_KEYS = ("sft_model_dir", "base_model", "sft_method", "train_path", "val_path", "out_dir", "params", "seed")
-OPTIONAL_KEYS = ("max_steps", "merge", "mlflow", "asset_key")
-
-
-def load_spec(path: str | Path) -> dict[str, Any]:
-    """Read and check the spec; ``params`` becomes a checked ``DpoParams``."""
-    from tuneline.params import PEFT_METHODS, DpoParams, build
-
-    spec = _runner.read_spec(path, REQUIRED_KEYS, OPTIONAL_KEYS)
-    if spec["sft_method"] not in PEFT_METHODS:
-        raise ValueError(f"{path}: sft_method {spec['sft_method']!r} is not one of {', '.join(PEFT_METHODS)}")
-    spec["params"] = build(DpoParams, spec["params"], "params")
-    return spec
+PAIR_METRICS = ("reward_accuracy", "reward_margin", "logprob_accuracy")
 
 
-def run(spec: dict[str, Any], pipes: Any = None) -> dict[str, Any]:
-    """Train as the spec says; stream logs; write result.json; report the materialization under Pipes."""
+def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
+    """Train as the spec says; stream logs; write the outcome; report the materialization under Pipes."""
+    from pathlib import Path
+
+    from tuneline import storage
+    from tuneline.models.provision import local_model_dir, model_ref
     from tuneline.records import read_records
-    from tuneline.train.dpo import load_dpo_model, train_dpo
+    from tuneline.train.dpo import ADAPTER_SUBDIR, MERGED_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
 
-    log = _runner.StepLogger(pipes, spec.get("mlflow"))
-    train, val = read_records(spec["train_path"]), read_records(spec["val_path"])
-    params = spec["params"]
+    log = _runner.StepLogger(pipes, spec.mlflow)
+    train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
+    params = spec.params
+    sft_dir = local_model_dir(spec.sft)
+    base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else sft_dir
+    work = storage.Workspace(spec.out_uri)
     log.emit(f"dpo: beta={params.beta} lr={params.learning_rate} train={len(train)} val={len(val)} "
-             f"sft={spec['sft_model_dir']} ({spec['sft_method']})")
-    try:
-        result = train_dpo(
-            spec["sft_model_dir"], spec["base_model"], spec["sft_method"], train, val, params, spec["out_dir"],
-            seed=int(spec["seed"]), max_steps=spec.get("max_steps"), on_log=log,
-        )
-    finally:
-        log.close()
-    data = result.to_dict()
-    data["merged_model_dir"] = str(load_dpo_model(spec["out_dir"])) if spec.get("merge", True) else None
-    result_path = _runner.write_result(spec["out_dir"], data)
-
+             f"sft={storage.redact(spec.sft.uri)} ({spec.sft.method})")
+    result = train_dpo(sft_dir, base_dir, spec.sft.method, train, val, params, work.path,
+                       seed=spec.seed, max_steps=spec.max_steps, on_log=log,
+                       on_checkpoint=work.sync if work.remote else None)
+    if not _runner.is_main_process():  # rank 0 alone merges, writes and reports
+        return None
+    run_id = spec.mlflow.run_id if spec.mlflow else None
+    stage = spec.asset_key or "dpo_adapter"
+    merged_base = Path(result.merged_base_dir)
+    if merged_base == sft_dir:
+        base_ref = spec.sft
+    else:
+        work.sync(MERGED_SUBDIR)
+        base_ref = model_ref(merged_base, work.uri_of(MERGED_SUBDIR), method=f"{spec.sft.method}-merged",
+                             stage=stage, mlflow_run_id=run_id)
+    if spec.merge:
+        merged = load_dpo_model(work.path)
+        work.sync(MODEL_SUBDIR)
+        model = model_ref(merged, work.uri_of(MODEL_SUBDIR), method="dpo", stage=stage, mlflow_run_id=run_id)
+    else:
+        work.sync(ADAPTER_SUBDIR)
+        model = model_ref(result.output_dir, work.uri_of(ADAPTER_SUBDIR), method="dpo", stage=stage,
+                          base=base_ref, mlflow_run_id=run_id)
     before, after = result.before, result.after
-    log.summary(result.steps, {
-        **{f"dpo_{k}_before": before[k] for k in ("reward_accuracy", "reward_margin", "logprob_accuracy")},
-        **{f"dpo_{k}_after": after[k] for k in ("reward_accuracy", "reward_margin", "logprob_accuracy")},
-        "dpo_seconds": result.seconds,
-    })
+    metrics = {
+        "steps": result.steps, "seconds": result.seconds, "beta": params.beta,
+        "train_pairs": result.train_pairs, "val_pairs": result.val_pairs,
+        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
+        "final_loss": result.losses[-1]["loss"] if result.losses else None,
+        **{f"{k}_before": before[k] for k in PAIR_METRICS},
+        **{f"{k}_after": after[k] for k in PAIR_METRICS},
+    }
+    outcome = Outcome(model=model, metrics=metrics, details=result.to_dict(),
+                      curves={"train": [[c["step"], c["loss"]] for c in result.losses if "loss" in c]})
     log.emit(
         f"dpo done: {result.steps} steps, reward accuracy {before['reward_accuracy']:.3f} -> "
         f"{after['reward_accuracy']:.3f}, margin {after['reward_margin']:.4f}, log-prob accuracy "
-        f"{before['logprob_accuracy']:.3f} -> {after['logprob_accuracy']:.3f} -> {result.output_dir}"
+        f"{before['logprob_accuracy']:.3f} -> {after['logprob_accuracy']:.3f} -> {storage.redact(model.uri)}"
     )
-    if pipes is not None:
-        values = {
-            "steps": result.steps, "seconds": result.seconds, "beta": params.beta,
-            "train_pairs": result.train_pairs, "val_pairs": result.val_pairs,
-            "trainable_params": result.trainable_params, "total_params": result.total_params,
-            "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
-            "final_loss": result.losses[-1]["loss"] if result.losses else None,
-            **{f"{k}_before": before[k] for k in ("reward_accuracy", "reward_margin", "logprob_accuracy")},
-            **{f"{k}_after": after[k] for k in ("reward_accuracy", "reward_margin", "logprob_accuracy")},
-        }
-        paths = {"output_dir": result.output_dir, "merged_base_dir": result.merged_base_dir,
-                 "merged_model_dir": data["merged_model_dir"], "result_path": result_path}
-        pipes.report_asset_materialization(metadata=_runner.metadata(values, paths), asset_key=spec.get("asset_key"))
-    return data
+    return _runner.finish(spec, outcome, pipes, log=log)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return _runner.run_cli(argv, prog="python -m tuneline.recipes.dpo", description=__doc__.split("\n")[0],
-                           load_spec=load_spec, run=run)
+    return _runner.run_cli(argv, spec_class=DpoSpec, run=run)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last (atomic rename) into a fully written checkpoint
 PROMPT_ENCODER_FILE = "prompt_encoder_state.safetensors"  # P-tuning's full encoder, saved with each checkpoint
@@ -33,11 +35,16 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def mark_complete(checkpoint_dir: str | Path, step: int) -> Path:
-    """Write the completion marker into ``checkpoint_dir``: temp file, fsync, then atomic rename."""
+    """Write the completion marker into ``checkpoint_dir`` (the step and the sha256 of every file, so a
+    checkpoint damaged later is recognized): temp file, fsync, then atomic rename."""
+    from tuneline.records import sha256_file
+
     folder = Path(checkpoint_dir)
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and not p.name.startswith(f".{COMPLETE_MARKER}")}
     tmp = folder / f".{COMPLETE_MARKER}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(f"{step}\n")
+        fh.write(json.dumps({"step": step, "files": files}) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     final = folder / COMPLETE_MARKER
@@ -45,25 +52,73 @@ def mark_complete(checkpoint_dir: str | Path, step: int) -> Path:
     return final
 
 
-def last_valid_checkpoint(checkpoints_dir: str | Path, *, delete_incomplete: bool = True) -> Optional[Path]:
-    """The highest-step ``checkpoint-N`` holding the completion marker, or None.
+MIN_FREE_BYTES = 1 << 20  # below this much free space a failed write is taken for a full disk
 
-    Checkpoints without the marker (a save cut off by a crash or kill) are never returned; with
-    ``delete_incomplete`` they are removed so the trainer's rotation cannot count them either.
+
+@contextmanager
+def disk_full_explained(checkpoints_dir: str | Path) -> Iterator[None]:
+    """Re-raise a write that failed because the disk holding ``checkpoints_dir`` is full (torch reports it as
+    an obscure ``RuntimeError: ... unexpected pos``) as an ``OSError(ENOSPC)`` that says so, and which complete
+    checkpoint a rerun will resume from; other errors pass through unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        folder = Path(checkpoints_dir)
+        probe = folder if folder.exists() else folder.parent
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free >= MIN_FREE_BYTES and getattr(exc, "errno", None) != errno.ENOSPC:
+            raise
+        previous = last_valid_checkpoint(folder, delete_incomplete=False)
+        raise OSError(errno.ENOSPC, f"No space left on device: the disk holding {folder} has {free} bytes free; "
+                      f"the checkpoint being written is incomplete and will be ignored; a rerun resumes from "
+                      f"{previous.name if previous else 'the start (no complete checkpoint yet)'} once there is "
+                      "room") from exc
+
+
+def checkpoint_is_intact(folder: str | Path) -> bool:
+    """True when every file the completion marker lists is there with its sha256 (a marker from before files
+    were listed only vouches for completion)."""
+    from tuneline.records import sha256_file
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return isinstance(manifest, int)  # the old marker: just the step
+    for name, sha in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != sha:
+            return False
+    return True
+
+
+def last_valid_checkpoint(checkpoints_dir: str | Path, *, delete_incomplete: bool = True) -> Optional[Path]:
+    """The highest-step ``checkpoint-N`` that is complete and intact, or None.
+
+    Checkpoints without the marker (a save cut off by a crash, a kill or a full disk) are never returned;
+    with ``delete_incomplete`` they are removed so the trainer's rotation cannot count them either. A complete
+    checkpoint whose files no longer match their recorded sha256 (damaged on disk) is skipped, and the one
+    before it is used.
     """
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return None
-    best: Optional[Path] = None
+    complete = []
     for child in root.iterdir():
         if not child.is_dir() or not _CHECKPOINT_RE.match(child.name):
             continue
         if (child / COMPLETE_MARKER).is_file():
-            if best is None or checkpoint_step(child) > checkpoint_step(best):
-                best = child
+            complete.append(child)
         elif delete_incomplete:
             shutil.rmtree(child, ignore_errors=True)
-    return best
+    for child in sorted(complete, key=checkpoint_step, reverse=True):
+        if checkpoint_is_intact(child):
+            return child
+    return None
 
 
 def _plain_pattern(pattern: Optional[dict[str, Any]]) -> Optional[dict[str, list[bool]]]:
@@ -167,13 +222,19 @@ def _build_classes() -> dict[str, type]:
             return control
 
     class CompleteCheckpointCallback(Base):
-        """Marks each checkpoint valid once the trainer has fully written it (``on_save`` runs after the write)."""
+        """Marks each checkpoint valid once the trainer has fully written it (``on_save`` runs after the write);
+        then ``on_complete(folder)`` (e.g. an upload of the checkpoint to a remote store) when given."""
+
+        def __init__(self, on_complete: Optional[Callable[[Path], None]] = None) -> None:
+            self.on_complete = on_complete
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
                     mark_complete(folder, state.global_step)
+                    if self.on_complete is not None:
+                        self.on_complete(folder)
             return control
 
     class MetricsCallback(Base):

@@ -38,6 +38,7 @@ from tuneline.records import canonical_json, sha256_file, sha256_text
 TOP_K = 64  # teacher tokens kept per completion position
 CACHE_FORMAT = 1  # bump when the cached layout changes (it is part of the key)
 CACHE_FILE = "teacher.safetensors"
+STUDENT_SUBDIR = "student"  # the saved student (safetensors + tokenizer) under out_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 OnLog = Callable[[int, dict[str, float]], None]
@@ -410,16 +411,22 @@ def distill_student(
     cache_dir: str | Path,
     on_log: Optional[OnLog] = None,
     top_k: int = TOP_K,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> DistillResult:
     """Distill the teacher at ``teacher_dir`` (a full model + tokenizer) into a smaller student saved in
     ``out_dir/student``. ``records``/``val_records`` are SFT chat records (``ChatRecord`` or dicts); the loss
-    covers the assistant tokens. ``max_steps`` caps the run on top of ``params.max_steps``."""
+    covers the assistant tokens. ``max_steps`` caps the run on top of ``params.max_steps``. Checkpoints every
+    ``params.save_steps`` steps are marked complete (then ``on_checkpoint(folder)``); a rerun resumes from the
+    last complete one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
+    from tuneline.train import callbacks as cb
+    from tuneline.train import distributed
     from tuneline.train.common import resolve_bf16
     from tuneline.train.methods import count_params
 
+    distributed.check_world(params.num_processes, "tuneline.recipes.distill")
     started = time.perf_counter()
     teacher_dir, out_dir, cache_dir = Path(teacher_dir), Path(out_dir), Path(cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -440,15 +447,16 @@ def distill_student(
 
     t_sha, tok_sha = weights_sha(teacher_dir), tokenizer_sha(teacher_dir)
     caches, hits, cache_paths = {}, [], {}
-    for split, recs, feats in (("train", records, train_features), ("val", val_records, val_features)):
-        key = teacher_cache_key(t_sha, _record_ids(recs), params.max_length, params.temperature, k, tok_sha)
-        path = cache_dir / key
-        caches[split], hit = teacher_outputs(
-            teacher, feats, path, temperature=params.temperature, top_k=k, pad_token_id=pad_id,
-            batch_size=params.batch_size,
-        )
-        hits.append(hit)
-        cache_paths[split] = str(path)
+    with distributed.main_process_first():  # rank 0 runs the teacher; the other ranks read its cache
+        for split, recs, feats in (("train", records, train_features), ("val", val_records, val_features)):
+            key = teacher_cache_key(t_sha, _record_ids(recs), params.max_length, params.temperature, k, tok_sha)
+            path = cache_dir / key
+            caches[split], hit = teacher_outputs(
+                teacher, feats, path, temperature=params.temperature, top_k=k, pad_token_id=pad_id,
+                batch_size=params.batch_size,
+            )
+            hits.append(hit)
+            cache_paths[split] = str(path)
 
     student, kept = build_student(teacher, params, seed=seed)
     _, teacher_total = count_params(teacher)
@@ -469,11 +477,14 @@ def distill_student(
         lr_scheduler_type="cosine",
         warmup_steps=0,
         logging_steps=max(1, n_steps_hint // 100),
-        save_strategy="no",
+        save_strategy="steps",  # crash-safe checkpoints (marked complete), resumed by a retry
+        save_steps=params.save_steps,
+        save_total_limit=2,
         eval_strategy="no",
         report_to="none",
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs it
+        ddp_backend=distributed.ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         gradient_checkpointing=False,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -489,16 +500,21 @@ def distill_student(
         data_collator=_collator(pad_id),
         teacher_cache=caches["train"],
         kd=params,
-        callbacks=[_curve_callback(curve, on_log)],
+        callbacks=[_curve_callback(curve, on_log), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
-    output = trainer.train()
+    resume = cb.last_valid_checkpoint(out_dir / "checkpoints")
+    with cb.disk_full_explained(out_dir / "checkpoints"):
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    curve = [{"step": int(h["step"]), **{k: float(h[k]) for k in ("loss", "kl", "ce") if k in h}}
+             for h in trainer.state.log_history if "loss" in h]  # the part before a resume included
     student = trainer.model
     after = kd_metrics(student, val_features, caches["val"], params.temperature, pad_id)
 
-    model_dir = out_dir / "student"
-    student.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    model_dir = out_dir / STUDENT_SUBDIR
+    if distributed.is_main_process():
+        student.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
     config = student.config
     result = DistillResult(
@@ -529,5 +545,6 @@ def distill_student(
         seconds=round(time.perf_counter() - started, 3),
         params=dataclasses.asdict(params),
     )
-    (out_dir / "distill_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if distributed.is_main_process():
+        (out_dir / "distill_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result

@@ -301,6 +301,7 @@ def build_dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     from tuneline.train.common import resolve_bf16
+    from tuneline.train.distributed import ddp_backend
 
     tokenizer = AutoTokenizer.from_pretrained(merged_base_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_base_dir, dtype=torch.float32)
@@ -321,9 +322,12 @@ def build_dpo_trainer(
         bf16=resolve_bf16(params.bf16),  # TRL 1.x defaults to True, even on CPU
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend=ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         precompute_ref_log_probs=False,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",  # crash-safe checkpoints (marked complete), resumed by a retry
+        save_steps=params.save_steps,
+        save_total_limit=2,
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -352,11 +356,20 @@ def _adapter_is_fresh(model: Any) -> bool:
     return names == ["default"] and bool(b_weights) and all(float(p.detach().abs().max()) == 0.0 for p in b_weights)
 
 
+_CURVE_KEYS = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+               "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"}
+
+
+def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Step, loss and reward figures of every training log in a trainer's history."""
+    return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in _CURVE_KEYS.items() if k in h}}
+            for h in history if "loss" in h]
+
+
 def _losses_callback(curve: list[dict[str, float]], on_log: Optional[OnLog]) -> Any:
     from transformers import TrainerCallback
 
-    keep = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
-            "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"}
+    keep = _CURVE_KEYS
 
     class LossCurve(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -388,28 +401,37 @@ def train_dpo(
     seed: int,
     max_steps: Optional[int] = None,
     on_log: Optional[OnLog] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> DpoResult:
     """Train a fresh LoRA adapter with DPO on the (merged) SFT model; the reference is that model itself.
 
     ``sft_model_dir`` is ``train_sft``'s output (an adapter on ``base_model_path``, or full weights for
     full/freeze). ``max_steps`` caps the run on top of ``params.max_steps``; ``on_log(step, logs)`` sees every
-    TRL log (loss, rewards/accuracies, rewards/margins, ...).
+    TRL log (loss, rewards/accuracies, rewards/margins, ...). Checkpoints every ``params.save_steps`` steps
+    are marked complete once written (then ``on_checkpoint(folder)``); a rerun resumes from the last complete
+    one, its loss curve included.
     """
+    from tuneline.train import callbacks as cb
+    from tuneline.train import distributed
     from tuneline.train.common import resolve_bf16
     from tuneline.train.methods import count_params, write_method_file
 
+    distributed.check_world(params.num_processes, "tuneline.recipes.dpo")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not train_pairs or not val_pairs:
         raise ValueError(f"DPO needs train and val pairs (got {len(train_pairs)} and {len(val_pairs)})")
 
-    merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+    with distributed.main_process_first():  # rank 0 merges; the others find its marker and reuse the merge
+        merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
 
     curve: list[dict[str, float]] = []
+    checkpoints = out / "checkpoints"
+    resume = cb.last_valid_checkpoint(checkpoints)
     trainer = build_dpo_trainer(
-        merged_dir, train_pairs, params, out / "checkpoints", seed=seed, max_steps=max_steps,
-        callbacks=[_losses_callback(curve, on_log)],
+        merged_dir, train_pairs, params, checkpoints, seed=seed, max_steps=max_steps,
+        callbacks=[_losses_callback(curve, on_log), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
     model, tokenizer = trainer.model, trainer.processing_class
     ref_model_is_none = trainer.ref_model is None
@@ -418,14 +440,17 @@ def train_dpo(
 
     before = evaluate_preferences(model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
                                   batch_size=params.batch_size)
-    output = trainer.train()
+    with cb.disk_full_explained(checkpoints):
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    curve = _curve(trainer.state.log_history)  # the whole run's, the part before a resume included
     after = evaluate_preferences(trainer.model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
                                  batch_size=params.batch_size)
 
     adapter_dir = out / ADAPTER_SUBDIR
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    write_method_file(adapter_dir, {"method": "lora"}, merged_dir)
+    if distributed.is_main_process():
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        write_method_file(adapter_dir, {"method": "lora"}, merged_dir)
 
     result = DpoResult(
         output_dir=str(adapter_dir),
@@ -447,7 +472,8 @@ def train_dpo(
         merge=merge_info,
         params=dataclasses.asdict(params),
     )
-    (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if distributed.is_main_process():
+        (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     if not all(math.isfinite(c["loss"]) for c in curve if "loss" in c):
         raise RuntimeError(f"DPO loss went non-finite: {curve[-3:]}")
     return result

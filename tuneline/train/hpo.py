@@ -1,15 +1,23 @@
-"""Hyperparameter search over SFT with Optuna: resumable, every trial visible, pruning across processes.
+"""Hyperparameter search over SFT with Optuna: one study per Dagster run, N workers, pruning across processes,
+dead workers' trials run again.
 
-The study lives in an RDB storage (SQLite by default), so:
+* **One study per run.** :func:`study_name` keys the study on the recipe, its inputs and the Dagster *root* run
+  id: two runs of the same recipe never share a study (so neither can touch the other's trials), and a retry of
+  a run resumes its own study, running only the missing trials.
+* **Created once, loaded by workers.** The ``hpo_study`` step creates the study (:func:`create_study`;
+  concurrent creation races, optuna#1092), then launches ``hpo.workers`` workers
+  (``python -m tuneline.recipes.hpo_worker``), each :func:`run_worker` on the loaded study until it holds
+  exactly ``n_trials`` finished (complete or pruned) trials.
+* **Heartbeats, not guesses.** The storage records a heartbeat for every running trial from the worker that
+  runs it (``study.optimize``: heartbeats work there, not with ask/tell). A trial whose worker died (killed,
+  node lost) is failed once its heartbeat is ``grace_period`` old and run again as a new trial with the same
+  parameters (``RetryHeartbeatStaleTrialCallback``); a live trial is never touched.
+* **Each trial in its own process** (``python -m tuneline.recipes.hpo_trial``, under torchrun for
+  ``sft.num_processes > 1``): it rebuilds the trial from the storage with :class:`OptunaPruningCallback`,
+  reports every validation loss and stops training when the pruner says so.
 
-* a retried run *resumes* it: finished trials (complete or pruned) are counted and only the missing ones run;
-  a trial a crashed process left RUNNING is marked FAIL and its parameters are queued to run again;
-* each trial can run in its own process (the orchestrator launches ``python -m tuneline.recipes.hpo_trial``);
-  that process rebuilds the trial from the storage with :class:`OptunaPruningCallback`, reports every
-  validation loss and stops training when the pruner says so.
-
-The pruner's settings are stored on the study (``study.user_attrs["pruner"]``) so the trial's process
-rebuilds exactly the pruner :func:`run_study` uses.
+The pruner's settings and ``n_trials`` are stored on the study (``study.user_attrs``) so every worker and
+trial process rebuilds exactly the study the step created.
 
 Trial parameter names are the :class:`~tuneline.params.SearchSpace` field names (``learning_rate``,
 ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``batch_size``, ``grad_accum``, ``epochs``, ``warmup_ratio``).
@@ -20,16 +28,23 @@ A choice with one option or a range with equal ends is fixed, not searched (so i
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tuneline.compat import optuna as optuna_compat
 from tuneline.params import HpoParams, SearchSpace, SftParams
 
 TRIAL_STATES = ("complete", "pruned")
+SURPLUS = "surplus"  # fail_reason prefix of a trial asked for after the study was full (never trained)
+
+# run_trial(trial_number, trial_id, trial_params) -> {"state": "complete" | "pruned", "value": float, ...}
+RunTrial = Callable[[int, int, dict], dict]
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +122,31 @@ def sft_params_from_trial(
 
 
 # ---------------------------------------------------------------------------
-# study plumbing shared by the orchestrating process and the trial's process
+# the study: named per run, created once, loaded by workers
+
+
+def study_name(recipe_name: str, inputs: dict[str, Any], root_run_id: str) -> str:
+    """``<recipe>-<hash of the search's inputs>-<root run id>``: one study per Dagster run (a retry of the run,
+    which keeps its root run id, resumes it), never shared by two runs."""
+    from tuneline.records import sha256_text
+
+    return f"{recipe_name}-{sha256_text(json.dumps(inputs, sort_keys=True, default=str))[:12]}-{root_run_id}"
+
+
+DEDICATED_CPUS_ENV = "TUNELINE_DEDICATED_CPUS"  # set by a launcher that gives each job its own CPUs (a pod)
+
+
+def threads_per_worker(params: HpoParams, num_processes: int, cores: Optional[int] = None) -> int:
+    """Torch threads for each trial process, so workers never oversubscribe the cores: ``params.threads_per_worker``
+    when set; else, in a job with CPUs of its own (``TUNELINE_DEDICATED_CPUS``, a pod), those CPUs over its
+    ``num_processes`` ranks; else this machine's cores over ``workers * num_processes`` (at least 1)."""
+    if params.threads_per_worker is not None:
+        return params.threads_per_worker
+    dedicated = os.environ.get(DEDICATED_CPUS_ENV)
+    if dedicated:
+        return max(1, int(dedicated) // max(1, num_processes))
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // (params.workers * max(1, num_processes)))
 
 
 def _pruner_settings(params: HpoParams) -> dict[str, int]:
@@ -124,25 +163,81 @@ def _make_pruner(settings: dict[str, int]) -> Any:
     return optuna.pruners.MedianPruner(**settings)
 
 
-def load_trial(study_name: str, storage_url: str, trial_id: int) -> Any:
-    """Rebuild a running trial in another process, with the pruner the study was created with."""
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with the driver we ship: SQLAlchemy 2.1 reads ``postgresql://`` as psycopg 3; we ship psycopg2."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def open_storage(url: str, params: HpoParams) -> Any:
+    """An ``RDBStorage`` with heartbeats: a trial silent for ``grace_period`` is failed and queued again (up to
+    ``max_retries`` times). ``pool_pre_ping`` replaces connections a database server dropped."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    url = sqlalchemy_url(url)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}  # workers and trials write to one file: wait for the lock
+    with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.5
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=params.heartbeat_interval,
+            grace_period=params.grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=params.max_retries
+            ),
+        )
+
+
+def create_study(name: str, storage_url: str, params: HpoParams) -> None:
+    """Create the study (or find the one a previous attempt of this run created) and record what every worker
+    must agree on: the pruner and ``n_trials``. Only the ``hpo_study`` step calls this."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
-    settings = study.user_attrs.get("pruner")
-    if settings is None:
-        raise RuntimeError(f"study {study_name!r} has no pruner settings: was it created by run_study?")
-    study.pruner = _make_pruner(settings)
-    return optuna.trial.Trial(study, int(trial_id))
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_url, params), direction="minimize",
+                                load_if_exists=True)
+    wanted = {"pruner": _pruner_settings(params), "n_trials": params.n_trials}
+    for key, value in wanted.items():
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            raise ValueError(f"study {name!r} was created with {key}={stored}, not {value}: use a new study name")
 
 
-def resolve_trial_id(study_name: str, storage_url: str, trial_number: int) -> int:
-    """The storage-wide trial id of trial ``trial_number`` of a study (what the pruning callback needs)."""
+def load_study(
+    name: str, storage_url: str, params: Optional[HpoParams] = None, *, seed: int = 0, worker: int = 0
+) -> Any:
+    """The study :func:`create_study` made, with its pruner and a TPE sampler seeded from ``seed``, the
+    ``worker`` and the trials already there (workers must not propose the same start-up samples, nor a
+    resumed study replay the first run's). With ``params``, the storage carries the heartbeat (workers);
+    without, it is a plain connection (trial processes)."""
+    import numpy as np
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(trial_number))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url, params) if params is not None else sqlalchemy_url(storage_url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    settings = study.user_attrs.get("pruner")
+    if settings is None or "n_trials" not in study.user_attrs:
+        raise RuntimeError(f"study {name!r} has no pruner settings or n_trials: was it made by create_study?")
+    study.pruner = _make_pruner(settings)
+    n_trials = int(study.user_attrs["n_trials"])
+    # constant_liar: workers running at once do not all propose next to the same running trial
+    sampler_seed = int(np.random.SeedSequence([seed, worker, len(study.trials)]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True,
+                                               n_startup_trials=max(2, min(10, n_trials // 2)))
+    return study
+
+
+def load_trial(name: str, storage_url: str, trial_id: int) -> Any:
+    """Rebuild a running trial in another process, with the pruner the study was created with."""
+    return optuna_compat.rebuild_trial(load_study(name, storage_url), trial_id)
 
 
 def _build_pruning_callback_class() -> type:
@@ -151,9 +246,10 @@ def _build_pruning_callback_class() -> type:
     class OptunaPruningCallback(TrainerCallback):
         """Report ``eval_loss`` to the Optuna trial at every evaluation; stop training when it is pruned.
 
-        Runs in the trial's own process: the trial is rebuilt from the storage (``optuna.load_study`` +
-        ``optuna.trial.Trial(study, trial_id)``) on first use. After training, ``pruned`` tells whether the
-        pruner stopped it, ``pruned_at_step`` when, and ``reported`` holds every ``(step, eval_loss)`` sent.
+        Runs in the trial's own process: the trial is rebuilt from the storage (:func:`load_trial`) on first
+        use. After training, ``pruned`` tells whether the pruner stopped it, ``pruned_at_step`` when, and
+        ``reported`` holds every ``(step, eval_loss)`` sent. With several ranks, rank 0 reports and asks the
+        pruner (the evaluation loss is already averaged over ranks) and every rank follows its decision.
         """
 
         def __init__(self, study_name: str, storage_url: str, trial_id: int, metric: str = "eval_loss") -> None:
@@ -175,13 +271,18 @@ def _build_pruning_callback_class() -> type:
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if not metrics or self.metric not in metrics or self.pruned:
                 return control
-            value = float(metrics[self.metric])
-            if not math.isfinite(value):
-                value = float("inf")
+            from tuneline.train.distributed import broadcast_flag, is_main_process
+
             step = int(state.global_step)
-            self.trial.report(value, step)
-            self.reported.append((step, value))
-            if self.trial.should_prune():
+            prune = False
+            if is_main_process():
+                value = float(metrics[self.metric])
+                if not math.isfinite(value):
+                    value = float("inf")
+                self.trial.report(value, step)
+                self.reported.append((step, value))
+                prune = self.trial.should_prune()
+            if broadcast_flag(prune):
                 self.pruned = True
                 self.pruned_at_step = step
                 control.should_training_stop = True
@@ -206,7 +307,130 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# the study
+# workers
+
+
+@dataclass
+class Counts:
+    finished: int  # complete or pruned
+    running: int
+    waiting: int  # queued retries of trials whose worker died
+    failed: int  # failed while training (stale trials and surplus asks not counted)
+
+
+def _failed_training(trial: Any) -> bool:
+    """A trial that failed while training: its run_trial raised (it has a reason, and it is not a surplus ask)."""
+    from optuna.trial import TrialState
+
+    reason = trial.user_attrs.get("fail_reason")
+    return trial.state == TrialState.FAIL and reason is not None and not reason.startswith(SURPLUS)
+
+
+def counts(study: Any) -> Counts:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    return Counts(
+        finished=sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
+        running=sum(t.state == TrialState.RUNNING for t in trials),
+        waiting=sum(t.state == TrialState.WAITING for t in trials),
+        failed=sum(_failed_training(t) for t in trials),
+    )
+
+
+def _is_surplus(study: Any, number: int, n_trials: int) -> bool:
+    """Whether trial ``number`` was asked for after ``n_trials`` others were already running or done.
+
+    Two workers may both see room for one more trial and both ask. Trial numbers are given out in order, so
+    the later one finds ``n_trials`` live or finished trials before it and stands down: the study never holds
+    more than ``n_trials`` finished trials.
+    """
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.number < number and t.state in live for t in study.get_trials(deepcopy=False)) >= n_trials
+
+
+def _objective(study: Any, space: SearchSpace, n_trials: int, run_trial: RunTrial, ran: list[int]) -> Callable:
+    import optuna
+
+    def objective(trial: Any) -> float:
+        if _is_surplus(study, trial.number, n_trials):
+            trial.set_user_attr("fail_reason", f"{SURPLUS}: the study already had {n_trials} trials; not run")
+            raise RuntimeError("surplus trial")
+        trial_params = sample_params(trial, space)
+        trial.set_user_attr("trial_params", trial_params)
+        ran.append(trial.number)
+        try:
+            outcome = run_trial(trial.number, optuna_compat.trial_id(trial), dict(trial_params))
+        except Exception as exc:  # recorded on the trial; the worker goes on
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        for key, value in outcome.items():
+            if key not in ("state", "value") and _json_scalar(value):
+                trial.set_user_attr(key, value)
+        state, value = outcome.get("state"), outcome.get("value")
+        if state == "complete" and value is not None and math.isfinite(float(value)):
+            return float(value)
+        if state == "pruned":
+            raise optuna.TrialPruned(f"pruned at step {outcome.get('pruned_at_step')}")
+        reason = f"run_trial returned state={state!r} value={value!r}"
+        trial.set_user_attr("fail_reason", reason)
+        raise RuntimeError(reason)
+
+    return objective
+
+
+def run_worker(
+    name: str,
+    storage_url: str,
+    space: SearchSpace,
+    params: HpoParams,
+    *,
+    seed: int,
+    run_trial: RunTrial,
+    worker: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """Run trials of study ``name`` until it holds ``n_trials`` finished ones; returns the numbers this worker ran.
+
+    Each trial goes through ``study.optimize`` (so its heartbeat runs while ``run_trial`` trains). When the
+    remaining trials are all running elsewhere the worker waits: if one of those workers dies, its trial comes
+    back (failed once stale, queued again) and a waiting worker runs it. A trial whose ``run_trial`` raises is
+    failed with the reason and replaced; after ``n_trials`` such failures the worker gives up (something is
+    broken, not unlucky).
+    """
+    import optuna
+    from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+
+    study = load_study(name, storage_url, params, seed=seed, worker=worker)
+    n_trials = int(study.user_attrs["n_trials"])
+    objective = _objective(study, space, n_trials, run_trial, ran := [])
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        now = counts(study)
+        if now.finished >= n_trials:
+            return ran
+        if now.failed >= n_trials:
+            log(f"study {name}: {now.failed} trials failed; giving up (see each trial's fail_reason)")
+            return ran
+        if now.finished + now.running >= n_trials:
+            time.sleep(min(5.0, params.heartbeat_interval))  # the rest runs elsewhere; wait in case it dies
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        except (ValueError, UpdateFinishedTrialError) as exc:
+            if isinstance(exc, ValueError) and "Cannot tell" not in str(exc):
+                raise
+            # another worker failed this trial as stale while it ran (a heartbeat later than grace_period,
+            # optuna#5470): the trial already came back as a retry; this worker goes on
+            log(f"study {name}: a trial of this worker was failed as stale while running ({exc}); going on")
+
+
+# ---------------------------------------------------------------------------
+# what the study found
 
 
 @dataclass
@@ -221,56 +445,29 @@ class StudyResult:
     n_trials_target: int
     n_complete: int
     n_pruned: int
-    n_failed: int
-    n_run_now: int  # trials this call ran (a resumed study runs only the missing ones)
-    n_resumed_failed: int  # trials a crashed process left RUNNING, marked FAIL and queued again
+    n_failed: int  # failed while training (a killed worker's trial, a crash, a surplus ask)
+    n_retried: int  # trials run again because their worker died (heartbeat)
+    n_run_now: int  # trials the workers of this call started (a resumed study runs only the missing ones)
     history: list[dict[str, Any]] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)
     plot_notes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["storage_url"] = self.storage_redacted
+        return data
 
+    @property
+    def storage_redacted(self) -> str:
+        from tuneline.storage import redact
 
-def _open_study(study_name: str, storage_url: str, params: HpoParams, seed: int) -> Any:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings = _pruner_settings(params)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage_url,
-        pruner=_make_pruner(settings),
-        direction="minimize",
-        load_if_exists=True,
-    )
-    # Seeded, and offset by the trials already in the study: a resumed study must not replay the random
-    # start-up samples of the first run (the same seed would propose trial 0's parameters again).
-    study.sampler = optuna.samplers.TPESampler(
-        seed=seed + len(study.trials), n_startup_trials=max(2, min(10, params.n_trials // 2))
-    )
-    stored = study.user_attrs.get("pruner")
-    if stored is None:
-        study.set_user_attr("pruner", settings)
-    elif stored != settings:
-        raise ValueError(f"study {study_name!r} was created with pruner {stored}, not {settings}: use a new study name")
-    return study
-
-
-def _fail_stale_trials(study: Any) -> int:
-    """Mark trials left RUNNING by a crashed process FAIL and queue their parameters to run again."""
-    from optuna.trial import TrialState
-
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "left RUNNING by a crashed process")
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-    return len(stale)
+        return redact(self.storage_url)
 
 
 def _history(study: Any) -> list[dict[str, Any]]:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append(
@@ -282,6 +479,7 @@ def _history(study: Any) -> list[dict[str, Any]]:
                 "intermediate_values": {int(k): float(v) for k, v in sorted(t.intermediate_values.items())},
                 "seconds": t.duration.total_seconds() if t.duration is not None else None,
                 "user_attrs": dict(t.user_attrs),
+                "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t),
             }
         )
     return rows
@@ -291,82 +489,39 @@ def _json_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def run_study(
-    study_name: str,
-    storage_url: str,
-    space: SearchSpace,
-    params: HpoParams,
-    *,
-    seed: int,
-    run_trial: Callable[[int, dict], dict],
-    plots_dir: Optional[str | Path] = None,
+def study_result(
+    name: str, storage_url: str, *, n_run_now: int, plots_dir: Optional[str | Path] = None, seconds: float = 0.0
 ) -> StudyResult:
-    """Run (or resume) the study until it holds ``params.n_trials`` finished trials.
-
-    ``run_trial(trial_number, trial_params)`` trains one configuration (usually out of process; find the
-    trial's storage id with :func:`resolve_trial_id` for :class:`OptunaPruningCallback`) and returns
-    ``{"state": "complete" | "pruned", "value": best validation loss, ...}``; other scalar keys are kept as
-    the trial's user attributes. An exception or another state marks the trial FAIL; this call then moves
-    on (a retried run fills the gap). Raises if no trial has completed at the end.
-    """
+    """Summarize the study (best trial, counts, every trial's history, plots); raises if no trial completed."""
     from optuna.trial import TrialState
 
-    started = time.perf_counter()
-    study = _open_study(study_name, storage_url, params, seed)
-    n_resumed_failed = _fail_stale_trials(study)
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    missing = max(0, params.n_trials - len(finished))
-
-    for _ in range(missing):
-        trial = study.ask()
-        trial_params = sample_params(trial, space)
-        trial.set_user_attr("trial_params", trial_params)
-        try:
-            outcome = run_trial(trial.number, dict(trial_params))
-        except Exception as exc:  # a failed trial is recorded; the study goes on
-            study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"{type(exc).__name__}: {exc}"[:500])
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        for key, value in outcome.items():
-            if key not in ("state", "value") and _json_scalar(value):
-                trial.set_user_attr(key, value)
-        state = outcome.get("state")
-        value = outcome.get("value")
-        if state == "complete" and value is not None and math.isfinite(float(value)):
-            study.tell(trial, float(value))
-        elif state == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study._storage.set_trial_system_attr(
-                trial._trial_id, "fail_reason", f"run_trial returned state={state!r} value={value!r}"
-            )
-            study.tell(trial, state=TrialState.FAIL)
-
+    study = load_study(name, storage_url)
     trials = study.get_trials(deepcopy=False)
+    history = _history(study)
     n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
     best = study.best_trial if n_complete else None
     result = StudyResult(
-        study_name=study_name,
+        study_name=name,
         storage_url=storage_url,
         best_params=dict(best.user_attrs.get("trial_params") or best.params) if best else None,
         best_value=best.value if best else None,
         best_trial_number=best.number if best else None,
-        n_trials_target=params.n_trials,
+        n_trials_target=int(study.user_attrs["n_trials"]),
         n_complete=n_complete,
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
-        n_run_now=missing,
-        n_resumed_failed=n_resumed_failed,
-        history=_history(study),
+        n_retried=sum(row["retry_of"] is not None for row in history),
+        n_run_now=n_run_now,
+        history=history,
+        seconds=seconds,
     )
     if plots_dir is not None:
         plots = plot_study(study, plots_dir)
         result.plots = plots["plots"]
         result.plot_notes = plots["notes"]
-    result.seconds = round(time.perf_counter() - started, 3)
     if best is None:
         raise RuntimeError(
-            f"study {study_name!r}: no trial completed ({result.n_pruned} pruned, {result.n_failed} failed)"
+            f"study {name!r}: no trial completed ({result.n_pruned} pruned, {result.n_failed} failed)"
         )
     return result
 

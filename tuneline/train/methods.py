@@ -50,12 +50,12 @@ def quantized_linear_sizes(base_model_path: str | Path) -> dict[str, int]:
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from tuneline.compat.transformers import keys_to_not_convert
 
     config = AutoConfig.from_pretrained(base_model_path)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
-    skip = set(get_keys_to_not_convert(meta))
+    skip = set(keys_to_not_convert(meta))
     return {
         name: module.out_features
         for name, module in meta.named_modules()

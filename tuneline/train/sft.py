@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ class SftResult:
     max_steps: int = 0  # planned optimizer steps (epochs capped by max_steps)
     train_examples: int = 0
     dropped_examples: int = 0  # records whose assistant tokens were all cut by max_length
+    examples_per_rank: list[int] = field(default_factory=list)  # train examples each rank trained on (this process)
     method_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,27 +106,34 @@ def _needed_mask(mask: Any) -> Any:
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
+    from tuneline.compat.transformers import SamplerHooks
     from tuneline.train.common import LengthGroupedSampler
 
-    class SftTrainer(Trainer):
+    class SftTrainer(SamplerHooks, Trainer):
         """``Trainer`` with optional length-grouped batches (a seeded, resumable train order, and evaluation
         in length order), and a label-only head loss for methods whose forward adds nothing."""
 
         group_by_length: bool = True
 
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
+        def train_sampler(self, dataset):
             if not self.group_by_length:
-                return super()._get_train_sampler(train_dataset)
+                return None  # the Trainer's seeded random order
             lengths = [len(x["input_ids"]) for x in dataset]
-            return LengthGroupedSampler(
-                lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=self.args.seed
-            )
+            # grouped by the global batch: every rank draws the same order and accelerate deals it out in
+            # per-rank batches, so N ranks see the same global batches as one process would
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return LengthGroupedSampler(lengths, global_batch, seed=self.args.seed)
 
         # methods whose PeftModel forward adds nothing to the decoder + head (AdaLoRA adds its
         # orthogonal regularizer to the loss, prompt learning prepends virtual tokens)
         label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "full", "freeze")
         method: str = ""
+        examples_seen: int = 0  # train examples this rank computed a loss on
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            positions = inputs.get("position_ids")  # padding-free: one row, positions restart per example
+            self.examples_seen += int((positions == 0).sum()) if positions is not None else len(inputs["input_ids"])
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Training loss with the LM head applied only where there are labels.
@@ -135,8 +142,11 @@ def _make_trainer_class() -> type:
             prompt and padding positions; here the decoder's hidden states are gathered at the
             labelled positions first (25% fewer head rows on the alpaca-like bench data). Same
             loss and normalization as the model's own (sum / ``num_items_in_batch``, or the mean).
+            Not with several ranks: the decoder is called on the unwrapped model, which bypasses the
+            DDP wrapper's forward, and with it the gradient all-reduce (measured: ranks drift apart).
             """
-            if return_outputs or not model.training or self.method not in self.label_only_methods:
+            if (return_outputs or not model.training or self.method not in self.label_only_methods
+                    or self.args.world_size > 1):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             import torch.nn.functional as F
 
@@ -166,10 +176,10 @@ def _make_trainer_class() -> type:
             ~75 ms LoRA step on the tiny Llama) for a statistic (``total_flos``) nothing here reads."""
             return 0
 
-        def _get_eval_sampler(self, eval_dataset):
+        def eval_sampler(self, dataset):
             if not self.group_by_length or self.args.world_size > 1:
-                return super()._get_eval_sampler(eval_dataset)
-            return sorted(range(len(eval_dataset)), key=lambda i: -len(eval_dataset[i]["input_ids"]))
+                return None
+            return sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
 
     return SftTrainer
 
@@ -185,26 +195,24 @@ def train_sft(
     max_steps: Optional[int] = None,
     extra_callbacks: Iterable[Any] = (),
     on_log: Optional[Callable[[int, dict[str, Any]], None]] = None,
+    on_checkpoint: Optional[Callable[[Path], None]] = None,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
     ``max_steps`` is a recipe-level cap on top of ``params.max_steps``; ``on_log(step, logs)`` sees
-    every log (loss, learning_rate, grad_norm, eval_loss, ...). The best checkpoint (lowest
+    every log (loss, learning_rate, grad_norm, eval_loss, ...); ``on_checkpoint(folder)`` runs after each
+    checkpoint is complete (the recipe CLI uploads it when the output is remote). The best checkpoint (lowest
     validation loss) is restored and saved to ``out_dir/model`` with the tokenizer, as safetensors.
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
     from tuneline.train import callbacks as cb
+    from tuneline.train import distributed
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if params.num_processes != world:
-        raise ValueError(
-            f"num_processes={params.num_processes} but this process runs in a world of {world}: launch with "
-            f"`accelerate launch --num_processes {params.num_processes} -m tuneline.recipes.sft ...`"
-        )
+    distributed.check_world(params.num_processes, "tuneline.recipes.sft")
     out = Path(out_dir)
     checkpoints = out / CHECKPOINTS_SUBDIR
     bf16 = resolve_bf16(params.bf16)
@@ -257,6 +265,7 @@ def train_sft(
         seed=seed,
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend=distributed.ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
     )
     # resume: a retried run continues from its last complete checkpoint (incomplete ones are deleted)
     resume = cb.last_valid_checkpoint(checkpoints)
@@ -274,7 +283,7 @@ def train_sft(
         callbacks.append(cb.AdaLoraAllocateCallback(resume_from=resume))
     if params.method == "ptuning":
         callbacks.append(cb.PromptEncoderStateCallback(resume_from=resume))
-    callbacks += [cb.CompleteCheckpointCallback(), cb.EvaluateAtEndCallback()]
+    callbacks += [cb.CompleteCheckpointCallback(on_checkpoint), cb.EvaluateAtEndCallback()]
     early = None
     if has_val:
         early = cb.early_stopping_callback(params.early_stopping.patience, params.early_stopping.min_delta)
@@ -302,15 +311,18 @@ def train_sft(
         tokens_before = int(state.get("num_input_tokens_seen", 0))
 
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    with cb.disk_full_explained(checkpoints):
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     train_seconds = time.perf_counter() - started
 
-    # the best weights are loaded (load_best_model_at_end); save them with the tokenizer
+    # the best weights are loaded (load_best_model_at_end); rank 0 saves them with the tokenizer
     final_dir = out / MODEL_SUBDIR
-    final_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
-    write_method_file(final_dir, info, base_model_path)
+    examples_per_rank = distributed.gather_counts(trainer.examples_seen)
+    if distributed.is_main_process():
+        final_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        write_method_file(final_dir, info, base_model_path)
 
     state = trainer.state
     history = state.log_history
@@ -342,6 +354,7 @@ def train_sft(
         max_steps=steps,
         train_examples=len(train_data),
         dropped_examples=len(train_records) - len(train_data),
+        examples_per_rank=examples_per_rank,
         method_info=info,
     )
 

@@ -1,0 +1,76 @@
+"""Publishing the gate's candidate: register it, move the champion (compare-and-set), and attach its lineage
+passport and model card; or record the refusal, leaving the champion where it is.
+
+:func:`publish_candidate` is what ``registered_model`` calls. It closes the stage's MLflow run it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from tuneline.params import Recipe
+from tuneline.refs import EvaluationRef, RegisteredRef
+from tuneline.tracking import Tracker
+
+DECISION_ARTIFACT = "decision.json"
+CARD_FILE = "README.md"  # the model card, in Hugging Face's layout
+
+
+def publish_candidate(tracker: Tracker, recipe: Recipe, evaluation: EvaluationRef, *, run_id: str,
+                      drift_reference_uri: str) -> tuple[RegisteredRef, Optional[str]]:
+    """(what happened, the model card's Markdown when a version was registered)."""
+    from tuneline.deploy.card import model_card
+    from tuneline.deploy.lineage import build_passport, passport_markdown
+    from tuneline import storage
+    from tuneline.deploy.registry import CHALLENGER, ChampionMoved, promote, register_model
+    from tuneline.models.provision import local_model_dir
+    from tuneline.monitoring.reference import attach_reference
+
+    name = recipe.registered_model_name()
+    gate = evaluation.gate
+    if not gate.passed:
+        return _refused(tracker, name, run_id, "; ".join(gate.reasons), gate.to_dict()), None
+    candidate = evaluation.candidate
+    if candidate.kind != "full":
+        raise ValueError(f"the candidate {candidate.stage} is an adapter: register its merged weights "
+                         "(the DPO stage merges by default)")
+    model_dir = local_model_dir(candidate)
+    registered = register_model(
+        tracker, name, model_dir, run_id=run_id, aliases=(CHALLENGER,),
+        tags={"tuneline.candidate_stage": gate.candidate_stage, "tuneline.gate.passed": True,
+              "tuneline.candidate_run_id": candidate.mlflow_run_id},
+    )
+    version = int(registered["version"])
+    attach_reference(tracker, name, version, run_id, storage.fetch(drift_reference_uri), model_dir)
+    try:
+        moved = promote(tracker, name, version, expected=gate.champion_version)
+    except ChampionMoved as exc:
+        return _refused(tracker, name, run_id, str(exc), {"gate": gate.to_dict(), "version": version},
+                        version=version), None
+    tracker.log_dict(run_id, {"decision": "registered", "gate": gate.to_dict(), "version": version},
+                     DECISION_ARTIFACT)
+    tracker.end_run(run_id)
+    passport = build_passport(tracker, f"{name}/{version}")
+    card = model_card(passport, evaluation, recipe)
+    client = tracker.client()
+    client.log_text(run_id, passport_markdown(passport), "passport.md")
+    tracker.log_dict(run_id, passport, "passport.json")
+    client.log_text(run_id, card, CARD_FILE)
+    client.set_model_version_tag(name, str(version), "tuneline.model_card", f"runs:/{run_id}/{CARD_FILE}")
+    ref = RegisteredRef(decision="registered", name=name, version=version, model_uri=registered["model_uri"],
+                        weights_sha256=registered["weights_sha256"], champion_version=version,
+                        champion_previous_version=moved["previous_version"],
+                        broken_links=len(passport["broken_links"]), mlflow_run_id=run_id)
+    return ref, card
+
+
+def _refused(tracker: Tracker, name: str, run_id: str, reason: str, evidence: dict[str, Any],
+             version: Optional[int] = None) -> RegisteredRef:
+    from tuneline.deploy.registry import current_champion
+
+    tracker.log_dict(run_id, {"decision": "refused", "reason": reason, "evidence": evidence}, DECISION_ARTIFACT)
+    tracker.set_tags(run_id, {"tuneline.decision": "refused"})
+    tracker.end_run(run_id)
+    champion = current_champion(tracker, name)
+    return RegisteredRef(decision="refused", name=name, reason=reason, version=version,
+                         champion_version=champion["version"] if champion else None, mlflow_run_id=run_id)

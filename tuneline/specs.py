@@ -1,0 +1,163 @@
+"""What a trainer process is told to do: one spec class per recipe CLI, used on both sides of Pipes.
+
+The asset builds a spec; the launcher writes ``spec.to_json()`` where the trainer can read it and runs
+``python -m <spec.module> --spec SPEC``; the trainer reads it back with ``Spec.read`` (strict: unknown keys
+and wrong types are errors naming the key). Inputs and outputs are URIs (:mod:`tuneline.storage`), models are
+:class:`~tuneline.refs.ModelRef`, knobs are the recipe's own params dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from tuneline.params import (
+    DistillParams,
+    DpoParams,
+    EvaluationParams,
+    HpoParams,
+    ModelParams,
+    PretrainParams,
+    SftParams,
+)
+from tuneline.refs import ModelRef, Ref
+
+
+@dataclass(frozen=True)
+class MlflowTarget(Ref):
+    """The MLflow run a trainer logs to (created by the asset that owns it)."""
+
+    tracking_uri: str
+    run_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec(Ref):
+    """Fields every trainer spec has."""
+
+    module: ClassVar[str] = ""  # the recipe CLI that runs this spec
+
+    out_uri: str  # where the trainer writes (checkpoints, the model, result.json)
+    seed: int
+    max_steps: Optional[int] = None  # recipe-level cap on top of the stage's own
+    mlflow: Optional[MlflowTarget] = None
+    asset_key: Optional[str] = None  # the asset a Pipes materialization is reported for
+    error_file: Optional[str] = None  # local path the launcher reads the trainer's traceback from
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainSpec(Spec):
+    """Build (``model.build: tiny``) or load the base model, then (continued-)pretrain it on the corpus."""
+
+    module: ClassVar[str] = "tuneline.recipes.pretrain"
+
+    model: ModelParams
+    pretrain: PretrainParams
+    corpus_uris: tuple[str, ...]
+    steps: int  # pretraining steps (the recipe's, capped by max_steps)
+    started_from: Optional[str] = None  # a retrain continues from this registered champion (models:/NAME/V)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftSpec(Spec):
+    """Supervised fine-tuning of ``base`` on the train split, early stopping on the validation split."""
+
+    module: ClassVar[str] = "tuneline.recipes.sft"
+
+    base: ModelRef
+    train_uri: str
+    val_uri: str
+    params: SftParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class HpoWorkerSpec(Spec):
+    """One search worker: runs trials of the study ``hpo_study`` created until it holds ``n_trials`` finished
+    ones, each trial a child process (:class:`HpoTrialSpec`) and, with ``mlflow``, a run nested under it."""
+
+    module: ClassVar[str] = "tuneline.recipes.hpo_worker"
+
+    study_name: str
+    storage_url: str
+    hpo: HpoParams
+    params: SftParams  # the recipe's sft params; each trial's params are applied on top
+    base: ModelRef
+    train_uri: str
+    val_uri: str
+    worker: int
+    experiment: Optional[str] = None  # MLflow experiment of the trials' nested runs
+    tags: dict[str, str] = field(default_factory=dict)  # tags of the trials' runs
+
+
+@dataclass(frozen=True, kw_only=True)
+class HpoTrialSpec(Spec):
+    """One Optuna trial: SFT with the trial's params, reporting validation loss to the pruner."""
+
+    module: ClassVar[str] = "tuneline.recipes.hpo_trial"
+
+    base: ModelRef
+    train_uri: str
+    val_uri: str
+    params: SftParams  # the recipe's sft params; the trial's params are applied on top
+    trial_params: dict[str, Any]
+    study_name: str
+    storage_url: str
+    trial_id: int
+    trial_number: int
+    eval_steps: Optional[int] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpoSpec(Spec):
+    """DPO from the SFT model on the preference splits."""
+
+    module: ClassVar[str] = "tuneline.recipes.dpo"
+
+    sft: ModelRef
+    train_uri: str
+    val_uri: str
+    params: DpoParams
+    merge: bool = True  # also write the DPO model merged to full weights (the teacher and the candidate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillSpec(Spec):
+    """A smaller student trained on the teacher's token distributions."""
+
+    module: ClassVar[str] = "tuneline.recipes.distill"
+
+    teacher: ModelRef
+    train_uri: str
+    val_uri: str
+    cache_uri: str  # teacher outputs, keyed by their inputs' hash
+    params: DistillParams
+    top_k: Optional[int] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec(Spec):
+    """Evaluate every model on the test split (and preference test split) side by side."""
+
+    module: ClassVar[str] = "tuneline.recipes.evaluate"
+
+    models: dict[str, ModelRef]  # report name -> model, in table order
+    test_uri: str
+    preference_uri: Optional[str]
+    params: EvaluationParams
+    champion: Optional[str] = None  # registered champion to evaluate too (NAME/VERSION), via spec.mlflow
+    checker: Optional[str] = None  # "demo" for the demo tasks' own answer checker
+    max_examples: Optional[int] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RESULT_FILE = "result.json"  # under a spec's out_uri: the trainer's Outcome
+
+
+@dataclass(frozen=True)
+class Outcome(Ref):
+    """What a trainer hands back (``<out_uri>/result.json``): its model, its figures and curves."""
+
+    model: Optional[ModelRef]  # what it trained (None for a search trial or an evaluation)
+    metrics: dict[str, Any]  # scalars: steps, losses, tokens/s, ...
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
+    details: dict[str, Any] = field(default_factory=dict)  # the trainer's full result, for the report artifact
