@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from bench._machine import cpu  # noqa: E402
 from sft_throughput import build_setup, versions, wait_for_quiet, write_json  # noqa: E402
 
 DEFAULT_WORK_DIR = ROOT / ".bench" / "hpo_workers"
@@ -98,14 +99,6 @@ def run_study(setup: dict[str, Any], work: Path, name: str, workers: int, args: 
     }
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(sorted({f for f in flags.split(":", 1)[1].split() if f in ("avx2", "avx512_bf16", "amx_bf16")}))
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="studies per worker count (interleaved)")
@@ -141,11 +134,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{'workers':>8} {'wall s (median)':>16} {'pruned share':>13} {'runs':>5}")
     for workers, s in summary.items():
         print(f"{workers:>8} {s['wall_seconds_median']:>16.1f} {s['pruned_share_median']:>13.2f} {s['runs']:>5}")
-    print(f"2 workers / 1 worker: {speedup:.2f}x faster; CPU flags: {cpu_flags()}; {os.cpu_count()} cores")
+    print(f"2 workers / 1 worker: {speedup:.2f}x faster; CPU flags: {cpu()}; {os.cpu_count()} cores")
     write_json(args.out, {
         "what": "same study (n_trials, space, pruner) with 1 and 2 worker processes; wall time and pruned share",
         "params": hpo_params(args.tiny, args.n_trials, 0), "tiny": args.tiny, "storage": args.storage or "sqlite",
-        "machine": {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu_flags": cpu(), "cores": os.cpu_count(), "platform": platform.platform()},
         "quiet_at_start": quiet, "versions": versions(), "runs": results,
         "summary": {str(k): v for k, v in summary.items()}, "speedup_2_over_1": round(speedup, 3),
     })

@@ -26,17 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._machine import cpu  # noqa: E402
+
 FIGURES = {"pretrain": ("pretrain_eval_loss_after", "pretrain_final_loss"),
            "sft": ("best_val_loss", "global_step", "final_train_loss"),
            "dpo": ("final_loss", "reward_accuracy_after", "reward_margin_after"),
            "distill": ("final_loss", "val_kl_after", "val_ce_after")}
-
-
-def cpu() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return f"{model}; flags: " + " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
 
 
 def world(root: Path) -> dict:

@@ -225,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_environment()
     settings = load_settings(recipe=args.recipe)
     recipe = _recipe(settings)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("alias", args.alias)) if v is not None}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("alias", args.alias),
+                                   ("follow_seconds", args.follow_seconds)) if v is not None}
     params = dataclasses.replace(recipe.serve, **overrides)  # the recipe's whole serve section, log path included
     name = args.model or recipe.registered_model_name()
     serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)))
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alias", default=None, help="registry alias to serve (default: the recipe's serve.alias)")
     serve.add_argument("--host", default=None, help="bind address (default: the recipe's serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="TCP port (default: the recipe's serve.port)")
+    serve.add_argument("--follow-seconds", type=float, default=None,
+                       help="how often to check the alias and swap in a new version (default: serve.follow_seconds; 0 = never)")
     serve.set_defaults(func=cmd_serve)
 
     rollback = sub.add_parser("rollback", help="move the champion alias back to the previous champion")

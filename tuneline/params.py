@@ -390,10 +390,19 @@ class ServeParams:
     max_body_bytes: int = 16384  # larger request bodies are refused with 413
     max_prompt_tokens: Optional[int] = None  # longest templated prompt; None = model positions - limit
     log_path: Optional[str] = None  # SQLite inference log; None = $TUNELINE_HOME/inference.db
+    max_batch_size: int = 16  # concurrent requests generated together in one batch (dynamic batching)
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others to join
+    follow_seconds: float = 30.0  # how often the server checks its alias and swaps in a new version; 0 = never
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise RecipeError("serve.port must be in [0, 65535]")
+        if self.max_batch_size < 1:
+            raise RecipeError("serve.max_batch_size must be >= 1")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise RecipeError("serve.batch_wait_ms must be in [0, 1000]")
+        if self.follow_seconds < 0:
+            raise RecipeError("serve.follow_seconds must be >= 0 (0 = do not follow the alias)")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise RecipeError("serve: need 1 <= default_max_new_tokens <= max_new_tokens_limit")
         if self.max_body_bytes < 256:

@@ -6,6 +6,7 @@ uvicorn server on a free port, and real HTTP requests through ``http.client``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import sqlite3
@@ -320,28 +321,38 @@ class _Http:
         return self.request("POST", "/generate", body, **kw)
 
 
-@pytest.fixture(scope="module")
-def served(tracker, model_dirs, cache_dir, tmp_path_factory):
-    from tuneline.deploy.registry import load_registered, promote, register_model
-    from tuneline.deploy.server import create_app, make_server
+@contextlib.contextmanager
+def _running(app):
+    """A real uvicorn server for ``app`` on a free loopback port; yields an HTTP client for it."""
+    from tuneline.deploy.server import make_server
 
-    register_model(tracker, "chat-s", model_dirs[0], run_id=_run(tracker, "serve"), passport_md=None, tags={})
-    promote(tracker, "chat-s", 1)
-    model, tokenizer, info = load_registered(tracker, "chat-s@champion", cache_dir=cache_dir)
-    log = InferenceLog(tmp_path_factory.mktemp("serve") / "inference.db")
-    params = ServeParams(default_max_new_tokens=4, max_new_tokens_limit=8, max_body_bytes=16384)
-    server = make_server(create_app(model, tokenizer, info, log, params), host="127.0.0.1", port=0, log_level="warning")
+    server = make_server(app, host="127.0.0.1", port=0, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield _Http(port), log, info
-    server.should_exit = True
-    thread.join(timeout=15)
-    assert not thread.is_alive(), "the server did not shut down"
+    try:
+        yield _Http(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture(scope="module")
+def served(tracker, model_dirs, cache_dir, tmp_path_factory):
+    from tuneline.deploy.registry import load_registered, promote, register_model
+    from tuneline.deploy.server import create_app
+
+    register_model(tracker, "chat-s", model_dirs[0], run_id=_run(tracker, "serve"), passport_md=None, tags={})
+    promote(tracker, "chat-s", 1)
+    model, tokenizer, info = load_registered(tracker, "chat-s@champion", cache_dir=cache_dir)
+    log = InferenceLog(tmp_path_factory.mktemp("serve") / "inference.db")
+    params = ServeParams(default_max_new_tokens=4, max_new_tokens_limit=8, max_body_bytes=16384, batch_wait_ms=20)
+    with _running(create_app(model, tokenizer, info, log, params)) as client:
+        yield client, log, info
 
 
 @pytest.mark.slow
@@ -403,3 +414,103 @@ def test_server_health_generate_errors_and_log(served) -> None:
     assert all(r["error"] and r["response"] is None for r in bad)
     assert health["logged_requests"] == start_id  # health reads the log; it is not logged itself
     assert log.count() == start_id + len(expected_statuses)
+
+
+def _hammer(client: _Http, n: int, concurrency: int, payload_of=lambda i: {"prompt": "What is 2 plus 3?"}):
+    """``n`` requests from ``concurrency`` threads; returns [(status, body)] in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda i: client.post(payload_of(i)), range(n)))
+
+
+@pytest.mark.slow
+def test_server_batches_concurrent_requests_with_the_answers_of_single_ones(served) -> None:
+    client, log, _info = served
+    prompts = ["What is 2 plus 3?", "Name a day.", "Count to three, please, slowly.", "hi"]
+    alone = [client.post({"prompt": p, "max_new_tokens": 1 + k})[1] for k, p in enumerate(prompts)]
+    _, before = client.request("GET", "/health")
+    start_id = log.last_id()
+    answers = _hammer(client, 32, 16, lambda i: {"prompt": prompts[i % 4], "max_new_tokens": 1 + i % 4})
+    _, after = client.request("GET", "/health")
+    assert [status for status, _ in answers] == [200] * 32
+    # left-padded batches give each request the answer it gets alone, cut at its own max_new_tokens
+    for i, (_, body) in enumerate(answers):
+        assert (body["text"], body["new_tokens"]) == (alone[i % 4]["text"], alone[i % 4]["new_tokens"]), i
+        assert body["new_tokens"] <= 1 + i % 4
+    batches = after["batches"] - before["batches"]
+    assert after["batched_requests"] - before["batched_requests"] == 32
+    assert batches < 32, "concurrent requests were generated one by one"
+    assert len(log.read_since(start_id)) == 32  # exactly one log row per request
+
+
+def test_batcher_cuts_each_row_at_its_own_cap_and_reports_errors(model_dirs) -> None:
+    from tuneline.deploy.batching import Batcher, ModelSlot, ServedModel
+    from tuneline.models.provision import load_causal_lm, load_tokenizer
+
+    served = ServedModel(load_causal_lm(model_dirs[0]), load_tokenizer(model_dirs[0]), {"version": 1})
+    batcher = Batcher(ModelSlot(served), max_batch_size=3, wait_ms=200)
+    try:
+        jobs = [batcher.submit([{"role": "user", "content": f"say {k}"}], cap) for k, cap in enumerate([1, 5, 2, 3])]
+        results = [job.result(timeout=60) for job in jobs]
+        assert [r["new_tokens"] <= cap for r, cap in zip(results, [1, 5, 2, 3])] == [True] * 4
+        assert batcher.batches == 2 and batcher.batched_requests == 4  # at most 3 per batch
+        assert all(r["served"] is served for r in results)
+        bad = batcher.submit([{"role": "user", "content": "x"}], 0)  # generate_greedy refuses a cap < 1
+        with pytest.raises(ValueError, match="cap"):
+            bad.result(timeout=60)
+    finally:
+        batcher.close()
+
+
+@pytest.mark.slow
+def test_server_follows_the_champion_alias_under_load(tracker, model_dirs, cache_dir, tmp_path) -> None:
+    """The rollback drill, short: promote v2 and roll back to v1 while requests flow; none fails, /health and
+    the answers move with the alias within the follow interval, every request is logged once."""
+    from tuneline.deploy.registry import load_registered, promote, register_model, rollback
+    from tuneline.deploy.server import alias_check, create_app
+
+    for i in (0, 1):
+        register_model(tracker, "chat-f", model_dirs[i], run_id=_run(tracker, f"follow{i}"), passport_md=None, tags={})
+    promote(tracker, "chat-f", 1)
+    model, tokenizer, info = load_registered(tracker, "chat-f@champion", cache_dir=cache_dir)
+    log = InferenceLog(tmp_path / "inference.db")
+    params = ServeParams(default_max_new_tokens=2, max_new_tokens_limit=4, follow_seconds=0.2)
+    app = create_app(model, tokenizer, info, log, params,
+                     check=alias_check(tracker, "chat-f@champion", cache_dir=str(cache_dir)))
+    with _running(app) as client:
+        results: list[tuple[int, dict]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                results.append(client.post({"prompt": "hi"}))
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+
+        def served_version(want: int) -> float:
+            start = time.monotonic()
+            while client.request("GET", "/health")[1]["version"] != want:
+                assert time.monotonic() - start < 30, f"version {want} not served within 30 s"
+                time.sleep(0.05)
+            return time.monotonic() - start
+
+        try:
+            promote(tracker, "chat-f", 2)
+            served_version(2)
+            time.sleep(0.3)
+            rollback(tracker, "chat-f")
+            served_version(1)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(timeout=60)
+    assert results and {status for status, _ in results} == {200}
+    versions = [body["version"] for _, body in results]
+    assert {1, 2} <= set(versions)
+    assert versions[-1] == 1  # after the rollback
+    assert log.count() == len(results)
+    assert sorted({r["model_version"] for r in log.read_since(0, limit=100000)}) == ["1", "2"]

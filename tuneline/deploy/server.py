@@ -10,8 +10,10 @@ Bad requests get a JSON ``{"detail": ...}`` with 400 (not JSON, not an object, p
 413 (body above ``max_body_bytes``), 415 (not ``application/json``) or 422 (missing or both of
 prompt/messages, wrong types, unknown roles, empty text, unknown fields). Every ``/generate``
 request, good or bad, is appended to the :class:`~tuneline.deploy.inference_log.InferenceLog` with its
-status, latency, model name, version and alias. Generation is serialized by a lock (one model, one
-worker); the server binds 127.0.0.1 unless told otherwise.
+status, latency, model name, version and alias (the version that answered it). Concurrent requests are
+generated together in batches (``serve.max_batch_size``, ``serve.batch_wait_ms``); the server follows its
+registry alias and swaps in a promoted or rolled-back version within ``serve.follow_seconds`` without failing
+a request (``/health`` says which version is served). It binds 127.0.0.1 unless told otherwise.
 
 ``python -m tuneline.deploy.server --model NAME@ALIAS --port 8000 --tracking-uri URI`` serves a
 registered model. fastapi, uvicorn, torch and transformers are imported inside the functions.
@@ -21,12 +23,13 @@ registered model. fastapi, uvicorn, torch and transformers are imported inside t
 # defined inside create_app (fastapi is imported there, not at module level).
 
 import argparse
+import asyncio
 import json
 import logging
-import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+from tuneline.deploy.batching import Batcher, Follower, ModelSlot, ServedModel
 from tuneline.deploy.inference_log import InferenceLog
 from tuneline.params import ServeParams
 from tuneline.tracking import Tracker
@@ -117,36 +120,60 @@ def create_app(
     info: Mapping[str, Any],
     log: InferenceLog,
     params: Optional[ServeParams] = None,
+    *,
+    check: Optional[Callable[[Mapping[str, Any]], Optional[ServedModel]]] = None,
 ) -> Any:
-    """A FastAPI app serving ``model`` (``info``: its registry ``name``, ``version`` and ``alias``)."""
+    """A FastAPI app serving ``model`` (``info``: its registry ``name``, ``version`` and ``alias``).
+
+    Concurrent requests are generated in batches (:class:`~tuneline.deploy.batching.Batcher`). With
+    ``check`` (given the served info, it returns a new :class:`ServedModel` when the alias moved, else None)
+    and ``params.follow_seconds > 0``, the app follows the alias: a promotion or rollback is served within
+    ``follow_seconds``, without failing a request."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from tuneline.deploy.registry import chat_generate
-
     params = params or ServeParams()
-    name, version, alias = info.get("name"), info.get("version"), info.get("alias")
-    max_prompt = _max_prompt_tokens(model, params)
-    lock = threading.Lock()
-    app = FastAPI(title="tuneline inference", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    slot = ModelSlot(ServedModel(model, tokenizer, dict(info)))
+    batcher = Batcher(slot, max_batch_size=params.max_batch_size, wait_ms=params.batch_wait_ms)
+    follower = None
+    if check is not None and params.follow_seconds > 0:
+        follower = Follower(
+            slot, check, params.follow_seconds,
+            on_error=lambda exc: logger.warning("could not check the registry alias (serving on): %s", exc),
+            on_swap=lambda old, new: logger.info("now serving version %s (was %s)", new.info.get("version"),
+                                                 old.info.get("version")),
+        )
 
-    def _generate(messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, Any]:
-        with lock:
-            return chat_generate(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+    @asynccontextmanager
+    async def lifespan(_app: Any):
+        if follower is not None:
+            follower.start()
+        yield
+        if follower is not None:
+            follower.stop()
+        batcher.close()
 
-    def _prompt_tokens(messages: list[dict[str, str]]) -> int:
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
-        return len(enc["input_ids"])
+    app = FastAPI(title="tuneline inference", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.slot, app.state.batcher, app.state.follower = slot, batcher, follower
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "version": version, "alias": alias, "logged_requests": log.count()}
+        served = slot.current.info
+        return {"status": "ok", "model": served.get("name"), "version": served.get("version"),
+                "alias": served.get("alias"), "logged_requests": log.count(),
+                "batches": batcher.batches, "batched_requests": batcher.batched_requests,
+                "follow_seconds": params.follow_seconds if follower is not None else 0}
 
     @app.post("/generate")
     async def generate(request: Request) -> Any:
         start = time.perf_counter()
-        entry: dict[str, Any] = {"model_name": name, "model_version": version, "alias": alias}
+        current = slot.current
+        entry: dict[str, Any] = {"model_name": current.info.get("name"), "model_version": current.info.get("version"),
+                                 "alias": current.info.get("alias")}
 
         async def finish(status: int, payload: dict[str, Any]) -> Any:
             latency_ms = (time.perf_counter() - start) * 1000.0
@@ -184,29 +211,32 @@ def create_app(
             messages, max_new_tokens = parse_generate_request(body, params)
             entry["messages"] = messages
             try:
-                n = await run_in_threadpool(_prompt_tokens, messages)
+                n = len(await run_in_threadpool(current.prompt_ids, messages))
             except Exception as exc:  # e.g. a template that insists on alternating roles
                 raise RequestError(422, f"the chat template rejects these messages: {exc}") from exc
             entry["prompt_tokens"] = n
+            max_prompt = _max_prompt_tokens(current.model, params)
             if max_prompt is not None and n > max_prompt:
                 raise RequestError(400, f"the prompt is {n} tokens; at most {max_prompt} are accepted")
         except RequestError as exc:
             return await finish(exc.status, {"detail": str(exc)})
 
         try:
-            result = await run_in_threadpool(_generate, messages, max_new_tokens)
+            result = await asyncio.wrap_future(batcher.submit(messages, max_new_tokens))
         except Exception as exc:
             logger.exception("generation failed")
             entry["error"] = f"{type(exc).__name__}: {exc}"
             return await finish(500, {"detail": "generation failed; see the server log"})
-        entry.update(response=result["text"], prompt_tokens=result["prompt_tokens"], new_tokens=result["new_tokens"])
+        served = result["served"].info  # the version that generated this answer (a swap may have happened)
+        entry.update(response=result["text"], prompt_tokens=result["prompt_tokens"], new_tokens=result["new_tokens"],
+                     model_name=served.get("name"), model_version=served.get("version"), alias=served.get("alias"))
         return await finish(
             200,
             {
                 "text": result["text"],
-                "model": name,
-                "version": version,
-                "alias": alias,
+                "model": served.get("name"),
+                "version": served.get("version"),
+                "alias": served.get("alias"),
                 "new_tokens": result["new_tokens"],
                 "prompt_tokens": result["prompt_tokens"],
                 "max_new_tokens": max_new_tokens,
@@ -223,6 +253,24 @@ def make_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_leve
 
     config = uvicorn.Config(app, host=host, port=port, workers=1, log_level=log_level, access_log=False)
     return uvicorn.Server(config)
+
+
+def alias_check(tracker: Tracker, ref: str, *, cache_dir: Optional[str] = None
+                ) -> Optional[Callable[[Mapping[str, Any]], Optional[ServedModel]]]:
+    """For ``NAME@ALIAS``: a check that loads the alias's version when it differs from the served one
+    (None for a pinned ``NAME/VERSION``, which never moves)."""
+    from tuneline.deploy.registry import get_version, load_registered, parse_model_ref
+
+    name, alias, _version = parse_model_ref(ref)
+    if alias is None:
+        return None
+
+    def check(served: Mapping[str, Any]) -> Optional[ServedModel]:
+        if str(get_version(tracker, ref)["version"]) == str(served.get("version")):
+            return None
+        return ServedModel(*load_registered(tracker, ref, cache_dir=cache_dir))
+
+    return check
 
 
 def serve(
@@ -248,7 +296,7 @@ def serve(
         ref = f"{name}@{params.alias}"
     model, tokenizer, info = load_registered(tracker, ref, cache_dir=cache_dir)
     log = InferenceLog(log_path or params.log_path)
-    app = create_app(model, tokenizer, info, log, params)
+    app = create_app(model, tokenizer, info, log, params, check=alias_check(tracker, ref, cache_dir=cache_dir))
     bind = host or params.host
     if bind not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server has no authentication; put it behind a proxy", bind)

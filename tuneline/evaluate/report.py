@@ -254,32 +254,35 @@ def _preference(model: Any, tokenizer: Any, records: list[ChatRecord], params: E
 
 
 def generate_greedy(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    batch_size: int,
+    warm_up: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy completions of tokenized prompts, batched with left padding, each cut at its first eos.
 
-    Returns, per prompt in input order: ``ids`` (new tokens before the eos), ``new_tokens`` (tokens
-    generated, the eos included), ``hit_eos`` and ``latency_s`` (its batch's wall time / batch size).
-    Prompts are batched in order of length (less padding); one untimed two-token call warms up first.
+    ``max_new_tokens`` is one cap for all prompts or one per prompt (a batch generates up to its largest
+    cap; each row is cut at its own). Returns, per prompt in input order: ``ids`` (new tokens before the
+    eos), ``new_tokens`` (tokens generated, the eos included), ``hit_eos`` and ``latency_s`` (its batch's
+    wall time / batch size). Prompts are batched in order of length (less padding); unless ``warm_up`` is
+    off, one untimed two-token call warms up first.
     """
     import torch
     from transformers import GenerationConfig
 
     pad = _pad_id(tokenizer)
     stops = _stop_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=stops,
-        pad_token_id=pad,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    caps = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(c) for c in max_new_tokens]
+    if len(caps) != len(prompts) or any(c < 1 for c in caps):
+        raise ValueError("max_new_tokens: one cap >= 1, or one per prompt")
     device = _device(model)
     results: list[Optional[dict[str, Any]]] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with torch.inference_mode():
-        if prompts:  # untimed warm-up: lazy initialisation must not land in the first batch's latency
+        if prompts and warm_up:  # untimed warm-up: lazy initialisation must not land in the first batch's latency
             warm = torch.as_tensor([list(prompts[order[0]])], dtype=torch.long, device=device)
             model.generate(
                 input_ids=warm,
@@ -296,12 +299,20 @@ def generate_greedy(
                 p = list(prompts[i])
                 ids[j, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
                 mask[j, longest - len(p) :] = 1
+            config = GenerationConfig(
+                max_new_tokens=max(caps[i] for i in batch),
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=stops,
+                pad_token_id=pad,
+                bos_token_id=tokenizer.bos_token_id,
+            )
             start = time.perf_counter()
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             elapsed = time.perf_counter() - start
             new = out[:, longest:].tolist()
             for j, i in enumerate(batch):
-                row = new[j]
+                row = new[j][: caps[i]]
                 stop_at = next((k for k, t in enumerate(row) if t in stops), None)
                 results[i] = {
                     "ids": row if stop_at is None else row[:stop_at],
