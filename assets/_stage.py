@@ -13,7 +13,8 @@ from assets._meta import image, mlflow_link, scalars
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.tracking import MlflowResource
-from tuneline.params import Recipe, to_plain
+from tuneline.params import Recipe, flatten, to_plain
+from tuneline.refs import SplitsRef
 from tuneline.deploy.lineage import SPEC_ARTIFACT
 from tuneline.specs import MlflowTarget, Outcome, Spec
 
@@ -82,3 +83,30 @@ def finish_stage(mlflow: MlflowResource, run_id: str, outcome: Outcome, *, title
     if resolved_params is not None:
         metadata["resolved_params"] = dg.MetadataValue.json(to_plain(resolved_params))
     return {**scalars("", outcome.metrics), **metadata, **mlflow_link(run_id, mlflow.tracking_uri)}
+
+
+def train_stage(
+    context: dg.AssetExecutionContext,
+    *,
+    recipe: Recipe,
+    mlflow: MlflowResource,
+    launcher: TrainingLauncher,
+    spec: Spec,
+    section: str,
+    params: Any,
+    splits: SplitsRef,
+    upstream: dict[str, Any],
+    title: str,
+) -> dg.Output:
+    """A model-making stage end to end: launch its trainer (``params``: the recipe section ``section``, logged
+    with that prefix; ``upstream``: the input refs whose MLflow runs it came from), log and close its run, and
+    return its :class:`ModelRef` carrying the stage's figures and resolved params."""
+    outcome, run_id = launch_stage(
+        context, recipe=recipe, mlflow=mlflow, launcher=launcher, spec=spec,
+        params={f"{section}.{k}": v for k, v in flatten(to_plain(params)).items()},
+        dataset_sha256=splits.dataset_sha256, num_processes=params.num_processes,
+        upstream={**{name: ref.mlflow_run_id for name, ref in upstream.items()}, "dataset_splits": splits.mlflow_run_id},
+    )
+    metadata = finish_stage(mlflow, run_id, outcome, title=title, resolved_params=params)
+    model = dataclasses.replace(outcome.model, metrics=dict(outcome.metrics), params=to_plain(params))
+    return dg.Output(model, metadata=metadata)

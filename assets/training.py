@@ -7,12 +7,12 @@ from typing import Any
 import dagster as dg
 
 from assets._meta import image, mlflow_link
-from assets._stage import RETRY, finish_stage, launch_stage, stage_uri
+from assets._stage import RETRY, stage_uri, train_stage
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource, StudyStorage
-from tuneline.params import Recipe, flatten, to_plain
+from tuneline.params import Recipe, to_plain
 from tuneline.refs import ModelRef, SplitsRef, StudyRef
 from tuneline.specs import DistillSpec, DpoSpec, HpoWorkerSpec, MlflowTarget, SftSpec
 
@@ -138,14 +138,9 @@ def sft_adapter(
     spec = SftSpec(out_uri=stage_uri(artifacts, "sft_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    base=base_model, train_uri=dataset_splits.uri("train"), val_uri=dataset_splits.uri("validation"),
                    params=params)
-    outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("sft", params),
-        dataset_sha256=dataset_splits.dataset_sha256, num_processes=params.num_processes,
-        upstream={"base_model": base_model.mlflow_run_id, "dataset_splits": dataset_splits.mlflow_run_id,
-                  "hpo_study": hpo_study.mlflow_run_id},
-    )
-    metadata = finish_stage(mlflow, run_id, outcome, title="SFT loss", resolved_params=params)
-    return dg.Output(_with_figures(outcome, params), metadata=metadata)
+    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="sft", params=params,
+                       splits=dataset_splits, upstream={"base_model": base_model, "hpo_study": hpo_study},
+                       title="SFT loss")
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
@@ -166,13 +161,8 @@ def dpo_adapter(
     spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
                    val_uri=dataset_splits.uri("preference_validation"), params=r.dpo)
-    outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("dpo", r.dpo),
-        dataset_sha256=dataset_splits.dataset_sha256, num_processes=r.dpo.num_processes,
-        upstream={"sft_adapter": sft_adapter.mlflow_run_id, "dataset_splits": dataset_splits.mlflow_run_id},
-    )
-    metadata = finish_stage(mlflow, run_id, outcome, title="DPO loss", resolved_params=r.dpo)
-    return dg.Output(_with_figures(outcome, r.dpo), metadata=metadata)
+    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="dpo", params=r.dpo,
+                       splits=dataset_splits, upstream={"sft_adapter": sft_adapter}, title="DPO loss")
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
@@ -194,21 +184,6 @@ def distilled_student(
                        max_steps=r.max_steps, teacher=dpo_adapter, train_uri=dataset_splits.uri("train"),
                        val_uri=dataset_splits.uri("validation"), cache_uri=artifacts.shared_uri("teacher_cache"),
                        params=r.distill)
-    outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("distill", r.distill),
-        dataset_sha256=dataset_splits.dataset_sha256, num_processes=r.distill.num_processes,
-        upstream={"dpo_adapter": dpo_adapter.mlflow_run_id, "dataset_splits": dataset_splits.mlflow_run_id},
-    )
-    metadata = finish_stage(mlflow, run_id, outcome, title="Distillation loss", resolved_params=r.distill)
-    return dg.Output(_with_figures(outcome, r.distill), metadata=metadata)
-
-
-def _prefixed(prefix: str, params: Any) -> dict[str, Any]:
-    return {f"{prefix}.{k}": v for k, v in flatten(to_plain(params)).items()}
-
-
-def _with_figures(outcome: Any, params: Any) -> ModelRef:
-    """The outcome's model with the stage's figures and resolved params on it."""
-    import dataclasses
-
-    return dataclasses.replace(outcome.model, metrics=dict(outcome.metrics), params=to_plain(params))
+    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="distill",
+                       params=r.distill, splits=dataset_splits, upstream={"dpo_adapter": dpo_adapter},
+                       title="Distillation loss")

@@ -14,7 +14,6 @@ Everything here renders Kubernetes objects offline and validates them against th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

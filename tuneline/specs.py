@@ -71,34 +71,28 @@ class SftSpec(Spec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class HpoWorkerSpec(Spec):
+class HpoWorkerSpec(SftSpec):
     """One search worker: runs trials of the study ``hpo_study`` created until it holds ``n_trials`` finished
-    ones, each trial a child process (:class:`HpoTrialSpec`) and, with ``mlflow``, a run nested under it."""
+    ones, each trial a child process (:class:`HpoTrialSpec`) and, with ``mlflow``, a run nested under it.
+    ``params`` are the recipe's sft params; each trial's params are applied on top."""
 
     module: ClassVar[str] = "tuneline.recipes.hpo_worker"
 
     study_name: str
     storage_url: str
     hpo: HpoParams
-    params: SftParams  # the recipe's sft params; each trial's params are applied on top
-    base: ModelRef
-    train_uri: str
-    val_uri: str
     worker: int
     experiment: Optional[str] = None  # MLflow experiment of the trials' nested runs
     tags: dict[str, str] = field(default_factory=dict)  # tags of the trials' runs
 
 
 @dataclass(frozen=True, kw_only=True)
-class HpoTrialSpec(Spec):
-    """One Optuna trial: SFT with the trial's params, reporting validation loss to the pruner."""
+class HpoTrialSpec(SftSpec):
+    """One Optuna trial: SFT with the trial's params (applied on top of ``params``, the recipe's), reporting
+    validation loss to the pruner."""
 
     module: ClassVar[str] = "tuneline.recipes.hpo_trial"
 
-    base: ModelRef
-    train_uri: str
-    val_uri: str
-    params: SftParams  # the recipe's sft params; the trial's params are applied on top
     trial_params: dict[str, Any]
     study_name: str
     storage_url: str

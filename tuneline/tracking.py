@@ -104,7 +104,7 @@ class Tracker:
             location = Path(self.artifact_root).resolve().as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
-        except MlflowException as exc:
+        except MlflowException:
             existing = client.get_experiment_by_name(name)  # created by a concurrent run in between
             if existing is None:
                 raise

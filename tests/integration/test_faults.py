@@ -4,7 +4,6 @@ on disk, and SQLite files locked by a concurrent writer."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys

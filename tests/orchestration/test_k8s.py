@@ -4,7 +4,6 @@ name the same image, environment variables and secrets as the launcher; the Dock
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

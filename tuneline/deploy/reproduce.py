@@ -119,7 +119,6 @@ def _corpus(passport: dict[str, Any]) -> dict[str, str]:
 
 def weights_difference(a: Path, b: Path) -> float:
     """The largest absolute difference between two models' weights (same tensors expected)."""
-    import torch
     from safetensors.torch import load_file
 
     left = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
@@ -134,7 +133,6 @@ def reproduce(tracker: Tracker, ref: str, *, stages: Optional[Sequence[str]] = N
               work_dir: Optional[Path] = None) -> dict[str, Any]:
     """Re-run the stages of ``ref`` (``NAME@ALIAS`` or ``NAME/VERSION``); returns the comparison report."""
     from tuneline import specs as spec_module
-    from tuneline import storage
     from tuneline.deploy.lineage import build_passport
     from tuneline.refs import ModelRef
 
