@@ -60,7 +60,7 @@ def small_disk(tmp_path: Path):
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(small_disk: Path,
                                                                                  tmp_path: Path) -> None:
-    from tuneline.train.callbacks import COMPLETE_MARKER, checkpoint_is_intact, last_valid_checkpoint
+    from tuneline.train.checkpoints import COMPLETE_MARKER, checkpoint_is_intact, last_valid_checkpoint
 
     out = small_disk / "base"
     full = run_pretrain(pretrain_spec(tmp_path, out))
@@ -82,7 +82,7 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(
 
 @pytest.mark.slow
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path: Path) -> None:
-    from tuneline.train.callbacks import checkpoint_is_intact, last_valid_checkpoint
+    from tuneline.train.checkpoints import checkpoint_is_intact, last_valid_checkpoint
 
     straight = run_pretrain(pretrain_spec(tmp_path, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]

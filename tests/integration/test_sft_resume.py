@@ -82,7 +82,7 @@ def test_killed_recipe_resumes_from_last_complete_checkpoint(spec_path, tmp_path
     import dagster as dg
     from mlflow.tracking import MlflowClient
 
-    from tuneline.train.callbacks import COMPLETE_MARKER, checkpoint_step, last_valid_checkpoint
+    from tuneline.train.checkpoints import COMPLETE_MARKER, checkpoint_step, last_valid_checkpoint
 
     spec = json.loads(spec_path.read_text())
     out = storage.local_path(spec["out_uri"])

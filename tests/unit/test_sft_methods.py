@@ -254,7 +254,7 @@ def test_resolve_bf16_never_returns_fp16_and_honours_explicit_flags():
 
 
 def test_checkpoint_markers_and_last_valid_checkpoint(tmp_path):
-    from tuneline.train.callbacks import COMPLETE_MARKER, last_valid_checkpoint, mark_complete
+    from tuneline.train.checkpoints import COMPLETE_MARKER, last_valid_checkpoint, mark_complete
 
     assert last_valid_checkpoint(tmp_path / "missing") is None
     for step in (2, 4, 6):

@@ -165,7 +165,7 @@ def _save_checkpoint(folder: Any, model: Any, optimizer: Any, state: dict[str, A
     import torch
     from safetensors.torch import save_file
 
-    from tuneline.train.callbacks import mark_complete
+    from tuneline.train.checkpoints import mark_complete
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -226,7 +226,7 @@ def pretrain_causal_lm(
 
     import torch
 
-    from tuneline.train.callbacks import last_valid_checkpoint
+    from tuneline.train.checkpoints import last_valid_checkpoint
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -314,7 +314,7 @@ def _train_step(model: Any, optimizer: Any, trainable: list, train_blocks: Any, 
 
     import torch
 
-    from tuneline.train.callbacks import checkpoint_step, disk_full_explained
+    from tuneline.train.checkpoints import checkpoint_step, disk_full_explained
 
     lr = lr_at(step, steps, params.learning_rate, params.warmup_steps)
     for group in optimizer.param_groups:

@@ -1,124 +1,22 @@
 """Trainer callbacks: AdaLoRA rank allocation, crash-safe checkpoints, metric forwarding, early stopping.
 
-``transformers`` is imported lazily: the callback classes are built on first use by
-:func:`_callback_base`, so importing this module stays cheap.
+Imported by the trainers only (it imports transformers); the checkpoint helpers live in the light
+:mod:`tuneline.train.checkpoints`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last (atomic rename) into a fully written checkpoint
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from tuneline.train.checkpoints import mark_complete
+
 PROMPT_ENCODER_FILE = "prompt_encoder_state.safetensors"  # P-tuning's full encoder, saved with each checkpoint
 ADALORA_STATE_FILE = "adalora_allocator.safetensors"  # AdaLoRA importance averages, saved with each checkpoint
 ADALORA_PATTERN_FILE = "adalora_rank_pattern.json"  # AdaLoRA rank pattern at the checkpoint's step
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-# ---------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The global step of a ``checkpoint-N`` directory."""
-    match = _CHECKPOINT_RE.match(Path(path).name)
-    if not match:
-        raise ValueError(f"{path} is not a checkpoint-N directory")
-    return int(match.group(1))
-
-
-def mark_complete(checkpoint_dir: str | Path, step: int) -> Path:
-    """Write the completion marker into ``checkpoint_dir`` (the step and the sha256 of every file, so a
-    checkpoint damaged later is recognized): temp file, fsync, then atomic rename."""
-    from tuneline.records import sha256_file
-
-    folder = Path(checkpoint_dir)
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and not p.name.startswith(f".{COMPLETE_MARKER}")}
-    tmp = folder / f".{COMPLETE_MARKER}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": step, "files": files}) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    final = folder / COMPLETE_MARKER
-    os.replace(tmp, final)
-    return final
-
-
-MIN_FREE_BYTES = 1 << 20  # below this much free space a failed write is taken for a full disk
-
-
-@contextmanager
-def disk_full_explained(checkpoints_dir: str | Path) -> Iterator[None]:
-    """Re-raise a write that failed because the disk holding ``checkpoints_dir`` is full (torch reports it as
-    an obscure ``RuntimeError: ... unexpected pos``) as an ``OSError(ENOSPC)`` that says so, and which complete
-    checkpoint a rerun will resume from; other errors pass through unchanged."""
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:
-        folder = Path(checkpoints_dir)
-        probe = folder if folder.exists() else folder.parent
-        while not probe.exists():
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        if free >= MIN_FREE_BYTES and getattr(exc, "errno", None) != errno.ENOSPC:
-            raise
-        previous = last_valid_checkpoint(folder, delete_incomplete=False)
-        raise OSError(errno.ENOSPC, f"No space left on device: the disk holding {folder} has {free} bytes free; "
-                      f"the checkpoint being written is incomplete and will be ignored; a rerun resumes from "
-                      f"{previous.name if previous else 'the start (no complete checkpoint yet)'} once there is "
-                      "room") from exc
-
-
-def checkpoint_is_intact(folder: str | Path) -> bool:
-    """True when every file the completion marker lists is there with its sha256 (a marker from before files
-    were listed only vouches for completion)."""
-    from tuneline.records import sha256_file
-
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
-        return isinstance(manifest, int)  # the old marker: just the step
-    for name, sha in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != sha:
-            return False
-    return True
-
-
-def last_valid_checkpoint(checkpoints_dir: str | Path, *, delete_incomplete: bool = True) -> Optional[Path]:
-    """The highest-step ``checkpoint-N`` that is complete and intact, or None.
-
-    Checkpoints without the marker (a save cut off by a crash, a kill or a full disk) are never returned;
-    with ``delete_incomplete`` they are removed so the trainer's rotation cannot count them either. A complete
-    checkpoint whose files no longer match their recorded sha256 (damaged on disk) is skipped, and the one
-    before it is used.
-    """
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return None
-    complete = []
-    for child in root.iterdir():
-        if not child.is_dir() or not _CHECKPOINT_RE.match(child.name):
-            continue
-        if (child / COMPLETE_MARKER).is_file():
-            complete.append(child)
-        elif delete_incomplete:
-            shutil.rmtree(child, ignore_errors=True)
-    for child in sorted(complete, key=checkpoint_step, reverse=True):
-        if checkpoint_is_intact(child):
-            return child
-    return None
 
 
 def _plain_pattern(pattern: Optional[dict[str, Any]]) -> Optional[dict[str, list[bool]]]:
@@ -127,213 +25,182 @@ def _plain_pattern(pattern: Optional[dict[str, Any]]) -> Optional[dict[str, list
     return {k: [bool(x) for x in (v.view(-1).tolist() if hasattr(v, "view") else v)] for k, v in pattern.items()}
 
 
-# ---------------------------------------------------------------------------
-# callback classes (built lazily on the transformers base class)
+class AdaLoraAllocateCallback(TrainerCallback):
+    """Calls AdaLoRA's ``update_and_allocate(global_step)`` after every optimizer step.
 
-_CLASSES: dict[str, type] = {}
+    ``on_optimizer_step`` runs after ``optimizer.step()`` and before ``zero_grad()``, so the
+    gradients the importance scores need are still there. No trainer does this by itself:
+    without it AdaLoRA trains as a plain LoRA of rank ``init_r``.
 
+    Checkpoints stay full-size (pruned ranks are zeros) so that resuming and best-model
+    loading fit the live modules: between calls the rank pattern is held here, not in the
+    adapter config (PEFT trims a saved adapter to the config's pattern). Each checkpoint
+    also gets the pattern and the allocator's importance averages (written before the
+    completion marker: add this callback before CompleteCheckpointCallback); a resumed run
+    reads them back. At the end the pattern of the restored (best) step goes back into the
+    config, so the final adapter is saved trimmed, as PEFT loads it.
+    """
 
-def _callback_base() -> type:
-    from transformers import TrainerCallback
+    def __init__(self, resume_from: Optional[str | Path] = None) -> None:
+        self.resume_from = resume_from
+        self.rank_pattern: Optional[dict[str, list[bool]]] = None
+        self.calls = 0
 
-    return TrainerCallback
+    @staticmethod
+    def _peft(model: Any) -> Any:
+        while model is not None and not hasattr(model, "base_model"):
+            model = getattr(model, "module", None)  # unwrap DDP
+        if model is None or not hasattr(model.base_model, "update_and_allocate"):
+            raise RuntimeError("AdaLoraAllocateCallback needs an AdaLoRA PeftModel")
+        return model
 
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        peft_model = self._peft(model)
+        config = peft_model.peft_config[peft_model.active_adapter]
+        config.rank_pattern = self.rank_pattern
+        peft_model.base_model.update_and_allocate(state.global_step)
+        self.rank_pattern, config.rank_pattern = config.rank_pattern, None
+        self.calls += 1
+        return control
 
-def _build_classes() -> dict[str, type]:
-    if _CLASSES:
-        return _CLASSES
-    Base = _callback_base()
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import save_file
 
-    class AdaLoraAllocateCallback(Base):
-        """Calls AdaLoRA's ``update_and_allocate(global_step)`` after every optimizer step.
-
-        ``on_optimizer_step`` runs after ``optimizer.step()`` and before ``zero_grad()``, so the
-        gradients the importance scores need are still there. No trainer does this by itself:
-        without it AdaLoRA trains as a plain LoRA of rank ``init_r``.
-
-        Checkpoints stay full-size (pruned ranks are zeros) so that resuming and best-model
-        loading fit the live modules: between calls the rank pattern is held here, not in the
-        adapter config (PEFT trims a saved adapter to the config's pattern). Each checkpoint
-        also gets the pattern and the allocator's importance averages (written before the
-        completion marker: add this callback before CompleteCheckpointCallback); a resumed run
-        reads them back. At the end the pattern of the restored (best) step goes back into the
-        config, so the final adapter is saved trimmed, as PEFT loads it.
-        """
-
-        def __init__(self, resume_from: Optional[str | Path] = None) -> None:
-            self.resume_from = resume_from
-            self.rank_pattern: Optional[dict[str, list[bool]]] = None
-            self.calls = 0
-
-        @staticmethod
-        def _peft(model: Any) -> Any:
-            while model is not None and not hasattr(model, "base_model"):
-                model = getattr(model, "module", None)  # unwrap DDP
-            if model is None or not hasattr(model.base_model, "update_and_allocate"):
-                raise RuntimeError("AdaLoraAllocateCallback needs an AdaLoRA PeftModel")
-            return model
-
-        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            peft_model = self._peft(model)
-            config = peft_model.peft_config[peft_model.active_adapter]
-            config.rank_pattern = self.rank_pattern
-            peft_model.base_model.update_and_allocate(state.global_step)
-            self.rank_pattern, config.rank_pattern = config.rank_pattern, None
-            self.calls += 1
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not (state.is_world_process_zero and folder.is_dir()):
             return control
+        allocator = self._peft(model).base_model.rankallocator
+        tensors = {
+            f"{kind}/{name}": value.detach().contiguous()
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+            for name, value in getattr(allocator, kind).items()
+        }
+        save_file(tensors, str(folder / ADALORA_STATE_FILE))
+        (folder / ADALORA_PATTERN_FILE).write_text(json.dumps(_plain_pattern(self.rank_pattern)), encoding="utf-8")
+        return control
 
-        def on_save(self, args, state, control, model=None, **kwargs):
-            from safetensors.torch import save_file
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.resume_from is None:
+            return control
+        from safetensors.torch import load_file
 
+        folder = Path(self.resume_from)
+        allocator = self._peft(model).base_model.rankallocator
+        allocator.reset_ipt()
+        for key, value in load_file(str(folder / ADALORA_STATE_FILE)).items():
+            kind, name = key.split("/", 1)
+            getattr(allocator, kind)[name] = value
+        self.rank_pattern = json.loads((folder / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        peft_model = self._peft(model)
+        pattern = self.rank_pattern
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best and (Path(best) / ADALORA_PATTERN_FILE).is_file():
+            pattern = json.loads((Path(best) / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
+        peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern
+        return control
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks each checkpoint valid once the trainer has fully written it (``on_save`` runs after the write);
+    then ``on_complete(folder)`` (e.g. an upload of the checkpoint to a remote store) when given."""
+
+    def __init__(self, on_complete: Optional[Callable[[Path], None]] = None) -> None:
+        self.on_complete = on_complete
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not (state.is_world_process_zero and folder.is_dir()):
-                return control
-            allocator = self._peft(model).base_model.rankallocator
-            tensors = {
-                f"{kind}/{name}": value.detach().contiguous()
-                for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
-                for name, value in getattr(allocator, kind).items()
-            }
-            save_file(tensors, str(folder / ADALORA_STATE_FILE))
-            (folder / ADALORA_PATTERN_FILE).write_text(json.dumps(_plain_pattern(self.rank_pattern)), encoding="utf-8")
-            return control
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if self.resume_from is None:
-                return control
-            from safetensors.torch import load_file
-
-            folder = Path(self.resume_from)
-            allocator = self._peft(model).base_model.rankallocator
-            allocator.reset_ipt()
-            for key, value in load_file(str(folder / ADALORA_STATE_FILE)).items():
-                kind, name = key.split("/", 1)
-                getattr(allocator, kind)[name] = value
-            self.rank_pattern = json.loads((folder / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
-            return control
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            peft_model = self._peft(model)
-            pattern = self.rank_pattern
-            best = state.best_model_checkpoint if args.load_best_model_at_end else None
-            if best and (Path(best) / ADALORA_PATTERN_FILE).is_file():
-                pattern = json.loads((Path(best) / ADALORA_PATTERN_FILE).read_text(encoding="utf-8"))
-            peft_model.peft_config[peft_model.active_adapter].rank_pattern = pattern
-            return control
-
-    class CompleteCheckpointCallback(Base):
-        """Marks each checkpoint valid once the trainer has fully written it (``on_save`` runs after the write);
-        then ``on_complete(folder)`` (e.g. an upload of the checkpoint to a remote store) when given."""
-
-        def __init__(self, on_complete: Optional[Callable[[Path], None]] = None) -> None:
-            self.on_complete = on_complete
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    mark_complete(folder, state.global_step)
-                    if self.on_complete is not None:
-                        self.on_complete(folder)
-            return control
-
-    class MetricsCallback(Base):
-        """Forwards every log (train loss, learning rate, eval loss, ...) as ``on_log(step, logs)``."""
-
-        def __init__(self, sink: Callable[[int, dict[str, Any]], None]) -> None:
-            self.sink = sink
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:
-                self.sink(int(state.global_step), dict(logs))
-            return control
-
-    class EvaluateAtEndCallback(Base):
-        """Evaluates and saves at the last step too, so the best-model choice sees the final weights."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.max_steps and state.global_step >= state.max_steps and args.eval_strategy != "no":
-                control.should_evaluate = True
-                control.should_save = True
-            return control
-
-    class PromptEncoderStateCallback(Base):
-        """Keeps P-tuning's whole prompt encoder (embedding + MLP) in each checkpoint and restores it.
-
-        PEFT checkpoints of P-tuning hold only the encoder's *output*; the trainer's resume and
-        best-model loading put that output into the encoder's input embedding, so the MLP is
-        applied twice (measured: prompt values off by 1e8). This callback saves the encoder's
-        state next to the adapter (before the completion marker: add it before
-        CompleteCheckpointCallback) and loads it back after the trainer's own loading: on train
-        begin when resuming, on train end after the best checkpoint was restored.
-        """
-
-        def __init__(self, resume_from: Optional[str | Path] = None) -> None:
-            self.resume_from = resume_from
-
-        @staticmethod
-        def _encoder(model: Any) -> Any:
-            return model.prompt_encoder[model.active_adapter]
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            from safetensors.torch import save_file
-
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                tensors = {k: v.detach().contiguous() for k, v in self._encoder(model).state_dict().items()}
-                save_file(tensors, str(folder / PROMPT_ENCODER_FILE))
-            return control
-
-        def _restore(self, model: Any, checkpoint: str | Path) -> None:
-            from safetensors.torch import load_file
-
-            path = Path(checkpoint) / PROMPT_ENCODER_FILE
-            if not path.is_file():
-                raise RuntimeError(f"{checkpoint} has no {PROMPT_ENCODER_FILE}: cannot restore the P-tuning encoder")
-            self._encoder(model).load_state_dict(load_file(str(path)), strict=True)
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if self.resume_from is not None:
-                self._restore(model, self.resume_from)
-            return control
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            if args.load_best_model_at_end and state.best_model_checkpoint:
-                self._restore(model, state.best_model_checkpoint)
-            return control
-
-    class UndoAtTrainEndCallback(Base):
-        """Runs ``undo`` when training ends, before any later callback or the caller sees the model
-        (e.g. the bf16 layout of ``methods.bf16_autocast_layout``)."""
-
-        def __init__(self, undo: Callable[[], None]) -> None:
-            self.undo = undo
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.undo()
-            return control
-
-    _CLASSES.update(
-        UndoAtTrainEndCallback=UndoAtTrainEndCallback,
-        PromptEncoderStateCallback=PromptEncoderStateCallback,
-        AdaLoraAllocateCallback=AdaLoraAllocateCallback,
-        CompleteCheckpointCallback=CompleteCheckpointCallback,
-        MetricsCallback=MetricsCallback,
-        EvaluateAtEndCallback=EvaluateAtEndCallback,
-    )
-    return _CLASSES
+            if folder.is_dir():
+                mark_complete(folder, state.global_step)
+                if self.on_complete is not None:
+                    self.on_complete(folder)
+        return control
 
 
-def __getattr__(name: str) -> Any:  # module attribute access builds the classes on first use
-    classes = _build_classes()
-    if name in classes:
-        return classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class MetricsCallback(TrainerCallback):
+    """Forwards every log (train loss, learning rate, eval loss, ...) as ``on_log(step, logs)``."""
+
+    def __init__(self, sink: Callable[[int, dict[str, Any]], None]) -> None:
+        self.sink = sink
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.sink(int(state.global_step), dict(logs))
+        return control
+
+
+class EvaluateAtEndCallback(TrainerCallback):
+    """Evaluates and saves at the last step too, so the best-model choice sees the final weights."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps and args.eval_strategy != "no":
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
+class PromptEncoderStateCallback(TrainerCallback):
+    """Keeps P-tuning's whole prompt encoder (embedding + MLP) in each checkpoint and restores it.
+
+    PEFT checkpoints of P-tuning hold only the encoder's *output*; the trainer's resume and
+    best-model loading put that output into the encoder's input embedding, so the MLP is
+    applied twice (measured: prompt values off by 1e8). This callback saves the encoder's
+    state next to the adapter (before the completion marker: add it before
+    CompleteCheckpointCallback) and loads it back after the trainer's own loading: on train
+    begin when resuming, on train end after the best checkpoint was restored.
+    """
+
+    def __init__(self, resume_from: Optional[str | Path] = None) -> None:
+        self.resume_from = resume_from
+
+    @staticmethod
+    def _encoder(model: Any) -> Any:
+        return model.prompt_encoder[model.active_adapter]
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from safetensors.torch import save_file
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            tensors = {k: v.detach().contiguous() for k, v in self._encoder(model).state_dict().items()}
+            save_file(tensors, str(folder / PROMPT_ENCODER_FILE))
+        return control
+
+    def _restore(self, model: Any, checkpoint: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint) / PROMPT_ENCODER_FILE
+        if not path.is_file():
+            raise RuntimeError(f"{checkpoint} has no {PROMPT_ENCODER_FILE}: cannot restore the P-tuning encoder")
+        self._encoder(model).load_state_dict(load_file(str(path)), strict=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.resume_from is not None:
+            self._restore(model, self.resume_from)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            self._restore(model, state.best_model_checkpoint)
+        return control
+
+
+class UndoAtTrainEndCallback(TrainerCallback):
+    """Runs ``undo`` when training ends, before any later callback or the caller sees the model
+    (e.g. the bf16 layout of ``methods.bf16_autocast_layout``)."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.undo = undo
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.undo()
+        return control
 
 
 def early_stopping_callback(patience: int, min_delta: float) -> Any:
     """transformers' ``EarlyStoppingCallback``; needs ``load_best_model_at_end=True``,
     ``metric_for_best_model="eval_loss"`` and step-wise evaluation in the TrainingArguments."""
-    from transformers import EarlyStoppingCallback
-
     return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=min_delta)

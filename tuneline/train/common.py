@@ -261,3 +261,11 @@ def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch_size: i
         total += max(batch) * len(batch)
         real += sum(batch)
     return 0.0 if total == 0 else 1.0 - real / total
+
+
+def loss_curve(history: list[dict[str, Any]], keys: dict[str, str]) -> list[dict[str, float]]:
+    """``{"step", short: value}`` of every training log in a trainer's ``log_history`` (those holding ``loss``;
+    ``keys`` maps the log keys kept to their short names). Read after training, so a resumed run's curve holds
+    the part before the resume too."""
+    return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in keys.items() if k in h}}
+            for h in history if "loss" in h]

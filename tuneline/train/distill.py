@@ -383,22 +383,6 @@ def _record_ids(records: Sequence[Any]) -> list[str]:
     return [r["id"] if isinstance(r, dict) else r.id for r in records]
 
 
-def _curve_callback(curve: list[dict[str, float]], on_log: Optional[OnLog]) -> Any:
-    from transformers import TrainerCallback
-
-    class CurveCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}
-            if "loss" in metrics:
-                curve.append({"step": int(state.global_step), **{k: metrics[k] for k in ("loss", "kl", "ce") if k in metrics}})
-            if on_log is not None and metrics:
-                on_log(int(state.global_step), metrics)
-
-    return CurveCallback()
-
-
 def distill_student(
     teacher_dir: str | Path,
     records: Sequence[Any],
@@ -422,6 +406,8 @@ def distill_student(
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from tuneline.train import callbacks as cb
+    from tuneline.train import checkpoints as ck
+    from tuneline.train.common import loss_curve
     from tuneline.train import distributed
     from tuneline.train.common import resolve_bf16
     from tuneline.train.methods import count_params
@@ -492,7 +478,6 @@ def distill_student(
         data_seed=seed,
         disable_tqdm=True,
     )
-    curve: list[dict[str, float]] = []
     trainer = _make_trainer_class()(
         model=student,
         args=args,
@@ -500,13 +485,12 @@ def distill_student(
         data_collator=_collator(pad_id),
         teacher_cache=caches["train"],
         kd=params,
-        callbacks=[_curve_callback(curve, on_log), cb.CompleteCheckpointCallback(on_checkpoint)],
+        callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
-    resume = cb.last_valid_checkpoint(out_dir / "checkpoints")
-    with cb.disk_full_explained(out_dir / "checkpoints"):
+    resume = ck.last_valid_checkpoint(out_dir / "checkpoints")
+    with ck.disk_full_explained(out_dir / "checkpoints"):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    curve = [{"step": int(h["step"]), **{k: float(h[k]) for k in ("loss", "kl", "ce") if k in h}}
-             for h in trainer.state.log_history if "loss" in h]  # the part before a resume included
+    curve = loss_curve(trainer.state.log_history, {k: k for k in ("loss", "kl", "ce")})
     student = trainer.model
     after = kd_metrics(student, val_features, caches["val"], params.temperature, pad_id)
 

@@ -360,31 +360,6 @@ _CURVE_KEYS = {"loss": "loss", "rewards/accuracies": "reward_accuracy", "rewards
                "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"}
 
 
-def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Step, loss and reward figures of every training log in a trainer's history."""
-    return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in _CURVE_KEYS.items() if k in h}}
-            for h in history if "loss" in h]
-
-
-def _losses_callback(curve: list[dict[str, float]], on_log: Optional[OnLog]) -> Any:
-    from transformers import TrainerCallback
-
-    keep = _CURVE_KEYS
-
-    class LossCurve(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or not state.is_world_process_zero:
-                return control
-            if "loss" in logs:
-                curve.append({"step": int(state.global_step),
-                              **{short: float(logs[k]) for k, short in keep.items() if k in logs}})
-            if on_log is not None:
-                on_log(int(state.global_step), dict(logs))
-            return control
-
-    return LossCurve()
-
-
 # ---------------------------------------------------------------------------
 # the stage
 
@@ -412,8 +387,9 @@ def train_dpo(
     one, its loss curve included.
     """
     from tuneline.train import callbacks as cb
+    from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import loss_curve, resolve_bf16
     from tuneline.train.methods import count_params, write_method_file
 
     distributed.check_world(params.num_processes, "tuneline.recipes.dpo")
@@ -426,12 +402,11 @@ def train_dpo(
     with distributed.main_process_first():  # rank 0 merges; the others find its marker and reuse the merge
         merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
 
-    curve: list[dict[str, float]] = []
     checkpoints = out / "checkpoints"
-    resume = cb.last_valid_checkpoint(checkpoints)
+    resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_dpo_trainer(
         merged_dir, train_pairs, params, checkpoints, seed=seed, max_steps=max_steps,
-        callbacks=[_losses_callback(curve, on_log), cb.CompleteCheckpointCallback(on_checkpoint)],
+        callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
     model, tokenizer = trainer.model, trainer.processing_class
     ref_model_is_none = trainer.ref_model is None
@@ -440,9 +415,9 @@ def train_dpo(
 
     before = evaluate_preferences(model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
                                   batch_size=params.batch_size)
-    with cb.disk_full_explained(checkpoints):
+    with ck.disk_full_explained(checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    curve = _curve(trainer.state.log_history)  # the whole run's, the part before a resume included
+    curve = loss_curve(trainer.state.log_history, _CURVE_KEYS)  # the whole run's, the part before a resume included
     after = evaluate_preferences(trainer.model, tokenizer, val_pairs, params.beta, max_length=params.max_length,
                                  batch_size=params.batch_size)
 

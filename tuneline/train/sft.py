@@ -208,6 +208,7 @@ def train_sft(
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
 
     from tuneline.train import callbacks as cb
+    from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
@@ -268,8 +269,8 @@ def train_sft(
         ddp_backend=distributed.ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
     )
     # resume: a retried run continues from its last complete checkpoint (incomplete ones are deleted)
-    resume = cb.last_valid_checkpoint(checkpoints)
-    resumed_from = cb.checkpoint_step(resume) if resume is not None else 0
+    resume = ck.last_valid_checkpoint(checkpoints)
+    resumed_from = ck.checkpoint_step(resume) if resume is not None else 0
 
     # the bf16 autocast layout (same matmuls as autocast's casts, without them): CPU adapters only;
     # undone before any other on_train_end sees the model
@@ -311,7 +312,7 @@ def train_sft(
         tokens_before = int(state.get("num_input_tokens_seen", 0))
 
     started = time.perf_counter()
-    with cb.disk_full_explained(checkpoints):
+    with ck.disk_full_explained(checkpoints):
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     train_seconds = time.perf_counter() - started
 
