@@ -94,3 +94,23 @@ def test_sampling_is_stable_and_proportional() -> None:
 
 def test_normalize_text() -> None:
     assert normalize_text("  Hello\tWORLD \n") == "hello world"
+
+
+def test_membership_rebuilds_each_split_byte_for_byte(tmp_path) -> None:
+    """A reproduction rebuilds the splits from the archived records and the membership alone: the ids must keep
+    the split's order (the trainers' batches follow it), not a sorted one."""
+    import json
+
+    from tuneline.data.split import SplitPlan, write_splits
+    from tuneline.records import write_jsonl
+
+    result = split_records(corpus(300), SplitParams(stratify_by="task"), seed=4)
+    files = write_splits(SplitPlan(result=result), tmp_path / "orig")
+    members = json.loads(files.membership.read_text())
+    by_id = {r.id: r for rows in result.splits.values() for r in rows}
+    shuffled = dict(random.Random(0).sample(sorted(by_id.items()), len(by_id)))  # archive order is arbitrary
+    for name, ids in members.items():
+        rebuilt = tmp_path / "rebuilt" / f"{name}.jsonl"
+        write_jsonl(rebuilt, (shuffled[i].to_dict() for i in ids))
+        assert rebuilt.read_bytes() == files.splits[name].read_bytes(), name
+    assert members["train"] != sorted(members["train"])  # the stratified order is not the sorted one

@@ -113,8 +113,9 @@ def split_records(records: list[ChatRecord], params: SplitParams, seed: int) -> 
 
 
 def membership(splits: dict[str, list[ChatRecord]]) -> dict[str, list[str]]:
-    """Record ids per split, sorted: what an auditor checks a model's training data against."""
-    return {name: sorted(r.id for r in rows) for name, rows in splits.items()}
+    """Record ids per split, in the split's order (the order the trainers read them, so a reproduction rebuilt
+    from the ids sees the same batches): what an auditor checks a model's training data against."""
+    return {name: [r.id for r in rows] for name, rows in splits.items()}
 
 
 @dataclass
