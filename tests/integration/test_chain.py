@@ -113,7 +113,7 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
 
     # a worse recipe: the gate refuses, nothing is registered, the champion stays
     worse = {**CHAIN, "hpo": {"enabled": False},
-             "sft": {**CHAIN["sft"], "max_steps": 2, "learning_rate": 0.00001}}
+             "sft": {**CHAIN["sft"], "max_steps": 2, "eval_steps": 2, "save_steps": 2, "learning_rate": 0.00001}}
     result2, _ = run_chain(worse, tmp_path / "worse.yaml")
     assert result2.success  # a refusal is a decision, not a failed run
     gate = result2.output_for_node("evaluation_report").gate

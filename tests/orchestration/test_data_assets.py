@@ -94,6 +94,7 @@ def test_blocking_validation_check_stops_the_splits(state: Path, tmp_path: Path)
         "pretrain": {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1},
         "data": {"sources": [{"path": str(data)}], "corpus": [str(corpus)]},
         "validation": {"max_quarantined_fraction": 0.1, "min_accepted": 10},
+        "gate": {"primary_metric": "exact_match"},  # these rows have no answer checker (task_accuracy needs one)
     }
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -85,11 +85,12 @@ def create_database(prefix: str, name: str) -> str:
     return f"postgresql://{PG_USER}:{SECRET}@{PG_HOST}:{PG_PORT}/{db}"
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.is_file() else ""
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -118,7 +119,7 @@ class MlflowServer:
                "--workers", "1"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        _wait(self.uri + "/health", self.proc)
+        _wait(self.uri + "/health", self.proc, log=self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -39,7 +39,8 @@ def _spec(tmp_path: Path, tracking_uri: str, run_id: str) -> Path:
     spec = {"base": model_ref(base, base.as_uri(), method="tiny", stage="test").to_dict(),
             "train_uri": (tmp_path / "train.jsonl").as_uri(), "val_uri": (tmp_path / "train.jsonl").as_uri(),
             "out_uri": (tmp_path / "out").as_uri(), "seed": 0,
-            "params": {"method": "full", "batch_size": 8, "max_steps": STEPS, "eval_steps": 20, "save_steps": 20,
+            "params": {"method": "full", "batch_size": 8, "max_steps": STEPS, "epochs": 100, "eval_steps": 20,
+                       "save_steps": 20,
                        "bf16": False, "max_length": 32},
             "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id}}
     path = tmp_path / "spec.json"
