@@ -175,7 +175,8 @@ def _check_processes(section: str, num_processes: int) -> None:
         raise RecipeError(f"{section}.num_processes must be >= 1")
 
 
-PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze")
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt", "adapter",
+                "full", "freeze")
 LORA_METHODS = ("lora", "qlora", "adalora")  # the methods the ``lora`` section (and its search) applies to
 
 
@@ -191,6 +192,39 @@ class LoraParams:
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1 or not 0.0 <= self.dropout < 1.0:
             raise RecipeError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
+
+
+@dataclass(frozen=True)
+class AdapterParams:
+    """Bottleneck adapters (``sft.method: adapter``, :mod:`tuneline.train.bottleneck`)."""
+
+    reduction_factor: int = 16  # bottleneck width = hidden size // reduction_factor
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # houlsby: after attention and MLP; pfeiffer: MLP only
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between down- and up-projection
+
+    def __post_init__(self) -> None:
+        if self.reduction_factor < 1:
+            raise RecipeError("adapter.reduction_factor must be >= 1")
+
+
+@dataclass(frozen=True)
+class MultitaskPromptParams:
+    """Multitask prompt tuning (``sft.method: multitask_prompt``): a source stage learns a shared prompt and one
+    low-rank factor per task family; the target stage starts from it and trains one prompt for the mix."""
+
+    source_steps: int = 50  # optimizer steps of the source stage (capped by the recipe's max_steps too)
+    source_learning_rate: Optional[float] = None  # None = sft.learning_rate
+    target_init: Literal["average_source_tasks", "exact_source_task"] = "average_source_tasks"  # how the target starts
+    target_task: Optional[str] = None  # exact_source_task: the family whose prompt the target starts from
+    num_ranks: int = 1  # rank of each task's factor (peft's num_ranks)
+
+    def __post_init__(self) -> None:
+        if self.source_steps < 1 or self.num_ranks < 1:
+            raise RecipeError("multitask_prompt: source_steps and num_ranks must be >= 1")
+        if (self.target_init == "exact_source_task") != (self.target_task is not None):
+            raise RecipeError("multitask_prompt: target_task is set exactly when target_init is exact_source_task")
+        if self.source_learning_rate is not None and self.source_learning_rate <= 0:
+            raise RecipeError("multitask_prompt.source_learning_rate must be > 0 (or null)")
 
 
 @dataclass(frozen=True)
@@ -219,7 +253,9 @@ class SftParams:
     weight_decay: float = 0.0  # AdamW weight decay
     max_length: int = 256  # longest tokenized conversation (longer ones are truncated)
     lora: LoraParams = field(default_factory=LoraParams)  # adapter shape for lora/qlora/adalora
-    num_virtual_tokens: int = 16  # prefix, prompt and P-tuning
+    num_virtual_tokens: int = 16  # prefix, prompt, P-tuning and multitask prompt tuning
+    adapter: AdapterParams = field(default_factory=AdapterParams)  # bottleneck shape for method "adapter"
+    multitask_prompt: MultitaskPromptParams = field(default_factory=MultitaskPromptParams)  # source/target stages
     train_top_layers: int = 1  # "freeze": train only the top N blocks plus the head
     eval_steps: int = 25  # evaluate every N steps
     save_steps: int = 25  # checkpoint every N steps (a multiple of eval_steps)
@@ -589,6 +625,10 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     """Combinations of keys that cannot run, each a one-line message naming the keys and the fix: found when
     the recipe loads, not hours into a run."""
     problems = []
+    if recipe.sft.method == "adapter" and recipe.dpo.enabled:
+        problems.append("sft.method: adapter with dpo.enabled: true cannot run: DPO starts from the SFT model merged "
+                        "into full weights, and a bottleneck adapter (a non-linear module) cannot be merged; set "
+                        "dpo.enabled: false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
     if recipe.sft.method in PROMPT_LEARNING and recipe.dpo.enabled:
         problems.append(f"sft.method: {recipe.sft.method} with dpo.enabled: true cannot run: DPO starts from "
                         "the SFT weights and prompt learning trains virtual tokens, not weights; set dpo.enabled: "

@@ -281,7 +281,7 @@ def test_adalora_schedule_fits_short_runs():
 # every method trains, moves only its trainable weights and reloads to the same logits
 
 
-METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze"]
+METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "adapter", "full", "freeze"]
 
 
 @pytest.mark.slow
@@ -339,7 +339,7 @@ def test_method_trains_saves_and_reloads(method, base_dir, data, tmp_path):
 
 
 def _is_adapter_key(key: str) -> bool:
-    return any(tag in key for tag in ("lora_A", "lora_B", "lora_E", "ia3_", "prompt_encoder"))
+    return any(tag in key for tag in ("lora_A", "lora_B", "lora_E", "ia3_", "prompt_encoder", ".bottleneck."))
 
 
 @pytest.mark.slow

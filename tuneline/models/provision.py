@@ -283,7 +283,10 @@ def model_ref(local_dir: str | Path, uri: str, *, method: str, stage: str, **fie
     (then ``base=`` is required), else ``full``; the weights hash is taken from the files."""
     from tuneline.refs import ModelRef
 
-    kind = "adapter" if (Path(local_dir) / "adapter_config.json").is_file() else "full"
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
+    adapter = (Path(local_dir) / "adapter_config.json").is_file() or is_bottleneck_dir(local_dir)
+    kind = "adapter" if adapter else "full"
     return ModelRef(uri=uri, sha256=weights_sha256(local_dir), kind=kind, method=method, stage=stage, **fields)
 
 

@@ -1,7 +1,8 @@
 """Build the trainable model for each fine-tuning method in ``tuneline.params.PEFT_METHODS``.
 
 ``apply_method`` loads the base model and returns it ready for a plain ``transformers.Trainer``:
-LoRA-family adapters (lora, qlora, adalora), IA3, prompt learning (prefix, prompt, ptuning), full
+LoRA-family adapters (lora, qlora, adalora), IA3, prompt learning (prefix, prompt, ptuning,
+multitask_prompt), our own bottleneck adapters (``adapter``, :mod:`tuneline.train.bottleneck`), full
 fine-tuning, or ``freeze`` (only the top blocks train). Settings that cannot run raise before any
 training. Heavy libraries are imported inside the functions.
 """
@@ -345,6 +346,14 @@ def apply_method(
             info.update(init_r=config.init_r, target_r=config.target_r, **schedule)
         if method in PROMPT_METHODS:
             info["num_virtual_tokens"] = params.num_virtual_tokens
+    elif method == "adapter":
+        from tuneline.train.bottleneck import BottleneckConfig, add_bottleneck_adapters
+
+        shape = params.adapter
+        config = add_bottleneck_adapters(model, BottleneckConfig(
+            reduction_factor=shape.reduction_factor, placement=shape.placement, activation=shape.activation))
+        info["bottleneck"] = {"reduction_factor": config.reduction_factor, "placement": config.placement,
+                              "activation": config.activation, "targets": list(config.targets)}
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -401,9 +410,13 @@ def write_method_file(out_dir: str | Path, info: dict[str, Any], base_model_path
 
 
 def read_method_file(out_dir: str | Path) -> dict[str, Any]:
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
     path = Path(out_dir, METHOD_FILE)
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
+    if is_bottleneck_dir(out_dir):
+        return {"method": "adapter", "quantization": None}
     if Path(out_dir, "adapter_config.json").is_file():
         return {"method": "adapter", "quantization": None}
     return {"method": "full", "quantization": None}

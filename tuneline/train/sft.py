@@ -126,7 +126,7 @@ def _make_trainer_class() -> type:
 
         # methods whose PeftModel forward adds nothing to the decoder + head (AdaLoRA adds its
         # orthogonal regularizer to the loss, prompt learning prepends virtual tokens)
-        label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "full", "freeze")
+        label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "adapter", "full", "freeze")
         method: str = ""
         examples_seen: int = 0  # train examples this rank computed a loss on
 
@@ -320,7 +320,13 @@ def train_sft(
     examples_per_rank = distributed.gather_counts(trainer.examples_seen)
     if distributed.is_main_process():
         final_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(final_dir)
+        if params.method == "adapter":  # the adapter weights only, with their JSON config
+            from tuneline.train.bottleneck import BottleneckConfig, save_bottleneck
+
+            shape = info["bottleneck"]
+            save_bottleneck(trainer.model, BottleneckConfig(**{**shape, "targets": tuple(shape["targets"])}), final_dir)
+        else:
+            trainer.model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
         write_method_file(final_dir, info, base_model_path)
 
@@ -364,15 +370,19 @@ def train_sft(
 
 
 def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from ``train_sft``'s output: an adapter on the base model, or a full model."""
+    """(model, tokenizer) from ``train_sft``'s output: an adapter (PEFT, or our bottleneck adapters) on the base
+    model, or a full model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
     from tuneline.train.common import attention_implementation
     from tuneline.train.methods import load_base, read_method_file
 
     output_dir = Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    if (output_dir / "adapter_config.json").is_file():
+    if is_bottleneck_dir(output_dir):
+        model = load_bottleneck(load_base(base_model_path), output_dir)
+    elif (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         meta = read_method_file(output_dir)
@@ -400,7 +410,12 @@ def merge_adapter(
 
     from tuneline.train.methods import load_base, read_method_file
 
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if is_bottleneck_dir(adapter_dir):
+        raise ValueError(f"cannot merge the bottleneck adapters in {adapter_dir}: a down-projection, a non-linearity "
+                         "and an up-projection are not a weight delta; serve them loaded on the base (load_trained)")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (a full or freeze model is already merged)")
     peft_type = PeftConfig.from_pretrained(adapter_dir).peft_type.value
