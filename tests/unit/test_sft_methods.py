@@ -572,3 +572,90 @@ def test_padding_free_is_chosen_from_the_rows_mean_length():
     assert use_padding_free(params_for("full", padding_free=True), short)
     assert not use_padding_free(params_for("lora", padding_free=False), long)
     assert not use_padding_free(params_for("prefix", padding_free=True), long)  # virtual tokens in front
+
+
+# ---------------------------------------------------------------------------
+# multitask prompt tuning: a source stage over task families, a target stage initialized from it
+
+
+def two_family_records(n: int, seed: int) -> list[ChatRecord]:
+    import dataclasses
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        family = "reverse" if i % 2 else "upper"
+        answer = words[::-1] if family == "reverse" else words.upper()
+        out.append(dataclasses.replace(chat(f"{family}: {words}", answer, i), task=family))
+    return out
+
+
+@pytest.mark.slow
+def test_multitask_prompt_trains_source_then_target_and_reloads(base_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tuneline.evaluate.report import _token_logprobs, virtual_tokens_sliced
+    from tuneline.params import MultitaskPromptParams
+    from tuneline.train.methods import MultitaskStage, apply_method
+    from tuneline.train.sft import SOURCE_DONE, load_trained, train_sft
+
+    records = two_family_records(40, seed=3)
+    train, val = records[:32], records[32:]
+    params = params_for("multitask_prompt", max_steps=4, eval_steps=2, save_steps=2,
+                        multitask_prompt=MultitaskPromptParams(source_steps=4))
+    ids = sample_ids(base_dir)
+    captured = {}
+
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            from accelerate.utils import extract_model_from_parallel
+
+            model = extract_model_from_parallel(model, keep_fp32_wrapper=False).eval()
+            with torch.no_grad():
+                captured["logits"] = model(input_ids=ids, task_ids=torch.zeros(1, dtype=torch.long)).logits.float()
+            captured["state"] = state_of(model)
+
+    result = train_sft(base_dir, train, val, params, tmp_path / "run", seed=0, extra_callbacks=[Capture()])
+    assert result.global_step == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in result.train_losses)
+    mt = result.method_info["multitask"]
+    assert mt["stage"] == "target" and mt["families"] == ["reverse", "upper"]
+    assert mt["source_run"]["global_step"] == 4
+    source_dir = tmp_path / "run" / "source"
+    assert (source_dir / SOURCE_DONE).is_file()
+    source = load_file(str(source_dir / "model" / "adapter_model.safetensors"))
+    cols = next(v for k, v in source.items() if k.endswith("prefix_task_cols"))
+    assert cols.shape[0] == 2  # one factor per task family
+
+    # the target starts from the source's average task prompt and trains only its prompt
+    stage = MultitaskStage(("reverse", "upper"), source_weights=str(source_dir / "model" / "adapter_model.safetensors"))
+    fresh, _ = apply_method(base_dir, params, seed=0, multitask=stage)
+    encoder = fresh.prompt_encoder["default"]
+    assert encoder.prefix_task_cols.shape[0] == 1
+    assert torch.allclose(encoder.prefix_task_cols[0], cols.mean(0))
+    before, after = state_of(fresh), captured["state"]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("prompt_encoder" in k for k in moved), sorted(moved)[:5]
+
+    # reload: task ids bound to the target's task 0, virtual tokens in front of the logits
+    model, _ = load_trained(base_dir, result.output_dir)
+    assert isinstance(model, PeftModel)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    assert logits.shape[1] == ids.shape[1] + params.num_virtual_tokens
+    assert torch.allclose(logits, captured["logits"], atol=1e-5, rtol=0)
+    sliced = virtual_tokens_sliced(logits, ids)
+    labels = ids.clone()
+    logp, count = _token_logprobs(model, ids, torch.ones_like(ids), labels)
+    manual = torch.log_softmax(sliced[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
+    assert int(count) == ids.shape[1] - 1 and torch.allclose(logp.sum(), manual, atol=1e-4)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] >= ids.shape[1] + 1
+
+    # PEFT itself refuses a forward without task ids: the binding is what evaluation and serving rely on
+    raw = PeftModel.from_pretrained(apply_method(base_dir, params_for("full"), seed=0)[0], result.output_dir)
+    with pytest.raises(ValueError, match="task_ids"):
+        raw(input_ids=ids)

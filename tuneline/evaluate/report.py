@@ -161,12 +161,21 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad: int, fill_labels: Optional[Se
     return ids, mask, labels
 
 
+def virtual_tokens_sliced(logits: Any, ids: Any) -> Any:
+    """The logits of the input positions only: prompt-learning models (prompt, P-tuning, multitask prompt) return
+    logits for their virtual tokens in front as well; those are cut off so position i is token i again."""
+    extra = logits.shape[1] - ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"the model returned {logits.shape[1]} positions for {ids.shape[1]} input tokens")
+    return logits[:, extra:] if extra else logits
+
+
 def _token_logprobs(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, Any]:
     """Per-sequence (sum of log p(label), count of labelled tokens), labels already aligned to ids."""
     import torch
 
     device = _device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logits = virtual_tokens_sliced(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids).float()
     target = labels.to(device)[:, 1:]
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     keep = target != -100

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,8 +19,9 @@ from tuneline.params import PEFT_METHODS, SftParams
 
 QUANT_MULTIPLE = 32  # bitsandbytes 4-bit on CPU needs each quantized Linear's out size to be a multiple of this
 METHOD_FILE = "tuneline_method.json"  # written next to a saved adapter/model: how to load it back
-ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning")
-PROMPT_METHODS = ("prefix", "prompt", "ptuning")
+ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
+PROMPT_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")
+UNTAGGED_TASK = "untagged"  # multitask prompt tuning: the family of records that name none
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -242,6 +244,68 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
+# multitask prompt tuning: the two stages and the task ids
+
+
+@dataclass(frozen=True)
+class MultitaskStage:
+    """One stage of multitask prompt tuning. Source: one task id per family in ``families``. Target: starts from
+    the source adapter's weights (``source_weights``) and has a single task, id 0, which serving uses too."""
+
+    families: tuple[str, ...]  # the source stage's task families, in task-id order
+    source_weights: Optional[str] = None  # the source adapter's safetensors (target stage)
+    source_task: int = 0  # exact_source_task: the source family the target starts from
+
+    @property
+    def stage(self) -> str:
+        return "source" if self.source_weights is None else "target"
+
+    def task_id(self, family: Optional[str]) -> int:
+        """The task id a record of ``family`` trains with in this stage."""
+        if self.stage == "target":
+            return 0
+        name = family or UNTAGGED_TASK
+        if name not in self.families:
+            raise ValueError(f"multitask_prompt: task family {name!r} is not one of the source stage's "
+                             f"{', '.join(self.families)}")
+        return self.families.index(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "families": list(self.families), "source_task": self.source_task}
+
+
+def task_families(records: Any) -> tuple[str, ...]:
+    """The sorted task families of ``records`` (records without one are :data:`UNTAGGED_TASK`)."""
+    return tuple(sorted({getattr(r, "task", None) or UNTAGGED_TASK for r in records}))
+
+
+def bind_task_ids(model: Any, task_id: int = 0) -> Any:
+    """Make a multitask-prompt model's ``forward`` and ``generate`` pass ``task_ids`` (``task_id`` for every row)
+    when the caller gives none: PEFT raises without them, and evaluation and serving know no task families.
+    Returns the model."""
+    import torch
+
+    forward, generate = model.forward, model.generate
+
+    def ids_for(args: tuple, kwargs: dict) -> Any:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        return torch.full((x.shape[0],), task_id, dtype=torch.long, device=x.device)
+
+    def bound_forward(*args, task_ids=None, **kwargs):
+        return forward(*args, task_ids=ids_for(args, kwargs) if task_ids is None else task_ids, **kwargs)
+
+    def bound_generate(*args, task_ids=None, **kwargs):
+        return generate(*args, task_ids=ids_for(args, kwargs) if task_ids is None else task_ids, **kwargs)
+
+    model.forward, model.generate = bound_forward, bound_generate
+    return model
+
+
+# ---------------------------------------------------------------------------
 # building the model
 
 
@@ -281,10 +345,12 @@ def apply_method(
     *,
     seed: int,
     total_steps: Optional[int] = None,
+    multitask: Optional["MultitaskStage"] = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load the base model and make it trainable by ``params.method``; returns (model, info).
 
     ``total_steps`` (the run's optimizer steps) is required for AdaLoRA, whose schedule depends on it.
+    ``multitask`` says which stage of multitask prompt tuning to build (required for that method).
     ``info`` holds trainable/total parameter counts and what the method set up.
     """
     import torch
@@ -295,6 +361,8 @@ def apply_method(
     method = params.method
     if method not in PEFT_METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(PEFT_METHODS)}")
+    if method == "multitask_prompt" and multitask is None:
+        raise ValueError("multitask_prompt needs its stage (source over the task families, or target from a source)")
     if method == "adalora" and total_steps is None:
         raise ValueError("adalora needs total_steps (its rank budget schedule depends on the run length)")
     bf16 = resolve_bf16(params.bf16)
@@ -334,8 +402,15 @@ def apply_method(
     if method in ADAPTER_METHODS:
         from peft import get_peft_model
 
-        config = _peft_config(model, params, schedule)
+        config = _peft_config(model, params, schedule, multitask)
         model = get_peft_model(model, config)
+        if multitask is not None and multitask.source_weights is not None:
+            # the target's prompt is initialized from the source now; the saved config must not point at the
+            # source's file (a reload elsewhere would look for it): its weights are the adapter's own
+            config.prompt_tuning_init = "RANDOM"
+            config.prompt_tuning_init_state_dict_path = None
+        if multitask is not None:
+            info["multitask"] = multitask.to_dict()
         info["peft_type"] = config.peft_type.value
         targets = getattr(config, "target_modules", None)
         if targets is not None:  # resolved module names -> their distinct leaf names
@@ -369,7 +444,8 @@ def apply_method(
     return model, info
 
 
-def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int]]) -> Any:
+def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int]],
+                 multitask: Optional["MultitaskStage"] = None) -> Any:
     import peft
 
     method, lora = params.method, params.lora
@@ -391,6 +467,21 @@ def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int
         return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=params.num_virtual_tokens)
     if method == "prompt":
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=params.num_virtual_tokens)
+    if method == "multitask_prompt":
+        assert multitask is not None
+        if multitask.source_weights is None:  # source stage: a shared prompt and one factor per task family
+            return peft.MultitaskPromptTuningConfig(
+                task_type=task, num_virtual_tokens=params.num_virtual_tokens, num_tasks=len(multitask.families),
+                num_ranks=params.multitask_prompt.num_ranks, prompt_tuning_init="RANDOM",
+            )
+        exact = params.multitask_prompt.target_init == "exact_source_task"
+        return peft.MultitaskPromptTuningConfig(
+            task_type=task, num_virtual_tokens=params.num_virtual_tokens, num_tasks=1,
+            num_ranks=params.multitask_prompt.num_ranks,
+            prompt_tuning_init="EXACT_SOURCE_TASK" if exact else "AVERAGE_SOURCE_TASKS",
+            prompt_tuning_init_state_dict_path=str(multitask.source_weights),
+            prompt_tuning_init_task=multitask.source_task,
+        )
     if method == "ptuning":
         return peft.PromptEncoderConfig(
             task_type=task, num_virtual_tokens=params.num_virtual_tokens,
@@ -406,6 +497,9 @@ def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int
 def write_method_file(out_dir: str | Path, info: dict[str, Any], base_model_path: str | Path) -> None:
     """Record how ``out_dir`` was trained, so :func:`load_trained` can rebuild the same model."""
     record = {"method": info["method"], "base_model": str(base_model_path), "quantization": info.get("quantization")}
+    for key in ("multitask", "added_tokens"):
+        if info.get(key) is not None:
+            record[key] = info[key]
     Path(out_dir, METHOD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

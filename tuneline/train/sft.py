@@ -26,8 +26,10 @@ MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
 # adapter methods whose checkpoints hold only adapter weights, so the frozen base may be stored in
 # bf16 while training (qlora's base is already 4-bit)
-FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
-PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens in front: padded batches only
+FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")  # virtual tokens in front: padded only
+SOURCE_SUBDIR = "source"  # multitask prompt tuning: the source stage's own run under out_dir
+SOURCE_DONE = "source_done.json"  # written when the source stage is complete (a retry skips it)
 
 
 @dataclass
@@ -196,6 +198,7 @@ def train_sft(
     extra_callbacks: Iterable[Any] = (),
     on_log: Optional[Callable[[int, dict[str, Any]], None]] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    multitask: Optional[Any] = None,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -203,6 +206,11 @@ def train_sft(
     every log (loss, learning_rate, grad_norm, eval_loss, ...); ``on_checkpoint(folder)`` runs after each
     checkpoint is complete (the recipe CLI uploads it when the output is remote). The best checkpoint (lowest
     validation loss) is restored and saved to ``out_dir/model`` with the tokenizer, as safetensors.
+
+    ``multitask_prompt`` runs two stages: first a source stage over the train records' task families
+    (``out_dir/source``, its own resumable run, ``task_ids`` = the family of each record), then the target stage
+    initialized from it (one task, id 0, which evaluation and serving pass too). ``multitask`` is the stage
+    (:class:`~tuneline.train.methods.MultitaskStage`) when this call is one of them.
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
@@ -221,8 +229,14 @@ def train_sft(
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set one on the base model's tokenizer")
-    train_data = tokenize_chat(tokenizer, train_records, params.max_length)
-    val_data = tokenize_chat(tokenizer, val_records, params.max_length)
+    source_result = None
+    if params.method == "multitask_prompt" and multitask is None:
+        source_result, multitask = _multitask_source_stage(
+            base_model_path, train_records, val_records, params, out, seed=seed, max_steps=max_steps,
+            on_log=on_log, on_checkpoint=on_checkpoint)
+    task_id = (lambda record: multitask.task_id(record.task)) if multitask is not None else None
+    train_data = tokenize_chat(tokenizer, train_records, params.max_length, task_id)
+    val_data = tokenize_chat(tokenizer, val_records, params.max_length, task_id)
     if not train_data:
         raise ValueError(f"no train example keeps an assistant token within max_length={params.max_length}")
     steps = planned_steps(len(train_data), params, max_steps)
@@ -230,7 +244,10 @@ def train_sft(
 
     padding_free = use_padding_free(params, train_data)
     # model for the method (adapters, quantization, freezing)
-    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps)
+    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps, multitask=multitask)
+    if source_result is not None:
+        info["multitask"]["source_run"] = {k: source_result[k] for k in (
+            "global_step", "best_val_loss", "train_examples", "output_dir")}
 
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -365,6 +382,42 @@ def train_sft(
     )
 
 
+def _multitask_source_stage(
+    base_model_path: str | Path, train_records: Sequence[Any], val_records: Sequence[Any], params: SftParams,
+    out: Path, *, seed: int, max_steps: Optional[int], on_log: Any, on_checkpoint: Any,
+) -> tuple[dict[str, Any], Any]:
+    """Run (or reuse, when complete) the source stage of multitask prompt tuning; returns its result figures and
+    the target stage it initializes."""
+    import dataclasses
+
+    from tuneline.train.methods import MultitaskStage, task_families
+
+    mt = params.multitask_prompt
+    families = task_families(train_records)
+    if mt.target_task is not None and mt.target_task not in families:
+        raise ValueError(f"sft.multitask_prompt.target_task {mt.target_task!r} is not a task family of the train "
+                         f"split ({', '.join(families)})")
+    source_dir = out / SOURCE_SUBDIR
+    done = source_dir / SOURCE_DONE
+    if done.is_file():
+        figures = json.loads(done.read_text(encoding="utf-8"))
+    else:
+        source_params = dataclasses.replace(
+            params, max_steps=mt.source_steps, learning_rate=mt.source_learning_rate or params.learning_rate)
+        result = train_sft(base_model_path, train_records, val_records, source_params, source_dir, seed=seed,
+                           max_steps=max_steps, on_log=on_log, on_checkpoint=on_checkpoint,
+                           multitask=MultitaskStage(families))
+        figures = {k: v for k, v in result.to_dict().items() if k != "method_info"}
+        from tuneline.train import distributed
+
+        if distributed.is_main_process():
+            done.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    weights = Path(figures["output_dir"]) / "adapter_model.safetensors"
+    stage = MultitaskStage(families, source_weights=str(weights),
+                           source_task=families.index(mt.target_task) if mt.target_task else 0)
+    return figures, stage
+
+
 # ---------------------------------------------------------------------------
 # using what training saved
 
@@ -385,8 +438,12 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[A
     elif (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from tuneline.train.methods import bind_task_ids
+
         meta = read_method_file(output_dir)
         model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization")), output_dir)
+        if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
+            bind_task_ids(model, 0)  # the target stage's one task
     else:
         model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation())
     model.eval()
