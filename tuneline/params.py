@@ -194,6 +194,32 @@ class LoraParams:
             raise RecipeError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
 
 
+TOKEN_METHODS = ("lora", "qlora", "full")  # methods that can train the rows of added tokens
+
+
+@dataclass(frozen=True)
+class TokenizerParams:
+    """Tokens added to the base tokenizer at fine-tuning time (the embedding grows with mean-resizing; LoRA trains
+    only the new rows through ``trainable_token_indices``, full fine-tuning trains everything)."""
+
+    add_special_tokens: tuple[str, ...] = ()  # never split, skippable when decoding: "<sep>", "<tool>"
+    add_tokens: tuple[str, ...] = ()  # regular tokens, e.g. domain words the tokenizer fragments
+    pad_token: Optional[str] = None  # pad token to add when the base tokenizer has none (e.g. "<pad>")
+
+    def __post_init__(self) -> None:
+        for name in ("add_special_tokens", "add_tokens"):
+            values = getattr(self, name)
+            if any(not v or v != v.strip() for v in values):
+                raise RecipeError(f"tokenizer.{name}: tokens must be non-empty without surrounding spaces")
+            if len(set(values)) != len(values):
+                raise RecipeError(f"tokenizer.{name}: a token is listed twice")
+        if set(self.add_special_tokens) & set(self.add_tokens):
+            raise RecipeError("tokenizer: a token is both in add_special_tokens and add_tokens")
+
+    def changes(self) -> bool:
+        return bool(self.add_special_tokens or self.add_tokens or self.pad_token)
+
+
 @dataclass(frozen=True)
 class AdapterParams:
     """Bottleneck adapters (``sft.method: adapter``, :mod:`tuneline.train.bottleneck`)."""
@@ -560,6 +586,7 @@ class Recipe:
     split: SplitParams = field(default_factory=SplitParams)  # split fractions
     tracking: TrackingParams = field(default_factory=TrackingParams)  # MLflow names
     hpo: HpoParams = field(default_factory=HpoParams)  # hyperparameter search
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added at fine-tuning time
     sft: SftParams = field(default_factory=SftParams)  # supervised fine-tuning
     dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
@@ -629,6 +656,10 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
         problems.append("sft.method: adapter with dpo.enabled: true cannot run: DPO starts from the SFT model merged "
                         "into full weights, and a bottleneck adapter (a non-linear module) cannot be merged; set "
                         "dpo.enabled: false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
+    if recipe.tokenizer.changes() and recipe.sft.method not in TOKEN_METHODS:
+        problems.append(f"tokenizer adds tokens but sft.method: {recipe.sft.method} cannot train their embedding rows "
+                        f"(new rows would stay at their mean-resized start); use sft.method one of "
+                        f"{', '.join(TOKEN_METHODS)}, or drop tokenizer.add_special_tokens/add_tokens/pad_token")
     if recipe.sft.method in PROMPT_LEARNING and recipe.dpo.enabled:
         problems.append(f"sft.method: {recipe.sft.method} with dpo.enabled: true cannot run: DPO starts from "
                         "the SFT weights and prompt learning trains virtual tokens, not weights; set dpo.enabled: "

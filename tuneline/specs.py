@@ -19,6 +19,7 @@ from tuneline.params import (
     ModelParams,
     PretrainParams,
     SftParams,
+    TokenizerParams,
 )
 from tuneline.refs import ModelRef, Ref
 
@@ -68,6 +69,7 @@ class SftSpec(Spec):
     train_uri: str
     val_uri: str
     params: SftParams
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added before training
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,7 @@ class HpoWorkerSpec(Spec):
     train_uri: str
     val_uri: str
     worker: int
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added before each trial trains
     experiment: Optional[str] = None  # MLflow experiment of the trials' nested runs
     tags: dict[str, str] = field(default_factory=dict)  # tags of the trials' runs
 
@@ -105,6 +108,7 @@ class HpoTrialSpec(Spec):
     trial_id: int
     trial_number: int
     eval_steps: Optional[int] = None
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added before training
 
 
 @dataclass(frozen=True, kw_only=True)

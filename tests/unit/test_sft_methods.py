@@ -659,3 +659,82 @@ def test_multitask_prompt_trains_source_then_target_and_reloads(base_dir, tmp_pa
     raw = PeftModel.from_pretrained(apply_method(base_dir, params_for("full"), seed=0)[0], result.output_dir)
     with pytest.raises(ValueError, match="task_ids"):
         raw(input_ids=ids)
+
+
+# ---------------------------------------------------------------------------
+# tokens added at fine-tuning time: mean-resized rows trained by LoRA's trainable_token_indices
+
+
+@pytest.fixture(scope="module")
+def untied_base_dir(base_dir, tmp_path_factory) -> Path:
+    """The tiny base with its LM head untied from the embedding (its own copy of the weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    out = tmp_path_factory.mktemp("tiny-untied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_added_tokens_train_with_lora_and_reload(tied, base_dir, untied_base_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuneline.evaluate.report import template_parity
+    from tuneline.params import TokenizerParams
+    from tuneline.train.methods import apply_method
+    from tuneline.train.sft import load_trained, train_sft
+
+    base = base_dir if tied else untied_base_dir
+    tokens = TokenizerParams(add_special_tokens=("<sep>",), add_tokens=("kiwiberry",))
+    records = [chat(f"reverse: {w} <sep> kiwiberry", f"kiwiberry <sep> {w[::-1]}", i)
+               for i, w in enumerate(WORDS * 3)]
+    train, val = records[:30], records[30:]
+    params = params_for("lora")
+    with_new = chat("reverse: plum <sep> kiwiberry", "kiwiberry <sep> mulp")
+    probe_tok = AutoTokenizer.from_pretrained(base)
+    from tuneline.train.tokens import extend_tokenizer
+
+    extend_tokenizer(probe_tok, tokens)
+    ids = torch.tensor([probe_tok.apply_chat_template(with_new.messages, tokenize=True, return_dict=True)["input_ids"]])
+    capture = make_logit_capture(ids)
+    result = train_sft(base, train, val, params, tmp_path / "run", seed=0, tokens=tokens, extra_callbacks=[capture])
+    info = result.method_info["added_tokens"]
+    new_ids = info["ids"]
+    assert len(new_ids) == 2 and info["tied_embeddings"] is tied
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.train_losses)
+
+    tok = AutoTokenizer.from_pretrained(result.output_dir)
+    assert [tok.convert_tokens_to_ids(t) for t in ("<sep>", "kiwiberry")] == new_ids
+    parity = template_parity(tok, val)
+    assert parity["ok"] and set(parity["probed_tokens"]) == {"<sep>", "kiwiberry"}
+
+    assert set(new_ids) <= set(ids[0].tolist())
+    trained, _ = load_trained(base, result.output_dir)
+    fresh, fresh_info = apply_method(base, params, seed=0, added_tokens={k: info[k] for k in ("ids", "vocab_size")})
+    config = fresh.peft_config["default"]
+    assert set(config.trainable_token_indices) == ({"embed_tokens"} if tied else {"embed_tokens", "lm_head"})
+    before, after = state_of(fresh), state_of(trained)
+    # the base embedding/head rows of the new tokens start from mean-resizing (sampled) and are never used: the
+    # adapter's trained rows replace them; every old row is untouched
+    resized = {k for k in before if before[k].shape[0] == info["vocab_size"] and "trainable_tokens" not in k}
+    assert resized
+    for key in resized:
+        assert torch.equal(before[key][: new_ids[0]], after[key][: new_ids[0]]), key
+    moved = {k for k in before if k not in resized and not torch.equal(before[k], after[k])}
+    token_keys = {k for k in before if "trainable_tokens" in k}
+    assert token_keys and {k for k in token_keys if "embed_tokens" in k} <= moved
+    if not tied:
+        assert {k for k in token_keys if "lm_head" in k} <= moved
+    assert all(_is_adapter_key(k) or "trainable_tokens" in k for k in moved), sorted(moved)[:5]
+    saved = Path(result.output_dir, "adapter_model.safetensors").stat().st_size
+    assert saved < 0.5 * Path(base, "model.safetensors").stat().st_size  # new rows only, not the whole embedding
+    with torch.no_grad():
+        again = load_trained(base, result.output_dir)[0](input_ids=ids).logits
+        assert torch.equal(trained(input_ids=ids).logits, again)
+        assert torch.allclose(again.float(), capture.logits, atol=1e-5, rtol=0)
+        assert again.shape[-1] == info["vocab_size"]

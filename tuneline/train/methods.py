@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tuneline.params import PEFT_METHODS, SftParams
+from tuneline.params import PEFT_METHODS, TOKEN_METHODS, SftParams
 
 QUANT_MULTIPLE = 32  # bitsandbytes 4-bit on CPU needs each quantized Linear's out size to be a multiple of this
 METHOD_FILE = "tuneline_method.json"  # written next to a saved adapter/model: how to load it back
@@ -346,11 +346,14 @@ def apply_method(
     seed: int,
     total_steps: Optional[int] = None,
     multitask: Optional["MultitaskStage"] = None,
+    added_tokens: Optional[dict[str, Any]] = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load the base model and make it trainable by ``params.method``; returns (model, info).
 
     ``total_steps`` (the run's optimizer steps) is required for AdaLoRA, whose schedule depends on it.
     ``multitask`` says which stage of multitask prompt tuning to build (required for that method).
+    ``added_tokens`` (:func:`tuneline.train.tokens.extend_tokenizer`'s result) grows the embeddings to the new
+    vocabulary (mean-resizing); LoRA/QLoRA then train the new rows (``trainable_token_indices``), full trains all.
     ``info`` holds trainable/total parameter counts and what the method set up.
     """
     import torch
@@ -363,6 +366,9 @@ def apply_method(
         raise ValueError(f"method {method!r} is not one of {', '.join(PEFT_METHODS)}")
     if method == "multitask_prompt" and multitask is None:
         raise ValueError("multitask_prompt needs its stage (source over the task families, or target from a source)")
+    new_ids = list((added_tokens or {}).get("ids") or [])
+    if new_ids and method not in TOKEN_METHODS:
+        raise ValueError(f"{method} cannot train the embedding rows of added tokens; use one of {', '.join(TOKEN_METHODS)}")
     if method == "adalora" and total_steps is None:
         raise ValueError("adalora needs total_steps (its rank budget schedule depends on the run length)")
     bf16 = resolve_bf16(params.bf16)
@@ -398,11 +404,16 @@ def apply_method(
             base_model_path, dtype=torch.float32, attn_implementation=attention_implementation()
         )
     model.config.use_cache = False  # no KV cache while training
+    if new_ids:
+        from tuneline.train.tokens import embeddings_tied, resize_embeddings
+
+        resize_embeddings(model, int(added_tokens["vocab_size"]))
+        info["added_tokens"] = {**added_tokens, "tied_embeddings": embeddings_tied(model)}
 
     if method in ADAPTER_METHODS:
         from peft import get_peft_model
 
-        config = _peft_config(model, params, schedule, multitask)
+        config = _peft_config(model, params, schedule, multitask, new_ids)
         model = get_peft_model(model, config)
         if multitask is not None and multitask.source_weights is not None:
             # the target's prompt is initialized from the source now; the saved config must not point at the
@@ -445,15 +456,18 @@ def apply_method(
 
 
 def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int]],
-                 multitask: Optional["MultitaskStage"] = None) -> Any:
+                 multitask: Optional["MultitaskStage"] = None, new_ids: Optional[list[int]] = None) -> Any:
     import peft
 
     method, lora = params.method, params.lora
     task = peft.TaskType.CAUSAL_LM
     if method in ("lora", "qlora"):
+        from tuneline.train.tokens import trainable_token_indices
+
         return peft.LoraConfig(
             task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=_targets(params), bias="none",
+            trainable_token_indices=trainable_token_indices(model, new_ids) if new_ids else None,
         )
     if method == "adalora":
         return peft.AdaLoraConfig(
@@ -516,8 +530,13 @@ def read_method_file(out_dir: str | Path) -> dict[str, Any]:
     return {"method": "full", "quantization": None}
 
 
-def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]] = None) -> Any:
-    """The base model in fp32, or 4-bit as it was for QLoRA training (``quantization`` from the method file)."""
+def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]] = None,
+              vocab_size: Optional[int] = None) -> Any:
+    """The base model in fp32, or 4-bit as it was for QLoRA training (``quantization`` from the method file);
+    with ``vocab_size`` (tokens added at fine-tuning, from the method file) its embeddings grown to that size
+    first, as training did, so the adapter's token rows fit."""
+    from tuneline.train.tokens import resize_embeddings
+
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -534,5 +553,8 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
             base_model_path, quantization_config=quant, dtype=torch.float32, attn_implementation=attn
         )
         keep_4bit_layout(model)  # the same numerics as in training
-        return model
-    return AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, attn_implementation=attn)
+    if vocab_size:
+        resize_embeddings(model, int(vocab_size))
+    return model

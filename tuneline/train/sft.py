@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from tuneline.params import SftParams
+from tuneline.params import SftParams, TokenizerParams
 
 MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
@@ -199,6 +199,7 @@ def train_sft(
     on_log: Optional[Callable[[int, dict[str, Any]], None]] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
     multitask: Optional[Any] = None,
+    tokens: Optional[TokenizerParams] = None,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -211,6 +212,9 @@ def train_sft(
     (``out_dir/source``, its own resumable run, ``task_ids`` = the family of each record), then the target stage
     initialized from it (one task, id 0, which evaluation and serving pass too). ``multitask`` is the stage
     (:class:`~tuneline.train.methods.MultitaskStage`) when this call is one of them.
+
+    ``tokens`` (the recipe's ``tokenizer`` section) adds tokens first; eos/bos/pad are checked against the chat
+    template before anything trains (:func:`tuneline.train.tokens.check_special_tokens`).
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
@@ -226,9 +230,11 @@ def train_sft(
     bf16 = resolve_bf16(params.bf16)
 
     # data: completion-only labels (assistant tokens and their eos)
+    from tuneline.train.tokens import check_special_tokens, extend_tokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set one on the base model's tokenizer")
+    added = extend_tokenizer(tokenizer, tokens)
+    special_tokens = check_special_tokens(tokenizer)
     source_result = None
     if params.method == "multitask_prompt" and multitask is None:
         source_result, multitask = _multitask_source_stage(
@@ -244,7 +250,9 @@ def train_sft(
 
     padding_free = use_padding_free(params, train_data)
     # model for the method (adapters, quantization, freezing)
-    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps, multitask=multitask)
+    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps, multitask=multitask,
+                               added_tokens=added if added["ids"] else None)
+    info["special_tokens"] = special_tokens
     if source_result is not None:
         info["multitask"]["source_run"] = {k: source_result[k] for k in (
             "global_step", "best_val_loss", "train_examples", "output_dir")}
@@ -342,6 +350,9 @@ def train_sft(
 
             shape = info["bottleneck"]
             save_bottleneck(trainer.model, BottleneckConfig(**{**shape, "targets": tuple(shape["targets"])}), final_dir)
+        elif info.get("added_tokens") and params.method != "full":
+            # the adapter's token rows replace the base's new rows: no copy of the whole embedding in the adapter
+            trainer.model.save_pretrained(final_dir, save_embedding_layers=False)
         else:
             trainer.model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
@@ -441,7 +452,8 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[A
         from tuneline.train.methods import bind_task_ids
 
         meta = read_method_file(output_dir)
-        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization")), output_dir)
+        vocab = (meta.get("added_tokens") or {}).get("vocab_size")
+        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab), output_dir)
         if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
             bind_task_ids(model, 0)  # the target stage's one task
     else:
@@ -481,9 +493,10 @@ def merge_adapter(
             f"cannot merge a {peft_type} adapter: its virtual tokens/prefix are not weight deltas; "
             "serve it with the adapter loaded (load_trained)"
         )
-    method = read_method_file(adapter_dir).get("method", peft_type.lower())
-
-    model = PeftModel.from_pretrained(load_base(base_model_path), adapter_dir).eval()
+    meta = read_method_file(adapter_dir)
+    method = meta.get("method", peft_type.lower())
+    vocab = (meta.get("added_tokens") or {}).get("vocab_size")
+    model = PeftModel.from_pretrained(load_base(base_model_path, vocab_size=vocab), adapter_dir).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     sample = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
