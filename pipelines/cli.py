@@ -18,6 +18,7 @@ from tuneline.data import cli_ingest
 from tuneline.monitoring import cli_drift
 from tuneline.paths import project_root, state_dir
 from tuneline.settings import load_settings
+from tuneline.train import cli_plan
 from tuneline.tracking import fail_fast_defaults, sqlite_tracking_uri
 
 
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ingest.add_parser(sub)
     cli_drift.add_parser(sub)
+    cli_plan.add_parser(sub)
     prod.add_parser(sub)
 
     serve = sub.add_parser("serve", help="serve a registered model on 127.0.0.1")
