@@ -137,7 +137,7 @@ def sft_adapter(
     params = sft_params_from_trial(r.sft, hpo_study.best_params) if hpo_study.enabled else r.sft
     spec = SftSpec(out_uri=stage_uri(artifacts, "sft_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    base=base_model, train_uri=dataset_splits.uri("train"), val_uri=dataset_splits.uri("validation"),
-                   params=params, tokenizer=r.tokenizer)
+                   params=params, tokenizer=r.tokenizer, offload=r.offload)
     outcome, run_id = launch_stage(
         context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("sft", params),
         dataset_sha256=dataset_splits.dataset_sha256, num_processes=params.num_processes,

@@ -229,7 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("alias", args.alias)) if v is not None}
     params = dataclasses.replace(recipe.serve, **overrides)  # the recipe's whole serve section, log path included
     name = args.model or recipe.registered_model_name()
-    serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)))
+    serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)),
+          offload=recipe.offload)
     return 0
 
 

@@ -564,6 +564,37 @@ class K8sParams:
                                   f"(allowed: {', '.join(sorted(known))})")
 
 
+_MEMORY_SIZE = r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B?|B)?\s*$"  # 24GiB, 80GB, 512MiB (tuneline.train.memory)
+
+
+@dataclass(frozen=True)
+class OffloadParams:
+    """Memory offload. Inference: evaluated and served models load through accelerate's ``device_map`` across
+    GPUs, CPU and disk. Training: DeepSpeed ZeRO (CUDA and the ``deepspeed`` package), optionally with its
+    optimizer state and parameters in CPU memory. ``tuneline plan`` says which of these a model needs."""
+
+    inference: bool = False  # load models for evaluation/serving with device_map, max_memory and offload_folder
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] = "auto"  # accelerate's placement
+    max_memory: dict[str, str] = field(default_factory=dict)  # per device: {"0": "20GiB", "cpu": "48GiB"}
+    offload_folder: Optional[str] = None  # disk folder for weights that fit nowhere else (None: no disk offload)
+    zero_stage: Literal[0, 2, 3] = 0  # training: DeepSpeed ZeRO stage (0 = off)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state (and fp32 gradients) in CPU memory
+    offload_params: bool = False  # ZeRO-Infinity: parameters in CPU memory too (stage 3)
+
+    def __post_init__(self) -> None:
+        import re
+
+        for key, size in self.max_memory.items():
+            if not (key.isdigit() or key in ("cpu", "mps")):
+                raise RecipeError(f"offload.max_memory.{key}: a device is a GPU index (\"0\"), \"cpu\" or \"mps\"")
+            if not re.match(_MEMORY_SIZE, size, re.IGNORECASE):
+                raise RecipeError(f"offload.max_memory.{key}: {size!r} is not a memory size (e.g. 20GiB, 512MiB)")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise RecipeError("offload.offload_optimizer needs offload.zero_stage 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise RecipeError("offload.offload_params needs offload.zero_stage: 3 (only ZeRO-3 partitions parameters)")
+
+
 @dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
@@ -595,6 +626,7 @@ class Recipe:
     drift: DriftParams = field(default_factory=DriftParams)  # drift monitoring
     gate: GateParams = field(default_factory=GateParams)  # promotion policy
     k8s: K8sParams = field(default_factory=K8sParams)  # training pods on Kubernetes (the k8s launcher)
+    offload: OffloadParams = field(default_factory=OffloadParams)  # device_map offload, DeepSpeed ZeRO
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):

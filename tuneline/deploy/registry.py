@@ -623,6 +623,7 @@ def load_registered(
     *,
     cache_dir: str | Path | None = None,
     dtype: Any = None,
+    offload: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info) for ``NAME@ALIAS`` or ``NAME/VERSION`` (a bare NAME: newest version).
 
@@ -635,6 +636,6 @@ def load_registered(
     info = get_version(tracker, ref)
     path = download_version(tracker, info, cache_dir)
     tokenizer = load_tokenizer(path)  # a local directory: nothing is fetched
-    model = load_causal_lm(path, dtype=dtype)
+    model = load_causal_lm(path, dtype=dtype, offload=offload)
     info = dict(info, path=str(path))
     return model, tokenizer, info

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from tuneline.params import SftParams, TokenizerParams
+from tuneline.params import OffloadParams, SftParams, TokenizerParams
 
 MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
@@ -200,6 +200,7 @@ def train_sft(
     on_checkpoint: Optional[Callable[[Path], None]] = None,
     multitask: Optional[Any] = None,
     tokens: Optional[TokenizerParams] = None,
+    offload: Optional[OffloadParams] = None,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -214,7 +215,8 @@ def train_sft(
     (:class:`~tuneline.train.methods.MultitaskStage`) when this call is one of them.
 
     ``tokens`` (the recipe's ``tokenizer`` section) adds tokens first; eos/bos/pad are checked against the chat
-    template before anything trains (:func:`tuneline.train.tokens.check_special_tokens`).
+    template before anything trains (:func:`tuneline.train.tokens.check_special_tokens`). ``offload`` with a
+    ``zero_stage`` trains under DeepSpeed ZeRO (CUDA and ``deepspeed`` required, checked first).
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
@@ -224,7 +226,10 @@ def train_sft(
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
+    from tuneline.models.offload import check_zero_runs, zero_config
+
     distributed.check_world(params.num_processes, "tuneline.recipes.sft")
+    check_zero_runs(offload)
     out = Path(out_dir)
     checkpoints = out / CHECKPOINTS_SUBDIR
     bf16 = resolve_bf16(params.bf16)
@@ -291,6 +296,7 @@ def train_sft(
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=distributed.ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
+        deepspeed=zero_config(offload, bf16=bf16) if offload is not None else None,
     )
     # resume: a retried run continues from its last complete checkpoint (incomplete ones are deleted)
     resume = cb.last_valid_checkpoint(checkpoints)
@@ -433,10 +439,13 @@ def _multitask_source_stage(
 # using what training saved
 
 
-def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[Any, Any]:
+def load_trained(base_model_path: str | Path, output_dir: str | Path, offload: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from ``train_sft``'s output: an adapter (PEFT, or our bottleneck adapters) on the base
-    model, or a full model."""
+    model, or a full model. ``offload``: the recipe's offload section (inference device_map), applied to the
+    base or full model as it loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.models.offload import device_map_kwargs
 
     from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
     from tuneline.train.common import attention_implementation
@@ -445,7 +454,7 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[A
     output_dir = Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     if is_bottleneck_dir(output_dir):
-        model = load_bottleneck(load_base(base_model_path), output_dir)
+        model = load_bottleneck(load_base(base_model_path, offload=offload), output_dir)
     elif (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -453,11 +462,13 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[A
 
         meta = read_method_file(output_dir)
         vocab = (meta.get("added_tokens") or {}).get("vocab_size")
-        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab), output_dir)
+        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab, offload=offload),
+                                          output_dir)
         if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
             bind_task_ids(model, 0)  # the target stage's one task
     else:
-        model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation())
+        model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation(),
+                                                     **device_map_kwargs(offload))
     model.eval()
     return model, tokenizer
 
