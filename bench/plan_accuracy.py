@@ -103,8 +103,6 @@ def run_case(case: str, method: str, batch: int, seq_len: int, checkpointing: bo
              work: Path) -> dict[str, Any]:
     from transformers import LlamaConfig
 
-    from tuneline.train.memory import Setting, estimate, model_shape
-
     config_dir = work / case
     if not (config_dir / "config.json").is_file():
         LlamaConfig(**CONFIGS[case]).save_pretrained(config_dir)
@@ -119,16 +117,30 @@ def run_case(case: str, method: str, batch: int, seq_len: int, checkpointing: bo
     if proc.returncode != 0:
         raise RuntimeError(f"{case}/{method}: measurement failed:\n{proc.stderr[-3000:]}")
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = {"case": case, "method": method, "batch": batch, "seq_len": seq_len,
+           "gradient_checkpointing": checkpointing, "device": "cuda" if cuda else "cpu",
+           "measured_bytes": measured["peak_bytes"], "trainable_measured": measured["trainable"],
+           "loss": measured["loss"]}
+    return with_estimate(row, work)
+
+
+def with_estimate(row: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The row with the planner's estimate for its case (recomputed from the config; the measurement is kept)."""
+    from transformers import LlamaConfig
+
+    from tuneline.train.memory import Setting, estimate, model_shape
+
+    config_dir = work / row["case"]
+    if not (config_dir / "config.json").is_file():
+        LlamaConfig(**CONFIGS[row["case"]]).save_pretrained(config_dir)
     shape = model_shape(config_dir)
-    est = estimate(shape, method, Setting(dtype="fp32", gradient_checkpointing=checkpointing, micro_batch=batch),
-                   batch=batch, seq_len=seq_len, device="cuda" if cuda else "cpu")
+    est = estimate(shape, row["method"], Setting(dtype="fp32", gradient_checkpointing=row["gradient_checkpointing"],
+                                                 micro_batch=row["batch"]),
+                   batch=row["batch"], seq_len=row["seq_len"], device=row["device"])
     predicted = est.peak_bytes - est.breakdown["overhead"]
-    return {"case": case, "params": shape.n_params, "method": method, "batch": batch, "seq_len": seq_len,
-            "gradient_checkpointing": checkpointing, "device": "cuda" if cuda else "cpu",
-            "measured_bytes": measured["peak_bytes"], "estimated_bytes": predicted,
-            "error": (predicted - measured["peak_bytes"]) / measured["peak_bytes"],
-            "breakdown": est.breakdown, "trainable_measured": measured["trainable"],
-            "trainable_estimated": est.trainable_params, "loss": measured["loss"]}
+    return {**row, "params": shape.n_params, "estimated_bytes": predicted, "breakdown": est.breakdown,
+            "trainable_estimated": est.trainable_params,
+            "error": (predicted - row["measured_bytes"]) / row["measured_bytes"]}
 
 
 def cpu_flags() -> str:
@@ -160,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="tiny,100m")
     parser.add_argument("--cuda", action="store_true", help="measure torch.cuda.max_memory_allocated on the GPU")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_accuracy.json"))
+    parser.add_argument("--reestimate", action="store_true",
+                        help="keep the measurements in --out, recompute only the estimates (after a planner change)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -167,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
-        for name in args.cases.split(","):
+        if args.reestimate:
+            old = json.loads(Path(args.out).read_text())
+            rows = [with_estimate(r, Path(tmp)) for r in old["rows"]]
+        for name in ([] if args.reestimate else args.cases.split(",")):
             for case in CASES[name]:
                 row = run_case(*case, cuda=args.cuda, work=Path(tmp))
                 print(f"{row['case']} {row['method']} ckpt={row['gradient_checkpointing']}: measured "

@@ -375,6 +375,10 @@ def _pyfunc_model() -> Any:
             path = context.artifacts[ARTIFACT_KEY]
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
+            if Path(path, "bottleneck_config.json").is_file():  # a bundle: base + bottleneck adapters (needs tuneline)
+                from tuneline.train.bottleneck import load_bottleneck
+
+                load_bottleneck(self.model, path)
             self.model.eval()
 
         def predict(self, context, model_input, params=None):

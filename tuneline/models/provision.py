@@ -137,6 +137,10 @@ def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dty
         if Path(name).expanduser().is_dir():
             raise
         raise _not_available("model", name, revision, exc) from exc
+    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
+
+    if is_bottleneck_dir(name):  # a served bundle: the base's weights plus bottleneck adapters
+        load_bottleneck(model, name)
     model.eval()
     return model
 

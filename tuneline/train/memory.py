@@ -187,8 +187,9 @@ def trainable_params(shape: ModelShape, method: str, *, lora_r: int = 16, num_vi
 
 
 def activation_elements(shape: ModelShape, batch: int, seq_len: int, *, checkpointing: bool, eager: bool,
-                        layers: Optional[int] = None) -> float:
-    """Activation elements kept for the backward pass (without the logits)."""
+                        layers: Optional[int] = None) -> tuple[float, float]:
+    """(elements kept for the whole backward pass, elements of the one block recomputed at a time under gradient
+    checkpointing: 0 without it), the logits left out."""
     h, i, a, s = shape.hidden, shape.intermediate, shape.heads, seq_len
     L = shape.layers if layers is None else layers
     # one block keeps (counted with saved-tensor hooks on a Llama, transformers 5.23): the two norms' inputs and
@@ -196,9 +197,9 @@ def activation_elements(shape: ModelShape, batch: int, seq_len: int, *, checkpoi
     # (4 x intermediate); eager attention also the softmax output and the (p=0) dropout output of its scores
     per_token = 5 * h + 2 * shape.kv_dim + 4 * i + (2 * a * s if eager else 0)
     tokens = batch * seq_len
-    if checkpointing:  # each block's input, the final norm, and one block recomputed at a time in the backward
-        return tokens * (L * h + 3 * h + per_token)
-    return tokens * (L * per_token + 3 * h)
+    if checkpointing:  # each block's input and the final norm; one block recomputed at a time in the backward
+        return tokens * (L * h + 3 * h), tokens * per_token
+    return tokens * (L * per_token + 3 * h), 0.0
 
 
 @dataclass(frozen=True)
@@ -243,10 +244,13 @@ def estimate(shape: ModelShape, method: str, setting: Setting, *, batch: int, se
     # activations (bf16 under autocast or bf16 weights); freeze keeps none below its trained blocks
     abytes = 4 if setting.dtype == "fp32" else 2
     top = method_kwargs.get("train_top_layers", 1) if method == "freeze" else None
-    act = activation_elements(shape, setting.micro_batch, seq_len, checkpointing=setting.gradient_checkpointing,
-                              eager=device == "cpu", layers=top) * abytes
-    logits = 3 * setting.micro_batch * seq_len * shape.vocab * 4  # fp32 logits, log-softmax, their gradient
-    activations = act + logits
+    kept, recomputed = activation_elements(shape, setting.micro_batch, seq_len,
+                                           checkpointing=setting.gradient_checkpointing, eager=device == "cpu",
+                                           layers=top)
+    logits = 3 * setting.micro_batch * seq_len * shape.vocab * 4  # fp32 log-softmax, its gradient, the logits' one
+    # the backward starts at the loss (the logits' peak) and only then recomputes the top block: the two peaks
+    # do not overlap
+    activations = kept * abytes + max(recomputed * abytes, logits)
     # ZeRO partitioning and offload
     n = max(1, num_gpus)
     cpu = 0.0
