@@ -10,6 +10,8 @@ one device:
 - **activations** kept for the backward pass, per layer and token for a Llama-style block (the attention score
   matrix for eager attention, none for SDPA/flash), plus the logits, their log-softmax and its gradient; with
   gradient checkpointing only each layer's input is kept and one layer is recomputed at a time;
+- **optimizer_step**: AdamW's temporaries during the step, after the backward has freed the activations, so
+  the peak is weights + gradients + optimizer + overhead + max(activations, optimizer_step);
 - **overhead**: on CUDA the context, cuBLAS workspace and allocator slack (a flat 1 GiB); 0 on CPU, where the
   estimate is compared with the growth of the process's peak RSS.
 
@@ -50,6 +52,7 @@ class ModelShape:
     n_untied_head: int  # LM head when not tied to the embedding, else 0
     n_quantizable: int  # Linears 4-bit loading would quantize
     layer_params: int  # parameters of one decoder block
+    largest_param: int  # elements of the largest single parameter tensor (the optimizer step's temporaries)
     linear_dims: tuple[tuple[int, int], ...]  # (in, out) of each Linear in one block (LoRA "all-linear" targets)
     hidden: int
     intermediate: int
@@ -100,6 +103,7 @@ def model_shape(name_or_path: str | Path, revision: Optional[str] = None) -> Mod
         model_type=str(getattr(config, "model_type", type(model).__name__)),
         n_params=n_params, n_embedding=emb.numel(), n_untied_head=0 if tied else head.weight.numel(),
         n_quantizable=quantizable, layer_params=sum(p.numel() for p in block.parameters()), linear_dims=linears,
+        largest_param=max(p.numel() for p in model.parameters()),
         hidden=hidden, intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
         layers=len(blocks), heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         head_dim=head_dim, vocab=int(emb.shape[0]), config_dtype=str(dtype).replace("torch.", ""),
@@ -265,10 +269,20 @@ def estimate(shape: ModelShape, method: str, setting: Setting, *, batch: int, se
     if setting.offload == "params":
         cpu += weights
         weights = 2 * shape.layer_params * wbytes
+    # the optimizer step runs after the backward freed the activations; AdamW's temporaries (the second moment's
+    # square root and its quotient): per parameter on CPU (two of the largest tensor), for all at once on CUDA
+    # (foreach); none on the device when the optimizer is offloaded
+    if optimizer == 0:
+        step = 0.0
+    elif device == "cuda":
+        step = n_train * train_bytes / (max(1, num_gpus) if setting.zero else 1)
+    else:
+        step = 2 * min(shape.largest_param, n_train) * train_bytes
     overhead = CUDA_OVERHEAD if device == "cuda" else 0
     breakdown = {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
-                 "activations": int(activations), "overhead": int(overhead)}
-    return Estimate(setting, int(sum(breakdown.values())), breakdown, int(cpu), n_train, setting.slowdown(batch))
+                 "activations": int(activations), "optimizer_step": int(step), "overhead": int(overhead)}
+    peak = weights + gradients + optimizer + overhead + max(activations, step)
+    return Estimate(setting, int(peak), breakdown, int(cpu), n_train, setting.slowdown(batch))
 
 
 def candidate_settings(method: str, *, dtype: str, batch: int, device: str, num_gpus: int) -> list[Setting]:
