@@ -41,7 +41,7 @@ def evaluation_report(
     models = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, "student": distilled_student}
     spec = EvalSpec(out_uri=stage_uri(artifacts, "evaluation_report", context), seed=r.seed, models=models,
                     test_uri=dataset_splits.uri("test"), preference_uri=dataset_splits.uris.get("preference_test"),
-                    params=r.evaluation, checker="auto",
+                    params=r.evaluation, checker="auto", offload=r.offload,
                     champion=f"{champion['name']}/{champion['version']}" if champion else None)
     outcome, run_id = launch_stage(
         context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=r.flat_section("evaluation", "gate"),

@@ -41,7 +41,7 @@ def hpo_study(
         return dg.Output(ref, metadata={"enabled": False, "note": ref.note})
     root = context.run.root_run_id or context.run.run_id
     name = study_name(r.name, {"base": base_model.sha256, "data": dataset_splits.dataset_sha256,
-                               "hpo": to_plain(r.hpo), "sft": to_plain(r.sft), "seed": r.seed,
+                               "hpo": to_plain(r.hpo), "sft": to_plain(r.sft), "tokenizer": to_plain(r.tokenizer), "seed": r.seed,
                                "max_steps": r.max_steps}, root)
     storage_url = study_storage.resolve(r.hpo.storage, artifacts.local_shared_dir("optuna"))
     create_study(name, storage_url, r.hpo)  # once, here; the workers load it
@@ -53,7 +53,7 @@ def hpo_study(
         out_uri=artifacts.stage_uri("hpo_study", root), seed=r.seed, max_steps=r.max_steps,
         mlflow=MlflowTarget(tracking_uri=mlflow.tracking_uri, run_id=parent), study_name=name,
         storage_url=storage_url, hpo=r.hpo, params=r.sft, base=base_model, train_uri=dataset_splits.uri("train"),
-        val_uri=dataset_splits.uri("validation"), worker=0, experiment=r.experiment_name(),
+        val_uri=dataset_splits.uri("validation"), worker=0, experiment=r.experiment_name(), tokenizer=r.tokenizer,
         tags={"tuneline.asset_key": "hpo_study", "tuneline.dagster_run_id": context.run.run_id},
     )
     errors = run_workers(context, launcher, worker, r)
@@ -137,7 +137,7 @@ def sft_adapter(
     params = sft_params_from_trial(r.sft, hpo_study.best_params) if hpo_study.enabled else r.sft
     spec = SftSpec(out_uri=stage_uri(artifacts, "sft_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    base=base_model, train_uri=dataset_splits.uri("train"), val_uri=dataset_splits.uri("validation"),
-                   params=params)
+                   params=params, tokenizer=r.tokenizer, offload=r.offload)
     return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="sft", params=params,
                        splits=dataset_splits, upstream={"base_model": base_model, "hpo_study": hpo_study},
                        title="SFT loss")

@@ -18,6 +18,7 @@ from tuneline.data import cli_ingest
 from tuneline.monitoring import cli_drift
 from tuneline.paths import project_root, state_dir
 from tuneline.settings import load_settings
+from tuneline.train import cli_plan
 from tuneline.tracking import fail_fast_defaults, sqlite_tracking_uri
 
 
@@ -229,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    ("follow_seconds", args.follow_seconds)) if v is not None}
     params = dataclasses.replace(recipe.serve, **overrides)  # the recipe's whole serve section, log path included
     name = args.model or recipe.registered_model_name()
-    serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)))
+    serve(f"{name}@{params.alias}", tracker=_tracker(), params=params, log_path=str(settings.log_path(recipe)),
+          offload=recipe.offload)
     return 0
 
 
@@ -299,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ingest.add_parser(sub)
     cli_drift.add_parser(sub)
+    cli_plan.add_parser(sub)
     prod.add_parser(sub)
 
     serve = sub.add_parser("serve", help="serve a registered model on 127.0.0.1")

@@ -175,7 +175,8 @@ def _check_processes(section: str, num_processes: int) -> None:
         raise RecipeError(f"{section}.num_processes must be >= 1")
 
 
-PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze")
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt", "adapter",
+                "full", "freeze")
 LORA_METHODS = ("lora", "qlora", "adalora")  # the methods the ``lora`` section (and its search) applies to
 
 
@@ -191,6 +192,65 @@ class LoraParams:
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1 or not 0.0 <= self.dropout < 1.0:
             raise RecipeError("lora: need r >= 1, alpha >= 1 and 0 <= dropout < 1")
+
+
+TOKEN_METHODS = ("lora", "qlora", "full")  # methods that can train the rows of added tokens
+
+
+@dataclass(frozen=True)
+class TokenizerParams:
+    """Tokens added to the base tokenizer at fine-tuning time (the embedding grows with mean-resizing; LoRA trains
+    only the new rows through ``trainable_token_indices``, full fine-tuning trains everything)."""
+
+    add_special_tokens: tuple[str, ...] = ()  # never split, skippable when decoding: "<sep>", "<tool>"
+    add_tokens: tuple[str, ...] = ()  # regular tokens, e.g. domain words the tokenizer fragments
+    pad_token: Optional[str] = None  # pad token to add when the base tokenizer has none (e.g. "<pad>")
+
+    def __post_init__(self) -> None:
+        for name in ("add_special_tokens", "add_tokens"):
+            values = getattr(self, name)
+            if any(not v or v != v.strip() for v in values):
+                raise RecipeError(f"tokenizer.{name}: tokens must be non-empty without surrounding spaces")
+            if len(set(values)) != len(values):
+                raise RecipeError(f"tokenizer.{name}: a token is listed twice")
+        if set(self.add_special_tokens) & set(self.add_tokens):
+            raise RecipeError("tokenizer: a token is both in add_special_tokens and add_tokens")
+
+    def changes(self) -> bool:
+        return bool(self.add_special_tokens or self.add_tokens or self.pad_token)
+
+
+@dataclass(frozen=True)
+class AdapterParams:
+    """Bottleneck adapters (``sft.method: adapter``, :mod:`tuneline.train.bottleneck`)."""
+
+    reduction_factor: int = 16  # bottleneck width = hidden size // reduction_factor
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # houlsby: after attention and MLP; pfeiffer: MLP only
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between down- and up-projection
+
+    def __post_init__(self) -> None:
+        if self.reduction_factor < 1:
+            raise RecipeError("adapter.reduction_factor must be >= 1")
+
+
+@dataclass(frozen=True)
+class MultitaskPromptParams:
+    """Multitask prompt tuning (``sft.method: multitask_prompt``): a source stage learns a shared prompt and one
+    low-rank factor per task family; the target stage starts from it and trains one prompt for the mix."""
+
+    source_steps: int = 50  # optimizer steps of the source stage (capped by the recipe's max_steps too)
+    source_learning_rate: Optional[float] = None  # None = sft.learning_rate
+    target_init: Literal["average_source_tasks", "exact_source_task"] = "average_source_tasks"  # how the target starts
+    target_task: Optional[str] = None  # exact_source_task: the family whose prompt the target starts from
+    num_ranks: int = 1  # rank of each task's factor (peft's num_ranks)
+
+    def __post_init__(self) -> None:
+        if self.source_steps < 1 or self.num_ranks < 1:
+            raise RecipeError("multitask_prompt: source_steps and num_ranks must be >= 1")
+        if (self.target_init == "exact_source_task") != (self.target_task is not None):
+            raise RecipeError("multitask_prompt: target_task is set exactly when target_init is exact_source_task")
+        if self.source_learning_rate is not None and self.source_learning_rate <= 0:
+            raise RecipeError("multitask_prompt.source_learning_rate must be > 0 (or null)")
 
 
 @dataclass(frozen=True)
@@ -219,7 +279,9 @@ class SftParams:
     weight_decay: float = 0.0  # AdamW weight decay
     max_length: int = 256  # longest tokenized conversation (longer ones are truncated)
     lora: LoraParams = field(default_factory=LoraParams)  # adapter shape for lora/qlora/adalora
-    num_virtual_tokens: int = 16  # prefix, prompt and P-tuning
+    num_virtual_tokens: int = 16  # prefix, prompt, P-tuning and multitask prompt tuning
+    adapter: AdapterParams = field(default_factory=AdapterParams)  # bottleneck shape for method "adapter"
+    multitask_prompt: MultitaskPromptParams = field(default_factory=MultitaskPromptParams)  # source/target stages
     train_top_layers: int = 1  # "freeze": train only the top N blocks plus the head
     eval_steps: int = 25  # evaluate every N steps
     save_steps: int = 25  # checkpoint every N steps (a multiple of eval_steps)
@@ -511,6 +573,37 @@ class K8sParams:
                                   f"(allowed: {', '.join(sorted(known))})")
 
 
+_MEMORY_SIZE = r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B?|B)?\s*$"  # 24GiB, 80GB, 512MiB (tuneline.train.memory)
+
+
+@dataclass(frozen=True)
+class OffloadParams:
+    """Memory offload. Inference: evaluated and served models load through accelerate's ``device_map`` across
+    GPUs, CPU and disk. Training: DeepSpeed ZeRO (CUDA and the ``deepspeed`` package), optionally with its
+    optimizer state and parameters in CPU memory. ``tuneline plan`` says which of these a model needs."""
+
+    inference: bool = False  # load models for evaluation/serving with device_map, max_memory and offload_folder
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] = "auto"  # accelerate's placement
+    max_memory: dict[str, str] = field(default_factory=dict)  # per device: {"0": "20GiB", "cpu": "48GiB"}
+    offload_folder: Optional[str] = None  # disk folder for weights that fit nowhere else (None: no disk offload)
+    zero_stage: Literal[0, 2, 3] = 0  # training: DeepSpeed ZeRO stage (0 = off)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state (and fp32 gradients) in CPU memory
+    offload_params: bool = False  # ZeRO-Infinity: parameters in CPU memory too (stage 3)
+
+    def __post_init__(self) -> None:
+        import re
+
+        for key, size in self.max_memory.items():
+            if not (key.isdigit() or key in ("cpu", "mps")):
+                raise RecipeError(f"offload.max_memory.{key}: a device is a GPU index (\"0\"), \"cpu\" or \"mps\"")
+            if not re.match(_MEMORY_SIZE, size, re.IGNORECASE):
+                raise RecipeError(f"offload.max_memory.{key}: {size!r} is not a memory size (e.g. 20GiB, 512MiB)")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise RecipeError("offload.offload_optimizer needs offload.zero_stage 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise RecipeError("offload.offload_params needs offload.zero_stage: 3 (only ZeRO-3 partitions parameters)")
+
+
 @dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
@@ -533,6 +626,7 @@ class Recipe:
     split: SplitParams = field(default_factory=SplitParams)  # split fractions
     tracking: TrackingParams = field(default_factory=TrackingParams)  # MLflow names
     hpo: HpoParams = field(default_factory=HpoParams)  # hyperparameter search
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added at fine-tuning time
     sft: SftParams = field(default_factory=SftParams)  # supervised fine-tuning
     dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
@@ -541,6 +635,7 @@ class Recipe:
     drift: DriftParams = field(default_factory=DriftParams)  # drift monitoring
     gate: GateParams = field(default_factory=GateParams)  # promotion policy
     k8s: K8sParams = field(default_factory=K8sParams)  # training pods on Kubernetes (the k8s launcher)
+    offload: OffloadParams = field(default_factory=OffloadParams)  # device_map offload, DeepSpeed ZeRO
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -598,6 +693,14 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     """Combinations of keys that cannot run, each a one-line message naming the keys and the fix: found when
     the recipe loads, not hours into a run."""
     problems = []
+    if recipe.sft.method == "adapter" and recipe.dpo.enabled:
+        problems.append("sft.method: adapter with dpo.enabled: true cannot run: DPO starts from the SFT model merged "
+                        "into full weights, and a bottleneck adapter (a non-linear module) cannot be merged; set "
+                        "dpo.enabled: false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
+    if recipe.tokenizer.changes() and recipe.sft.method not in TOKEN_METHODS:
+        problems.append(f"tokenizer adds tokens but sft.method: {recipe.sft.method} cannot train their embedding rows "
+                        f"(new rows would stay at their mean-resized start); use sft.method one of "
+                        f"{', '.join(TOKEN_METHODS)}, or drop tokenizer.add_special_tokens/add_tokens/pad_token")
     if recipe.sft.method in PROMPT_LEARNING and recipe.dpo.enabled:
         problems.append(f"sft.method: {recipe.sft.method} with dpo.enabled: true cannot run: DPO starts from "
                         "the SFT weights and prompt learning trains virtual tokens, not weights; set dpo.enabled: "

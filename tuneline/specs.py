@@ -17,8 +17,10 @@ from tuneline.params import (
     EvaluationParams,
     HpoParams,
     ModelParams,
+    OffloadParams,
     PretrainParams,
     SftParams,
+    TokenizerParams,
 )
 from tuneline.refs import ModelRef, Ref
 
@@ -68,6 +70,8 @@ class SftSpec(Spec):
     train_uri: str
     val_uri: str
     params: SftParams
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added before training
+    offload: OffloadParams = field(default_factory=OffloadParams)  # DeepSpeed ZeRO (CUDA) when zero_stage > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +146,7 @@ class EvalSpec(Spec):
     checker: Optional[str] = None  # "demo" for the demo tasks' own answer checker
     max_examples: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    offload: OffloadParams = field(default_factory=OffloadParams)  # device_map loading of the evaluated models
 
 
 RESULT_FILE = "result.json"  # under a spec's out_uri: the trainer's Outcome

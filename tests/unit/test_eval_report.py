@@ -206,7 +206,7 @@ def test_template_parity_ok_and_detects_a_template_without_eos(tokenizer, record
 
     tests, prefs = records
     result = template_parity(tokenizer, tests + prefs)
-    assert result == {"ok": True, "checked": len(tests) + len(prefs), "mismatches": []}
+    assert result == {"ok": True, "checked": len(tests) + len(prefs), "mismatches": [], "probed_tokens": []}
 
     broken = copy.deepcopy(tokenizer)
     broken.chat_template = CHAT_TEMPLATE.replace("{{ eos_token }}", "")

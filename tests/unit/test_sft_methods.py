@@ -281,7 +281,7 @@ def test_adalora_schedule_fits_short_runs():
 # every method trains, moves only its trainable weights and reloads to the same logits
 
 
-METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "full", "freeze"]
+METHODS = ["lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "adapter", "full", "freeze"]
 
 
 @pytest.mark.slow
@@ -339,7 +339,7 @@ def test_method_trains_saves_and_reloads(method, base_dir, data, tmp_path):
 
 
 def _is_adapter_key(key: str) -> bool:
-    return any(tag in key for tag in ("lora_A", "lora_B", "lora_E", "ia3_", "prompt_encoder"))
+    return any(tag in key for tag in ("lora_A", "lora_B", "lora_E", "ia3_", "prompt_encoder", ".bottleneck."))
 
 
 @pytest.mark.slow
@@ -572,3 +572,169 @@ def test_padding_free_is_chosen_from_the_rows_mean_length():
     assert use_padding_free(params_for("full", padding_free=True), short)
     assert not use_padding_free(params_for("lora", padding_free=False), long)
     assert not use_padding_free(params_for("prefix", padding_free=True), long)  # virtual tokens in front
+
+
+# ---------------------------------------------------------------------------
+# multitask prompt tuning: a source stage over task families, a target stage initialized from it
+
+
+def two_family_records(n: int, seed: int) -> list[ChatRecord]:
+    import dataclasses
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        family = "reverse" if i % 2 else "upper"
+        answer = words[::-1] if family == "reverse" else words.upper()
+        out.append(dataclasses.replace(chat(f"{family}: {words}", answer, i), task=family))
+    return out
+
+
+@pytest.mark.slow
+def test_multitask_prompt_trains_source_then_target_and_reloads(base_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tuneline.evaluate.report import _token_logprobs, virtual_tokens_sliced
+    from tuneline.params import MultitaskPromptParams
+    from tuneline.train.methods import MultitaskStage, apply_method
+    from tuneline.train.sft import SOURCE_DONE, load_trained, train_sft
+
+    records = two_family_records(40, seed=3)
+    train, val = records[:32], records[32:]
+    params = params_for("multitask_prompt", max_steps=4, eval_steps=2, save_steps=2,
+                        multitask_prompt=MultitaskPromptParams(source_steps=4))
+    ids = sample_ids(base_dir)
+    captured = {}
+
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            from accelerate.utils import extract_model_from_parallel
+
+            model = extract_model_from_parallel(model, keep_fp32_wrapper=False).eval()
+            with torch.no_grad():
+                captured["logits"] = model(input_ids=ids, task_ids=torch.zeros(1, dtype=torch.long)).logits.float()
+            captured["state"] = state_of(model)
+
+    result = train_sft(base_dir, train, val, params, tmp_path / "run", seed=0, extra_callbacks=[Capture()])
+    assert result.global_step == 4 and all(torch.isfinite(torch.tensor(v)) for _, v in result.train_losses)
+    mt = result.method_info["multitask"]
+    assert mt["stage"] == "target" and mt["families"] == ["reverse", "upper"]
+    assert mt["source_run"]["global_step"] == 4
+    source_dir = tmp_path / "run" / "source"
+    assert (source_dir / SOURCE_DONE).is_file()
+    source = load_file(str(source_dir / "model" / "adapter_model.safetensors"))
+    cols = next(v for k, v in source.items() if k.endswith("prefix_task_cols"))
+    assert cols.shape[0] == 2  # one factor per task family
+
+    # the target starts from the source's average task prompt and trains only its prompt
+    stage = MultitaskStage(("reverse", "upper"), source_weights=str(source_dir / "model" / "adapter_model.safetensors"))
+    fresh, _ = apply_method(base_dir, params, seed=0, multitask=stage)
+    encoder = fresh.prompt_encoder["default"]
+    assert encoder.prefix_task_cols.shape[0] == 1
+    assert torch.allclose(encoder.prefix_task_cols[0], cols.mean(0))
+    before, after = state_of(fresh), captured["state"]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("prompt_encoder" in k for k in moved), sorted(moved)[:5]
+
+    # reload: task ids bound to the target's task 0, virtual tokens in front of the logits
+    model, _ = load_trained(base_dir, result.output_dir)
+    assert isinstance(model, PeftModel)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    assert logits.shape[1] == ids.shape[1] + params.num_virtual_tokens
+    assert torch.allclose(logits, captured["logits"], atol=1e-5, rtol=0)
+    sliced = virtual_tokens_sliced(logits, ids)
+    labels = ids.clone()
+    logp, count = _token_logprobs(model, ids, torch.ones_like(ids), labels)
+    manual = torch.log_softmax(sliced[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
+    assert int(count) == ids.shape[1] - 1 and torch.allclose(logp.sum(), manual, atol=1e-4)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] >= ids.shape[1] + 1
+
+    # PEFT itself refuses a forward without task ids: the binding is what evaluation and serving rely on
+    raw = PeftModel.from_pretrained(apply_method(base_dir, params_for("full"), seed=0)[0], result.output_dir)
+    with pytest.raises(ValueError, match="task_ids"):
+        raw(input_ids=ids)
+
+
+# ---------------------------------------------------------------------------
+# tokens added at fine-tuning time: mean-resized rows trained by LoRA's trainable_token_indices
+
+
+@pytest.fixture(scope="module")
+def untied_base_dir(base_dir, tmp_path_factory) -> Path:
+    """The tiny base with its LM head untied from the embedding (its own copy of the weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    out = tmp_path_factory.mktemp("tiny-untied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_added_tokens_train_with_lora_and_reload(tied, base_dir, untied_base_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuneline.evaluate.report import template_parity
+    from tuneline.params import TokenizerParams
+    from tuneline.train.methods import apply_method
+    from tuneline.train.sft import load_trained, train_sft
+
+    base = base_dir if tied else untied_base_dir
+    tokens = TokenizerParams(add_special_tokens=("<sep>",), add_tokens=("kiwiberry",))
+    records = [chat(f"reverse: {w} <sep> kiwiberry", f"kiwiberry <sep> {w[::-1]}", i)
+               for i, w in enumerate(WORDS * 3)]
+    train, val = records[:30], records[30:]
+    params = params_for("lora")
+    with_new = chat("reverse: plum <sep> kiwiberry", "kiwiberry <sep> mulp")
+    probe_tok = AutoTokenizer.from_pretrained(base)
+    from tuneline.train.tokens import extend_tokenizer
+
+    extend_tokenizer(probe_tok, tokens)
+    ids = torch.tensor([probe_tok.apply_chat_template(with_new.messages, tokenize=True, return_dict=True)["input_ids"]])
+    capture = make_logit_capture(ids)
+    result = train_sft(base, train, val, params, tmp_path / "run", seed=0, tokens=tokens, extra_callbacks=[capture])
+    info = result.method_info["added_tokens"]
+    new_ids = info["ids"]
+    assert len(new_ids) == 2 and info["tied_embeddings"] is tied
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.train_losses)
+
+    tok = AutoTokenizer.from_pretrained(result.output_dir)
+    assert [tok.convert_tokens_to_ids(t) for t in ("<sep>", "kiwiberry")] == new_ids
+    parity = template_parity(tok, val)
+    assert parity["ok"] and set(parity["probed_tokens"]) == {"<sep>", "kiwiberry"}
+
+    assert set(new_ids) <= set(ids[0].tolist())
+    trained, _ = load_trained(base, result.output_dir)
+    fresh, fresh_info = apply_method(base, params, seed=0, added_tokens={k: info[k] for k in ("ids", "vocab_size")})
+    config = fresh.peft_config["default"]
+    assert set(config.trainable_token_indices) == ({"embed_tokens"} if tied else {"embed_tokens", "lm_head"})
+    before, after = state_of(fresh), state_of(trained)
+    # the base embedding/head rows of the new tokens start from mean-resizing (sampled) and are never used: the
+    # adapter's trained rows replace them; every old row is untouched
+    resized = {k for k in before if before[k].shape[0] == info["vocab_size"] and "trainable_tokens" not in k}
+    assert resized
+    for key in resized:
+        assert torch.equal(before[key][: new_ids[0]], after[key][: new_ids[0]]), key
+    moved = {k for k in before if k not in resized and not torch.equal(before[k], after[k])}
+    token_keys = {k for k in before if "trainable_tokens" in k}
+    assert token_keys and {k for k in token_keys if "embed_tokens" in k} <= moved
+    if not tied:
+        assert {k for k in token_keys if "lm_head" in k} <= moved
+    assert all(_is_adapter_key(k) or "trainable_tokens" in k for k in moved), sorted(moved)[:5]
+    saved = Path(result.output_dir, "adapter_model.safetensors").stat().st_size
+    assert saved < 0.5 * Path(base, "model.safetensors").stat().st_size  # new rows only, not the whole embedding
+    with torch.no_grad():
+        again = load_trained(base, result.output_dir)[0](input_ids=ids).logits
+        assert torch.equal(trained(input_ids=ids).logits, again)
+        assert torch.allclose(again.float(), capture.logits, atol=1e-5, rtol=0)
+        assert again.shape[-1] == info["vocab_size"]

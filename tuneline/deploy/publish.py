@@ -23,22 +23,27 @@ def publish_candidate(tracker: Tracker, recipe: Recipe, evaluation: EvaluationRe
     from tuneline.deploy.lineage import build_passport, passport_markdown
     from tuneline import storage
     from tuneline.deploy.registry import CHALLENGER, ChampionMoved, promote, register_model
-    from tuneline.models.provision import local_model_dir
     from tuneline.monitoring.reference import attach_reference
 
     name = recipe.registered_model_name()
     gate = evaluation.gate
     if not gate.passed:
         return _refused(tracker, name, run_id, "; ".join(gate.reasons), gate.to_dict()), None
+    import tempfile
+
+    from tuneline.deploy.bundle import servable_model_dir
+
     candidate = evaluation.candidate
-    if candidate.kind != "full":
-        raise ValueError(f"the candidate {candidate.stage} is an adapter: register its merged weights "
-                         "(the DPO stage merges by default)")
-    model_dir = local_model_dir(candidate)
+    # full weights as they are; a LoRA-family adapter merged; bottleneck adapters bundled with their base
+    try:
+        model_dir, made = servable_model_dir(candidate, tempfile.mkdtemp(prefix="tuneline-publish-"))
+    except ValueError as exc:  # e.g. prompt learning: nothing a from_pretrained directory can hold
+        return _refused(tracker, name, run_id, f"not servable: {exc}", {"gate": gate.to_dict()}), None
     registered = register_model(
         tracker, name, model_dir, run_id=run_id, aliases=(CHALLENGER,),
         tags={"tuneline.candidate_stage": gate.candidate_stage, "tuneline.gate.passed": True,
-              "tuneline.candidate_run_id": candidate.mlflow_run_id},
+              "tuneline.candidate_run_id": candidate.mlflow_run_id, "tuneline.candidate_kind": made,
+              "tuneline.candidate_method": candidate.method},
     )
     version = int(registered["version"])
     attach_reference(tracker, name, version, run_id, storage.fetch(drift_reference_uri), model_dir)

@@ -375,6 +375,10 @@ def _pyfunc_model() -> Any:
             path = context.artifacts[ARTIFACT_KEY]
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
+            if Path(path, "bottleneck_config.json").is_file():  # a bundle: base + bottleneck adapters (needs tuneline)
+                from tuneline.train.bottleneck import load_bottleneck
+
+                load_bottleneck(self.model, path)
             self.model.eval()
 
         def predict(self, context, model_input, params=None):
@@ -623,6 +627,7 @@ def load_registered(
     *,
     cache_dir: str | Path | None = None,
     dtype: Any = None,
+    offload: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info) for ``NAME@ALIAS`` or ``NAME/VERSION`` (a bare NAME: newest version).
 
@@ -635,6 +640,6 @@ def load_registered(
     info = get_version(tracker, ref)
     path = download_version(tracker, info, cache_dir)
     tokenizer = load_tokenizer(path)  # a local directory: nothing is fetched
-    model = load_causal_lm(path, dtype=dtype)
+    model = load_causal_lm(path, dtype=dtype, offload=offload)
     info = dict(info, path=str(path))
     return model, tokenizer, info

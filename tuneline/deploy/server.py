@@ -282,6 +282,7 @@ def serve(
     log_path: Optional[str] = None,
     params: Optional[ServeParams] = None,
     cache_dir: Optional[str] = None,
+    offload: Any = None,
 ) -> None:
     """Load ``ref`` (``NAME@ALIAS``, ``NAME/VERSION``, or ``NAME`` meaning ``NAME@params.alias``) and serve it.
 
@@ -294,7 +295,7 @@ def serve(
     name, alias, version = parse_model_ref(ref)
     if alias is None and version is None:
         ref = f"{name}@{params.alias}"
-    model, tokenizer, info = load_registered(tracker, ref, cache_dir=cache_dir)
+    model, tokenizer, info = load_registered(tracker, ref, cache_dir=cache_dir, offload=offload)
     log = InferenceLog(log_path or params.log_path)
     app = create_app(model, tokenizer, info, log, params, check=alias_check(tracker, ref, cache_dir=cache_dir))
     bind = host or params.host

@@ -161,12 +161,21 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad: int, fill_labels: Optional[Se
     return ids, mask, labels
 
 
+def virtual_tokens_sliced(logits: Any, ids: Any) -> Any:
+    """The logits of the input positions only: prompt-learning models (prompt, P-tuning, multitask prompt) return
+    logits for their virtual tokens in front as well; those are cut off so position i is token i again."""
+    extra = logits.shape[1] - ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"the model returned {logits.shape[1]} positions for {ids.shape[1]} input tokens")
+    return logits[:, extra:] if extra else logits
+
+
 def _token_logprobs(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, Any]:
     """Per-sequence (sum of log p(label), count of labelled tokens), labels already aligned to ids."""
     import torch
 
     device = _device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logits = virtual_tokens_sliced(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids).float()
     target = labels.to(device)[:, 1:]
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     keep = target != -100
@@ -475,7 +484,25 @@ def _tail(tokenizer: Any, ids: Sequence[int], start: int) -> str:
     return tokenizer.decode(list(ids[max(0, start - 3) : start + 5]), skip_special_tokens=False)
 
 
-def template_parity(tokenizer: Any, records: Sequence[ChatRecord]) -> dict[str, Any]:
+def added_token_probes(tokenizer: Any) -> list[str]:
+    """Tokens added to the vocabulary (special or not) that the chat template itself does not write and that are
+    not bos/eos/pad/unk: the tokens a fine-tuning recipe added, which :func:`template_parity` must also cover."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(template.values())
+    control = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+    return sorted(t for t in tokenizer.get_added_vocab() if t not in control and t not in template)
+
+
+def _probe_records(tokens: Sequence[str]) -> list[ChatRecord]:
+    return [ChatRecord(kind="sft", source="parity-probe", line=i,
+                       messages=[{"role": "user", "content": f"use {tok} here"},
+                                 {"role": "assistant", "content": f"{tok} done {tok}"}])
+            for i, tok in enumerate(tokens)]
+
+
+def template_parity(tokenizer: Any, records: Sequence[ChatRecord],
+                    probe_tokens: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Whether training and serving tokenize each conversation to the same ids.
 
     Training path: ``apply_chat_template(conversation, return_assistant_tokens_mask=True)``.
@@ -484,10 +511,20 @@ def template_parity(tokenizer: Any, records: Sequence[ChatRecord]) -> dict[str, 
     as their prompt plus the chosen response; other kinds are skipped. A mismatch names the record,
     the first differing position and both paths' tokens around it. A template that drops the eos
     shows up here: the model would be trained never to stop.
+
+    Tokens added at fine-tuning time (``probe_tokens``; None = :func:`added_token_probes`) are checked too: a
+    conversation using each must tokenize the same on both paths, and each must stay one id (not split).
     """
     mismatches: list[dict[str, Any]] = []
     checked = 0
-    for record in records:
+    probes = added_token_probes(tokenizer) if probe_tokens is None else list(probe_tokens)
+    vocab = tokenizer.get_vocab()
+    for token in probes:
+        if token not in vocab or tokenizer.encode(token, add_special_tokens=False) != [vocab[token]]:
+            mismatches.append({"id": f"token:{token}", "reason": f"added token {token!r} is not encoded as its own id",
+                               "first_diff": 0, "training_len": 0, "serving_len": 0, "training_tail": "",
+                               "serving_tail": ""})
+    for record in list(records) + _probe_records(probes):
         if record.kind == "sft" and record.messages and record.messages[-1].get("role") == "assistant":
             conversation = record.messages
         elif record.kind == "preference" and record.chosen is not None:
@@ -520,7 +557,8 @@ def template_parity(tokenizer: Any, records: Sequence[ChatRecord]) -> dict[str, 
                 "serving_tail": _tail(tokenizer, serving, first),
             }
         )
-    return {"ok": checked > 0 and not mismatches, "checked": checked, "mismatches": mismatches}
+    return {"ok": checked > 0 and not mismatches, "checked": checked, "mismatches": mismatches,
+            "probed_tokens": probes}
 
 
 # ---------------------------------------------------------------------------

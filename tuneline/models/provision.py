@@ -109,13 +109,18 @@ def _resolve_dtype(dtype: Any) -> Any:
     return dtype
 
 
-def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dtype: Any = None) -> Any:
+def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dtype: Any = None,
+                   offload: Any = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` from safetensors only, without remote code.
 
     ``dtype`` None loads float32 (what training wants); "auto" keeps the checkpoint's dtype; a
-    torch dtype or its name ("bfloat16") loads that.
+    torch dtype or its name ("bfloat16") loads that. ``offload`` (the recipe's
+    :class:`~tuneline.params.OffloadParams`) with ``inference`` on places the model across devices and disk
+    (accelerate ``device_map``, ``max_memory``, ``offload_folder``).
     """
     from transformers import AutoModelForCausalLM
+
+    from tuneline.models.offload import device_map_kwargs
 
     name = str(name_or_path)
     _check_local(name)
@@ -126,11 +131,16 @@ def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dty
             trust_remote_code=False,
             use_safetensors=True,
             dtype=_resolve_dtype(dtype),
+            **device_map_kwargs(offload),
         )
     except (OSError, ValueError) as exc:
         if Path(name).expanduser().is_dir():
             raise
         raise _not_available("model", name, revision, exc) from exc
+    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
+
+    if is_bottleneck_dir(name):  # a served bundle: the base's weights plus bottleneck adapters
+        load_bottleneck(model, name)
     model.eval()
     return model
 
@@ -283,7 +293,10 @@ def model_ref(local_dir: str | Path, uri: str, *, method: str, stage: str, **fie
     (then ``base=`` is required), else ``full``; the weights hash is taken from the files."""
     from tuneline.refs import ModelRef
 
-    kind = "adapter" if (Path(local_dir) / "adapter_config.json").is_file() else "full"
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
+    adapter = (Path(local_dir) / "adapter_config.json").is_file() or is_bottleneck_dir(local_dir)
+    kind = "adapter" if adapter else "full"
     return ModelRef(uri=uri, sha256=weights_sha256(local_dir), kind=kind, method=method, stage=stage, **fields)
 
 
@@ -300,12 +313,13 @@ def local_model_dir(ref: "ModelRef") -> Path:
     return path
 
 
-def load_model_ref(ref: "ModelRef") -> tuple[Any, Any]:
-    """(model, tokenizer) for a reference: full weights, or the adapter on its base."""
+def load_model_ref(ref: "ModelRef", offload: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a reference: full weights, or the adapter (PEFT or bottleneck) on its base;
+    ``offload`` as in :func:`load_causal_lm`."""
     from tuneline.train.sft import load_trained
 
     if ref.kind == "adapter":
         assert ref.base is not None
-        return load_trained(local_model_dir(ref.base), local_model_dir(ref))
+        return load_trained(local_model_dir(ref.base), local_model_dir(ref), offload=offload)
     path = local_model_dir(ref)
-    return load_causal_lm(path), load_tokenizer(path)
+    return load_causal_lm(path, offload=offload), load_tokenizer(path)

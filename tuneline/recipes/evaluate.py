@@ -33,7 +33,7 @@ def run(spec: EvalSpec, pipes: Any = None) -> Outcome:
     pref = [p for p in read_records(storage.fetch(spec.preference_uri))] if spec.preference_uri else []
     pref = [p for p in pref if p.kind == "preference"]
     checker = _checker(spec.checker, test)
-    loaders = {name: (lambda ref=ref: load_model_ref(ref)) for name, ref in spec.models.items()}
+    loaders = {name: (lambda ref=ref: load_model_ref(ref, offload=spec.offload)) for name, ref in spec.models.items()}
     if spec.champion:
         loaders["champion"] = lambda: _load_champion(spec)
     reports: dict[str, Any] = {}

@@ -38,7 +38,7 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     work = storage.Workspace(spec.out_uri)
     log.emit(f"hpo trial {spec.trial_number} (id {trial_id}) of {spec.study_name}: {spec.trial_params}")
     result = train_sft(local_model_dir(spec.base), train, val, params, work.path, seed=spec.seed,
-                       extra_callbacks=[pruning], on_log=log)
+                       extra_callbacks=[pruning], on_log=log, tokens=spec.tokenizer)
     if not result.val_losses:
         raise RuntimeError("the trial finished without a single evaluation: lower eval_steps or raise max_steps")
     value = min(loss for _, loss in result.val_losses)

@@ -70,7 +70,7 @@ def run(spec: HpoWorkerSpec, pipes: Any = None) -> Outcome:
             mlflow=MlflowTarget(tracking_uri=spec.mlflow.tracking_uri, run_id=child) if child else None,
             base=spec.base, train_uri=spec.train_uri, val_uri=spec.val_uri, params=sft, trial_params=trial_params,
             study_name=spec.study_name, storage_url=spec.storage_url, trial_id=trial_id, trial_number=number,
-            eval_steps=hpo.eval_steps,
+            eval_steps=hpo.eval_steps, tokenizer=spec.tokenizer,
         )
         spec_path = local / "spec.json"
         trial.save(str(spec_path))

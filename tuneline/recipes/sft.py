@@ -39,7 +39,8 @@ def run(spec: SftSpec, pipes: Any = None) -> Outcome:
     work = storage.Workspace(spec.out_uri)
     log.emit(f"sft: method={params.method} train={len(train)} val={len(val)} base={storage.redact(spec.base.uri)}")
     result = train_sft(base, train, val, params, work.path, seed=spec.seed, max_steps=spec.max_steps,
-                       on_log=log, on_checkpoint=work.sync if work.remote else None)
+                       on_log=log, on_checkpoint=work.sync if work.remote else None, tokens=spec.tokenizer,
+                       offload=spec.offload)
     if not _runner.is_main_process():  # rank 0 alone saves, writes and reports
         return None
     work.sync(MODEL_SUBDIR)

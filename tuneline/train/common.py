@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -93,7 +93,9 @@ def _as_messages(record: Any) -> list[dict[str, str]]:
     return messages
 
 
-def tokenize_chat(tokenizer: Any, records: Iterable[Any], max_length: int) -> list[dict[str, list[int]]]:
+def tokenize_chat(
+    tokenizer: Any, records: Iterable[Any], max_length: int, task_id: Optional[Callable[[Any], int]] = None
+) -> list[dict[str, Any]]:
     """Token ids and completion-only labels for each chat record (``ChatRecord`` or its dict).
 
     ``labels`` equal ``input_ids`` on assistant tokens, including the eos that closes each assistant
@@ -104,6 +106,8 @@ def tokenize_chat(tokenizer: Any, records: Iterable[Any], max_length: int) -> li
     Templates with ``{% generation %}`` markers give the mask of every assistant turn. Templates
     without them fall back to labelling the final assistant turn: the tokens after the prompt
     rendered with ``add_generation_prompt=True``.
+
+    ``task_id(record)``, when given, adds each row's ``task_ids`` (multitask prompt tuning).
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template: SFT on chat records needs one")
@@ -143,7 +147,10 @@ def tokenize_chat(tokenizer: Any, records: Iterable[Any], max_length: int) -> li
         if not any(mask):
             continue
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-        out.append({"input_ids": ids, "labels": labels})
+        row: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if task_id is not None:
+            row["task_ids"] = task_id(record)
+        out.append(row)
     return out
 
 
@@ -153,7 +160,8 @@ def tokenize_chat(tokenizer: Any, records: Iterable[Any], max_length: int) -> li
 
 @dataclass
 class PadCollator:
-    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100); adds ``attention_mask``."""
+    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100); adds ``attention_mask``; passes
+    rows' ``task_ids`` on as one tensor when they have them."""
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
@@ -174,7 +182,10 @@ class PadCollator:
             input_ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[i, :k] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if "task_ids" in features[0]:
+            batch["task_ids"] = torch.tensor([int(f["task_ids"]) for f in features], dtype=torch.long)
+        return batch
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Build the trainable model for each fine-tuning method in ``tuneline.params.PEFT_METHODS``.
 
 ``apply_method`` loads the base model and returns it ready for a plain ``transformers.Trainer``:
-LoRA-family adapters (lora, qlora, adalora), IA3, prompt learning (prefix, prompt, ptuning), full
+LoRA-family adapters (lora, qlora, adalora), IA3, prompt learning (prefix, prompt, ptuning,
+multitask_prompt), our own bottleneck adapters (``adapter``, :mod:`tuneline.train.bottleneck`), full
 fine-tuning, or ``freeze`` (only the top blocks train). Settings that cannot run raise before any
 training. Heavy libraries are imported inside the functions.
 """
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tuneline.params import PEFT_METHODS, SftParams
+from tuneline.params import PEFT_METHODS, TOKEN_METHODS, SftParams
 
 QUANT_MULTIPLE = 32  # bitsandbytes 4-bit on CPU needs each quantized Linear's out size to be a multiple of this
 METHOD_FILE = "tuneline_method.json"  # written next to a saved adapter/model: how to load it back
-ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning")
-PROMPT_METHODS = ("prefix", "prompt", "ptuning")
+ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
+PROMPT_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")
+UNTAGGED_TASK = "untagged"  # multitask prompt tuning: the family of records that name none
 
 
 def count_params(model: Any) -> tuple[int, int]:
@@ -241,6 +244,68 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
+# multitask prompt tuning: the two stages and the task ids
+
+
+@dataclass(frozen=True)
+class MultitaskStage:
+    """One stage of multitask prompt tuning. Source: one task id per family in ``families``. Target: starts from
+    the source adapter's weights (``source_weights``) and has a single task, id 0, which serving uses too."""
+
+    families: tuple[str, ...]  # the source stage's task families, in task-id order
+    source_weights: Optional[str] = None  # the source adapter's safetensors (target stage)
+    source_task: int = 0  # exact_source_task: the source family the target starts from
+
+    @property
+    def stage(self) -> str:
+        return "source" if self.source_weights is None else "target"
+
+    def task_id(self, family: Optional[str]) -> int:
+        """The task id a record of ``family`` trains with in this stage."""
+        if self.stage == "target":
+            return 0
+        name = family or UNTAGGED_TASK
+        if name not in self.families:
+            raise ValueError(f"multitask_prompt: task family {name!r} is not one of the source stage's "
+                             f"{', '.join(self.families)}")
+        return self.families.index(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "families": list(self.families), "source_task": self.source_task}
+
+
+def task_families(records: Any) -> tuple[str, ...]:
+    """The sorted task families of ``records`` (records without one are :data:`UNTAGGED_TASK`)."""
+    return tuple(sorted({getattr(r, "task", None) or UNTAGGED_TASK for r in records}))
+
+
+def bind_task_ids(model: Any, task_id: int = 0) -> Any:
+    """Make a multitask-prompt model's ``forward`` and ``generate`` pass ``task_ids`` (``task_id`` for every row)
+    when the caller gives none: PEFT raises without them, and evaluation and serving know no task families.
+    Returns the model."""
+    import torch
+
+    forward, generate = model.forward, model.generate
+
+    def ids_for(args: tuple, kwargs: dict) -> Any:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        return torch.full((x.shape[0],), task_id, dtype=torch.long, device=x.device)
+
+    def bound_forward(*args, task_ids=None, **kwargs):
+        return forward(*args, task_ids=ids_for(args, kwargs) if task_ids is None else task_ids, **kwargs)
+
+    def bound_generate(*args, task_ids=None, **kwargs):
+        return generate(*args, task_ids=ids_for(args, kwargs) if task_ids is None else task_ids, **kwargs)
+
+    model.forward, model.generate = bound_forward, bound_generate
+    return model
+
+
+# ---------------------------------------------------------------------------
 # building the model
 
 
@@ -280,10 +345,15 @@ def apply_method(
     *,
     seed: int,
     total_steps: Optional[int] = None,
+    multitask: Optional["MultitaskStage"] = None,
+    added_tokens: Optional[dict[str, Any]] = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load the base model and make it trainable by ``params.method``; returns (model, info).
 
     ``total_steps`` (the run's optimizer steps) is required for AdaLoRA, whose schedule depends on it.
+    ``multitask`` says which stage of multitask prompt tuning to build (required for that method).
+    ``added_tokens`` (:func:`tuneline.train.tokens.extend_tokenizer`'s result) grows the embeddings to the new
+    vocabulary (mean-resizing); LoRA/QLoRA then train the new rows (``trainable_token_indices``), full trains all.
     ``info`` holds trainable/total parameter counts and what the method set up.
     """
     import torch
@@ -294,6 +364,11 @@ def apply_method(
     method = params.method
     if method not in PEFT_METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(PEFT_METHODS)}")
+    if method == "multitask_prompt" and multitask is None:
+        raise ValueError("multitask_prompt needs its stage (source over the task families, or target from a source)")
+    new_ids = list((added_tokens or {}).get("ids") or [])
+    if new_ids and method not in TOKEN_METHODS:
+        raise ValueError(f"{method} cannot train the embedding rows of added tokens; use one of {', '.join(TOKEN_METHODS)}")
     if method == "adalora" and total_steps is None:
         raise ValueError("adalora needs total_steps (its rank budget schedule depends on the run length)")
     bf16 = resolve_bf16(params.bf16)
@@ -329,12 +404,24 @@ def apply_method(
             base_model_path, dtype=torch.float32, attn_implementation=attention_implementation()
         )
     model.config.use_cache = False  # no KV cache while training
+    if new_ids:
+        from tuneline.train.tokens import embeddings_tied, resize_embeddings
+
+        resize_embeddings(model, int(added_tokens["vocab_size"]))
+        info["added_tokens"] = {**added_tokens, "tied_embeddings": embeddings_tied(model)}
 
     if method in ADAPTER_METHODS:
         from peft import get_peft_model
 
-        config = _peft_config(model, params, schedule)
+        config = _peft_config(model, params, schedule, multitask, new_ids)
         model = get_peft_model(model, config)
+        if multitask is not None and multitask.source_weights is not None:
+            # the target's prompt is initialized from the source now; the saved config must not point at the
+            # source's file (a reload elsewhere would look for it): its weights are the adapter's own
+            config.prompt_tuning_init = "RANDOM"
+            config.prompt_tuning_init_state_dict_path = None
+        if multitask is not None:
+            info["multitask"] = multitask.to_dict()
         info["peft_type"] = config.peft_type.value
         targets = getattr(config, "target_modules", None)
         if targets is not None:  # resolved module names -> their distinct leaf names
@@ -345,6 +432,14 @@ def apply_method(
             info.update(init_r=config.init_r, target_r=config.target_r, **schedule)
         if method in PROMPT_METHODS:
             info["num_virtual_tokens"] = params.num_virtual_tokens
+    elif method == "adapter":
+        from tuneline.train.bottleneck import BottleneckConfig, add_bottleneck_adapters
+
+        shape = params.adapter
+        config = add_bottleneck_adapters(model, BottleneckConfig(
+            reduction_factor=shape.reduction_factor, placement=shape.placement, activation=shape.activation))
+        info["bottleneck"] = {"reduction_factor": config.reduction_factor, "placement": config.placement,
+                              "activation": config.activation, "targets": list(config.targets)}
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -360,15 +455,19 @@ def apply_method(
     return model, info
 
 
-def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int]]) -> Any:
+def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int]],
+                 multitask: Optional["MultitaskStage"] = None, new_ids: Optional[list[int]] = None) -> Any:
     import peft
 
     method, lora = params.method, params.lora
     task = peft.TaskType.CAUSAL_LM
     if method in ("lora", "qlora"):
+        from tuneline.train.tokens import trainable_token_indices
+
         return peft.LoraConfig(
             task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=_targets(params), bias="none",
+            trainable_token_indices=trainable_token_indices(model, new_ids) if new_ids else None,
         )
     if method == "adalora":
         return peft.AdaLoraConfig(
@@ -382,6 +481,21 @@ def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int
         return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=params.num_virtual_tokens)
     if method == "prompt":
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=params.num_virtual_tokens)
+    if method == "multitask_prompt":
+        assert multitask is not None
+        if multitask.source_weights is None:  # source stage: a shared prompt and one factor per task family
+            return peft.MultitaskPromptTuningConfig(
+                task_type=task, num_virtual_tokens=params.num_virtual_tokens, num_tasks=len(multitask.families),
+                num_ranks=params.multitask_prompt.num_ranks, prompt_tuning_init="RANDOM",
+            )
+        exact = params.multitask_prompt.target_init == "exact_source_task"
+        return peft.MultitaskPromptTuningConfig(
+            task_type=task, num_virtual_tokens=params.num_virtual_tokens, num_tasks=1,
+            num_ranks=params.multitask_prompt.num_ranks,
+            prompt_tuning_init="EXACT_SOURCE_TASK" if exact else "AVERAGE_SOURCE_TASKS",
+            prompt_tuning_init_state_dict_path=str(multitask.source_weights),
+            prompt_tuning_init_task=multitask.source_task,
+        )
     if method == "ptuning":
         return peft.PromptEncoderConfig(
             task_type=task, num_virtual_tokens=params.num_virtual_tokens,
@@ -397,20 +511,34 @@ def _peft_config(model: Any, params: SftParams, schedule: Optional[dict[str, int
 def write_method_file(out_dir: str | Path, info: dict[str, Any], base_model_path: str | Path) -> None:
     """Record how ``out_dir`` was trained, so :func:`load_trained` can rebuild the same model."""
     record = {"method": info["method"], "base_model": str(base_model_path), "quantization": info.get("quantization")}
+    for key in ("multitask", "added_tokens"):
+        if info.get(key) is not None:
+            record[key] = info[key]
     Path(out_dir, METHOD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def read_method_file(out_dir: str | Path) -> dict[str, Any]:
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
     path = Path(out_dir, METHOD_FILE)
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
+    if is_bottleneck_dir(out_dir):
+        return {"method": "adapter", "quantization": None}
     if Path(out_dir, "adapter_config.json").is_file():
         return {"method": "adapter", "quantization": None}
     return {"method": "full", "quantization": None}
 
 
-def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]] = None) -> Any:
-    """The base model in fp32, or 4-bit as it was for QLoRA training (``quantization`` from the method file)."""
+def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]] = None,
+              vocab_size: Optional[int] = None, offload: Any = None) -> Any:
+    """The base model in fp32, or 4-bit as it was for QLoRA training (``quantization`` from the method file);
+    with ``vocab_size`` (tokens added at fine-tuning, from the method file) its embeddings grown to that size
+    first, as training did, so the adapter's token rows fit. ``offload`` (the recipe's offload section) places an
+    unquantized base across devices and disk for inference."""
+    from tuneline.models.offload import device_map_kwargs
+    from tuneline.train.tokens import resize_embeddings
+
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -427,5 +555,9 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
             base_model_path, quantization_config=quant, dtype=torch.float32, attn_implementation=attn
         )
         keep_4bit_layout(model)  # the same numerics as in training
-        return model
-    return AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, attn_implementation=attn,
+                                                     **device_map_kwargs(offload))
+    if vocab_size:
+        resize_embeddings(model, int(vocab_size))
+    return model

@@ -20,14 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from tuneline.params import SftParams
+from tuneline.params import OffloadParams, SftParams, TokenizerParams
 
 MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
 # adapter methods whose checkpoints hold only adapter weights, so the frozen base may be stored in
 # bf16 while training (qlora's base is already 4-bit)
-FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
-PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens in front: padded batches only
+FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
+PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")  # virtual tokens in front: padded only
+SOURCE_SUBDIR = "source"  # multitask prompt tuning: the source stage's own run under out_dir
+SOURCE_DONE = "source_done.json"  # written when the source stage is complete (a retry skips it)
 
 
 @dataclass
@@ -126,7 +128,7 @@ def _make_trainer_class() -> type:
 
         # methods whose PeftModel forward adds nothing to the decoder + head (AdaLoRA adds its
         # orthogonal regularizer to the loss, prompt learning prepends virtual tokens)
-        label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "full", "freeze")
+        label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "adapter", "full", "freeze")
         method: str = ""
         examples_seen: int = 0  # train examples this rank computed a loss on
 
@@ -196,6 +198,9 @@ def train_sft(
     extra_callbacks: Iterable[Any] = (),
     on_log: Optional[Callable[[int, dict[str, Any]], None]] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    multitask: Optional[Any] = None,
+    tokens: Optional[TokenizerParams] = None,
+    offload: Optional[OffloadParams] = None,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -203,6 +208,15 @@ def train_sft(
     every log (loss, learning_rate, grad_norm, eval_loss, ...); ``on_checkpoint(folder)`` runs after each
     checkpoint is complete (the recipe CLI uploads it when the output is remote). The best checkpoint (lowest
     validation loss) is restored and saved to ``out_dir/model`` with the tokenizer, as safetensors.
+
+    ``multitask_prompt`` runs two stages: first a source stage over the train records' task families
+    (``out_dir/source``, its own resumable run, ``task_ids`` = the family of each record), then the target stage
+    initialized from it (one task, id 0, which evaluation and serving pass too). ``multitask`` is the stage
+    (:class:`~tuneline.train.methods.MultitaskStage`) when this call is one of them.
+
+    ``tokens`` (the recipe's ``tokenizer`` section) adds tokens first; eos/bos/pad are checked against the chat
+    template before anything trains (:func:`tuneline.train.tokens.check_special_tokens`). ``offload`` with a
+    ``zero_stage`` trains under DeepSpeed ZeRO (CUDA and ``deepspeed`` required, checked first).
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
@@ -213,17 +227,28 @@ def train_sft(
     from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
+    from tuneline.models.offload import check_zero_runs, zero_config
+
     distributed.check_world(params.num_processes, "tuneline.recipes.sft")
+    check_zero_runs(offload)
     out = Path(out_dir)
     checkpoints = out / CHECKPOINTS_SUBDIR
     bf16 = resolve_bf16(params.bf16)
 
     # data: completion-only labels (assistant tokens and their eos)
+    from tuneline.train.tokens import check_special_tokens, extend_tokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set one on the base model's tokenizer")
-    train_data = tokenize_chat(tokenizer, train_records, params.max_length)
-    val_data = tokenize_chat(tokenizer, val_records, params.max_length)
+    added = extend_tokenizer(tokenizer, tokens)
+    special_tokens = check_special_tokens(tokenizer)
+    source_result = None
+    if params.method == "multitask_prompt" and multitask is None:
+        source_result, multitask = _multitask_source_stage(
+            base_model_path, train_records, val_records, params, out, seed=seed, max_steps=max_steps,
+            on_log=on_log, on_checkpoint=on_checkpoint)
+    task_id = (lambda record: multitask.task_id(record.task)) if multitask is not None else None
+    train_data = tokenize_chat(tokenizer, train_records, params.max_length, task_id)
+    val_data = tokenize_chat(tokenizer, val_records, params.max_length, task_id)
     if not train_data:
         raise ValueError(f"no train example keeps an assistant token within max_length={params.max_length}")
     steps = planned_steps(len(train_data), params, max_steps)
@@ -231,7 +256,12 @@ def train_sft(
 
     padding_free = use_padding_free(params, train_data)
     # model for the method (adapters, quantization, freezing)
-    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps)
+    model, info = apply_method(base_model_path, params, seed=seed, total_steps=steps, multitask=multitask,
+                               added_tokens=added if added["ids"] else None)
+    info["special_tokens"] = special_tokens
+    if source_result is not None:
+        info["multitask"]["source_run"] = {k: source_result[k] for k in (
+            "global_step", "best_val_loss", "train_examples", "output_dir")}
 
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -267,6 +297,7 @@ def train_sft(
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=distributed.ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
+        deepspeed=zero_config(offload, bf16=bf16) if offload is not None else None,
     )
     # resume: a retried run continues from its last complete checkpoint (incomplete ones are deleted)
     resume = ck.last_valid_checkpoint(checkpoints)
@@ -321,7 +352,16 @@ def train_sft(
     examples_per_rank = distributed.gather_counts(trainer.examples_seen)
     if distributed.is_main_process():
         final_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(final_dir)
+        if params.method == "adapter":  # the adapter weights only, with their JSON config
+            from tuneline.train.bottleneck import BottleneckConfig, save_bottleneck
+
+            shape = info["bottleneck"]
+            save_bottleneck(trainer.model, BottleneckConfig(**{**shape, "targets": tuple(shape["targets"])}), final_dir)
+        elif info.get("added_tokens") and params.method != "full":
+            # the adapter's token rows replace the base's new rows: no copy of the whole embedding in the adapter
+            trainer.model.save_pretrained(final_dir, save_embedding_layers=False)
+        else:
+            trainer.model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
         write_method_file(final_dir, info, base_model_path)
 
@@ -360,26 +400,76 @@ def train_sft(
     )
 
 
+def _multitask_source_stage(
+    base_model_path: str | Path, train_records: Sequence[Any], val_records: Sequence[Any], params: SftParams,
+    out: Path, *, seed: int, max_steps: Optional[int], on_log: Any, on_checkpoint: Any,
+) -> tuple[dict[str, Any], Any]:
+    """Run (or reuse, when complete) the source stage of multitask prompt tuning; returns its result figures and
+    the target stage it initializes."""
+    import dataclasses
+
+    from tuneline.train.methods import MultitaskStage, task_families
+
+    mt = params.multitask_prompt
+    families = task_families(train_records)
+    if mt.target_task is not None and mt.target_task not in families:
+        raise ValueError(f"sft.multitask_prompt.target_task {mt.target_task!r} is not a task family of the train "
+                         f"split ({', '.join(families)})")
+    source_dir = out / SOURCE_SUBDIR
+    done = source_dir / SOURCE_DONE
+    if done.is_file():
+        figures = json.loads(done.read_text(encoding="utf-8"))
+    else:
+        source_params = dataclasses.replace(
+            params, max_steps=mt.source_steps, learning_rate=mt.source_learning_rate or params.learning_rate)
+        result = train_sft(base_model_path, train_records, val_records, source_params, source_dir, seed=seed,
+                           max_steps=max_steps, on_log=on_log, on_checkpoint=on_checkpoint,
+                           multitask=MultitaskStage(families))
+        figures = {k: v for k, v in result.to_dict().items() if k != "method_info"}
+        from tuneline.train import distributed
+
+        if distributed.is_main_process():
+            done.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    weights = Path(figures["output_dir"]) / "adapter_model.safetensors"
+    stage = MultitaskStage(families, source_weights=str(weights),
+                           source_task=families.index(mt.target_task) if mt.target_task else 0)
+    return figures, stage
+
+
 # ---------------------------------------------------------------------------
 # using what training saved
 
 
-def load_trained(base_model_path: str | Path, output_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from ``train_sft``'s output: an adapter on the base model, or a full model."""
+def load_trained(base_model_path: str | Path, output_dir: str | Path, offload: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from ``train_sft``'s output: an adapter (PEFT, or our bottleneck adapters) on the base
+    model, or a full model. ``offload``: the recipe's offload section (inference device_map), applied to the
+    base or full model as it loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneline.models.offload import device_map_kwargs
+
+    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
     from tuneline.train.common import attention_implementation
     from tuneline.train.methods import load_base, read_method_file
 
     output_dir = Path(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    if (output_dir / "adapter_config.json").is_file():
+    if is_bottleneck_dir(output_dir):
+        model = load_bottleneck(load_base(base_model_path, offload=offload), output_dir)
+    elif (output_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from tuneline.train.methods import bind_task_ids
+
         meta = read_method_file(output_dir)
-        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization")), output_dir)
+        vocab = (meta.get("added_tokens") or {}).get("vocab_size")
+        model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab, offload=offload),
+                                          output_dir)
+        if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
+            bind_task_ids(model, 0)  # the target stage's one task
     else:
-        model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation())
+        model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation(),
+                                                     **device_map_kwargs(offload))
     model.eval()
     return model, tokenizer
 
@@ -401,7 +491,12 @@ def merge_adapter(
 
     from tuneline.train.methods import load_base, read_method_file
 
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if is_bottleneck_dir(adapter_dir):
+        raise ValueError(f"cannot merge the bottleneck adapters in {adapter_dir}: a down-projection, a non-linearity "
+                         "and an up-projection are not a weight delta; serve them loaded on the base (load_trained)")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} holds no adapter (a full or freeze model is already merged)")
     peft_type = PeftConfig.from_pretrained(adapter_dir).peft_type.value
@@ -410,9 +505,10 @@ def merge_adapter(
             f"cannot merge a {peft_type} adapter: its virtual tokens/prefix are not weight deltas; "
             "serve it with the adapter loaded (load_trained)"
         )
-    method = read_method_file(adapter_dir).get("method", peft_type.lower())
-
-    model = PeftModel.from_pretrained(load_base(base_model_path), adapter_dir).eval()
+    meta = read_method_file(adapter_dir)
+    method = meta.get("method", peft_type.lower())
+    vocab = (meta.get("added_tokens") or {}).get("vocab_size")
+    model = PeftModel.from_pretrained(load_base(base_model_path, vocab_size=vocab), adapter_dir).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     sample = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
