@@ -30,6 +30,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def _read_bytes(path: Path, name: str) -> bytes:
     if path.suffix == ".gz":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged deflate stream raises zlib.error
             raise IngestError(f"{name}: not a readable gzip file ({exc})") from None
     return data
 
