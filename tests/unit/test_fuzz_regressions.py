@@ -22,3 +22,23 @@ def test_damaged_gzip_stream_is_one_error_not_zlib_error(tmp_path: Path):
     path.write_bytes(bytes(raw))
     with pytest.raises(IngestError, match=r"rows\.jsonl\.gz: not a readable gzip file \(Error -3"):
         read_source(path)
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".jsonl", '{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": DIGITS}\n'),
+    (".json", '[{"prompt": "p", "completion": "c"},\n {"prompt": "q", "completion": DIGITS}]'),
+    (".jsonl", '{"prompt": "p", "completion": "c", "id": DIGITS}\n{"prompt": "q", "completion": "d"}\n'),
+])
+def test_integer_longer_than_python_converts_is_one_rejected_row(tmp_path: Path, suffix: str, text: str):
+    """A 5,000-digit integer made json.loads raise ValueError (Python's int limit), which sank the whole file
+    with a message naming neither file nor line; now only a row that needs that value is rejected."""
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(text.replace("DIGITS", "1" * 5000), encoding="utf-8")
+    result = read_source(path)
+    assert result.read == 2 == len(result.records) + len(result.rejected)
+    if "id" in text:  # an unused column: both rows read, the number not kept in meta
+        assert not result.rejected and "id" not in result.records[0].meta
+    else:
+        [rejection] = result.rejected
+        assert (rejection.line, rejection.reason, rejection.field) == (2, "wrong_type", "completion")
+        assert "is an integer, expected a string" in rejection.detail

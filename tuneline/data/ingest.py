@@ -192,7 +192,7 @@ def _json_or_jsonl_rows(name: str, data: bytes, *, prefer_lines: bool) -> tuple[
     if head == b"[" or (head == b"{" and not prefer_lines):
         text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
         try:
-            whole = json.loads(text)
+            whole = json.loads(text, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             if head == b"[" and not prefer_lines:
                 raise IngestError(f"{name}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
@@ -224,7 +224,7 @@ def _jsonl_rows(data: bytes) -> list[_Row]:
             rows.append(row)
             continue
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             row.reason, row.detail = "malformed_json", f"{exc.msg} (column {exc.colno})"
             rows.append(row)
@@ -237,6 +237,24 @@ def _jsonl_rows(data: bytes) -> list[_Row]:
     return rows
 
 
+class _HugeInt:
+    """An integer literal longer than Python converts (4,300 digits): a value no mapper accepts."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    """``json``'s integer hook: ``int`` raises ValueError past 4,300 digits, which would sink the whole file."""
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInt(len(text.lstrip("-")))
+
+
 def _list_key(obj: dict) -> Optional[str]:
     """The key of a wrapper object's single list of rows ({"data": [...]}), or None for a record."""
     if _row_schema(obj) is not None:
@@ -247,7 +265,7 @@ def _list_key(obj: dict) -> Optional[str]:
 
 def _json_array_rows(text: str, whole: list | dict) -> list[_Row]:
     """One row per element, each with the physical line on which it starts."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_int=_parse_int)
     pos = _skip_ws(text, 0)
     if isinstance(whole, dict):  # walk to the value of the one list key
         key = _list_key(whole)
@@ -746,7 +764,7 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int):
+    if isinstance(value, (int, _HugeInt)):
         return "an integer"
     if isinstance(value, float):
         return "a number"
