@@ -42,3 +42,22 @@ def test_integer_longer_than_python_converts_is_one_rejected_row(tmp_path: Path,
         [rejection] = result.rejected
         assert (rejection.line, rejection.reason, rejection.field) == (2, "wrong_type", "completion")
         assert "is an integer, expected a string" in rejection.detail
+
+
+def test_csv_header_with_invalid_utf8_reads_rows_and_prints(tmp_path: Path):
+    """An undecodable byte in a header name became a lone surrogate in the column name: in the record's meta
+    (records.jsonl could not be written) and in the schema error (not valid UTF-8). It is now escaped."""
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"prompt,completion,note\xff\np,c,n\n")
+    result = read_source(path)
+    assert [r.meta for r in result.records] == [{"note\\xff": "n"}]
+    path.write_bytes(b"\xfftext\xed\xa0\x80,b\nx,y\n")
+    with pytest.raises(IngestError) as caught:
+        read_source(path)
+    assert "keys seen: \\xfftext\\xed\\xa0\\x80, b" in str(caught.value)
+    str(caught.value).encode("utf-8")
+
+
+def test_ingest_error_is_one_line():
+    error = IngestError("f.parquet: unreadable Parquet file (Could not open\n  magic bytes\tnot found)")
+    assert str(error) == "f.parquet: unreadable Parquet file (Could not open magic bytes not found)"

@@ -55,7 +55,15 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 class IngestError(ValueError):
-    """A file that cannot be ingested at all; the one-line message names the file."""
+    """A file that cannot be ingested at all; the one-line message names the file.
+
+    The message is made one line of valid UTF-8 (whitespace runs collapsed, undecodable bytes and lone
+    surrogates backslash-escaped) whatever it quotes: a library's multi-line error, a header read from a
+    damaged file.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(_escaped(message).split()))
 
 
 @dataclass
@@ -325,7 +333,7 @@ def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise IngestError(f"{name}: no header row")
-        header = [h.strip() for h in header]
+        header = [_escaped(h.strip()) for h in header]  # names from damaged bytes stay printable
         rows = []
         for cells in reader:
             if not cells:
@@ -796,6 +804,16 @@ def _surrogate_path(value: Any) -> Optional[str]:
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
     return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes (surrogateescape) and lone surrogates backslash-escaped."""
+    if not _has_surrogate(text):
+        return text
+    try:
+        return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _safe_raw(raw: bytes | str) -> str:
