@@ -61,3 +61,21 @@ def test_csv_header_with_invalid_utf8_reads_rows_and_prints(tmp_path: Path):
 def test_ingest_error_is_one_line():
     error = IngestError("f.parquet: unreadable Parquet file (Could not open\n  magic bytes\tnot found)")
     assert str(error) == "f.parquet: unreadable Parquet file (Could not open magic bytes not found)"
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".jsonl", '{"prompt": "p", "completion": "c", "\\ud800": "x"}\n{"prompt": "q", "completion": "d"}\n'),
+    (".json", '[{"prompt": "p", "completion": "c", "meta": {"a\\udfffb": 1}}, {"prompt": "q", "completion": "d"}]'),
+])
+def test_json_key_with_lone_surrogate_is_rejected(tmp_path: Path, suffix: str, text: str):
+    """A \\uD800 escape in a key (values were checked, keys were not) put a lone surrogate into the record's
+    meta, so writing records.jsonl failed with UnicodeEncodeError."""
+    import json
+
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(text, encoding="utf-8")
+    result = read_source(path)
+    [rejection] = result.rejected
+    assert (rejection.line, rejection.reason) == (1, "invalid_unicode")
+    assert rejection.field in ("\\ud800", "meta.a\\udfffb")
+    json.dumps([r.to_dict() for r in result.records] + [rejection.to_dict()], ensure_ascii=False).encode("utf-8")

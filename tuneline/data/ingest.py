@@ -793,13 +793,16 @@ def _has_surrogate(text: str) -> bool:
 
 
 def _surrogate_path(value: Any) -> Optional[str]:
-    """The field path of the first string holding a lone surrogate, or None (iterative: any depth)."""
+    """The field path of the first key or string holding a lone surrogate, or None (iterative: any depth)."""
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()
         if isinstance(item, str) and _has_surrogate(item):
             return path or "value"
         if isinstance(item, dict):
+            bad_key = next((k for k in item if _has_surrogate(k)), None)
+            if bad_key is not None:  # a key would reach meta (records.jsonl) or a field name
+                return _escaped(f"{path}.{bad_key}" if path else bad_key)
             stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(item.items()))
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
