@@ -79,3 +79,13 @@ def test_json_key_with_lone_surrogate_is_rejected(tmp_path: Path, suffix: str, t
     assert (rejection.line, rejection.reason) == (1, "invalid_unicode")
     assert rejection.field in ("\\ud800", "meta.a\\udfffb")
     json.dumps([r.to_dict() for r in result.records] + [rejection.to_dict()], ensure_ascii=False).encode("utf-8")
+
+
+def test_missing_unnamed_csv_column_is_named_by_position(tmp_path: Path):
+    """A short row whose first missing column has an empty header name was rejected with no field at all."""
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,completion,,\np,c,x,y\nq,d\n", encoding="utf-8")
+    result = read_source(path)
+    [rejection] = result.rejected
+    assert (rejection.line, rejection.reason, rejection.field) == (2, "missing_column", "column 3")
+    assert rejection.detail == "2 of 4 columns; no 'column 3'"

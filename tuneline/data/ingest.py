@@ -345,8 +345,9 @@ def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
                 row.reason = "extra_columns"
                 row.detail = f"{len(cells)} columns, header has {len(header)}"
             elif len(cells) < len(header):
-                row.reason, row.field = "missing_column", header[len(cells)]
-                row.detail = f"{len(cells)} of {len(header)} columns; no {header[len(cells)]!r}"
+                missing = header[len(cells)] or f"column {len(cells) + 1}"  # an unnamed column by position
+                row.reason, row.field = "missing_column", missing
+                row.detail = f"{len(cells)} of {len(header)} columns; no {missing!r}"
             else:
                 row.value = dict(zip(header, cells))
             rows.append(row)
