@@ -89,3 +89,18 @@ def test_missing_unnamed_csv_column_is_named_by_position(tmp_path: Path):
     [rejection] = result.rejected
     assert (rejection.line, rejection.reason, rejection.field) == (2, "missing_column", "column 3")
     assert rejection.detail == "2 of 4 columns; no 'column 3'"
+
+
+@pytest.mark.parametrize("manifest", [
+    '{"files": null}', '{"files": [{"file": "rows.jsonl", "sources": null}]}', '[1, 2]',
+    '{"files": [{"file": "rows.jsonl", "sources": [{"license": ["MIT"]}]}]}', '{"files": 3}',
+    '{"files": [' * 100_000,
+])
+def test_damaged_manifest_records_no_licence(tmp_path: Path, manifest: str):
+    """raw.licence_of raised TypeError (None or a number where a list belongs, an unhashable licence) or
+    RecursionError on a MANIFEST.json beside the data, failing raw_dataset; now the licence is just unknown."""
+    from tuneline.data.raw import licence_of
+
+    (tmp_path / "rows.jsonl").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "MANIFEST.json").write_text(manifest, encoding="utf-8")
+    assert licence_of(tmp_path / "rows.jsonl") is None

@@ -55,13 +55,19 @@ def licence_of(path: Path) -> Optional[str]:
         manifest = parent / "MANIFEST.json"
         if not manifest.is_file():
             continue
-        try:
-            entries = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
+        try:  # a damaged or hand-edited manifest records no licence; it never fails the run
+            content = json.loads(manifest.read_text(encoding="utf-8"))
             rel = path.resolve().relative_to(parent).as_posix()
-            entry = next(e for e in entries if isinstance(e, dict) and e.get("file") == rel)
-        except (OSError, ValueError, AttributeError, StopIteration):
+        except (OSError, ValueError, RecursionError):
             return None
-        licences = [s.get("license") for s in entry.get("sources", []) if isinstance(s, dict) and s.get("license")]
+        entries = content.get("files") if isinstance(content, dict) else None
+        entry = next((e for e in entries if isinstance(e, dict) and e.get("file") == rel), None) \
+            if isinstance(entries, list) else None
+        sources = entry.get("sources") if entry is not None else None
+        if not isinstance(sources, list):
+            return None
+        licences = [s["license"] for s in sources if isinstance(s, dict) and isinstance(s.get("license"), str)
+                    and s["license"]]
         return "; ".join(dict.fromkeys(licences)) or None
     return None
 
