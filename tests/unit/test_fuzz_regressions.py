@@ -104,3 +104,21 @@ def test_damaged_manifest_records_no_licence(tmp_path: Path, manifest: str):
     (tmp_path / "rows.jsonl").write_text("{}\n", encoding="utf-8")
     (tmp_path / "MANIFEST.json").write_text(manifest, encoding="utf-8")
     assert licence_of(tmp_path / "rows.jsonl") is None
+
+
+def test_parquet_value_out_of_python_range(tmp_path: Path):
+    """A Parquet timestamp past datetime's range made table.to_pylist() raise OverflowError out of
+    read_source; now the cell cannot satisfy a field that needs it, and an unused one is ignored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    when = pa.array([0, 2**62], pa.int64()).cast(pa.timestamp("ms"))
+    pq.write_table(pa.table({"prompt": ["p", "q"], "completion": ["c", "d"], "when": when}), tmp_path / "a.parquet")
+    result = read_source(tmp_path / "a.parquet")
+    assert len(result.records) == 2 and not result.rejected
+    pq.write_table(pa.table({"prompt": ["p", "q"], "completion": when}), tmp_path / "b.parquet")
+    result = read_source(tmp_path / "b.parquet")
+    assert result.read == 2
+    reasons = sorted((r.line, r.reason, r.field) for r in result.rejected)
+    assert reasons == [(1, "wrong_type", "completion"), (2, "wrong_type", "completion")]
+    assert "timestamp[ms] value Python cannot represent" in result.rejected[1].detail

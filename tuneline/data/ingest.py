@@ -370,11 +370,42 @@ def _parquet_rows(path: Path, name: str, data: bytes) -> list[_Row]:
         table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise IngestError(f"{name}: unreadable Parquet file ({exc})") from None
+    try:
+        values = table.to_pylist()
+    except Exception:  # a value Python cannot hold (a timestamp past year 9999, ...): convert cell by cell
+        values = _parquet_cells(table)
     rows = []
-    for index, value in enumerate(table.to_pylist(), start=1):
+    for index, value in enumerate(values, start=1):
         raw = json.dumps(value, ensure_ascii=False, default=str)
         rows.append(_check_parsed(_Row(line=index, raw=_safe_raw(raw)), value, ""))
     return rows
+
+
+class _Unreadable:
+    """A Parquet cell Python cannot represent (e.g. a timestamp out of datetime's range): no mapper accepts it."""
+
+    def __init__(self, arrow_type: str, error: Exception) -> None:
+        self.arrow_type, self.error = arrow_type, " ".join(str(error).split())[:100]
+
+    def __repr__(self) -> str:
+        return f"<unreadable {self.arrow_type}: {self.error}>"
+
+
+def _parquet_cells(table) -> list[dict]:
+    """The rows of ``table``, a cell that cannot be converted to Python standing as an ``_Unreadable``."""
+    columns: dict[str, list] = {}
+    for name, column in zip(table.column_names, table.columns):
+        try:
+            columns[name] = column.to_pylist()
+        except Exception:
+            cells = []
+            for i in range(len(column)):
+                try:
+                    cells.append(column[i].as_py())
+                except Exception as exc:  # OverflowError, ValueError, ArrowException
+                    cells.append(_Unreadable(str(column.type), exc))
+            columns[name] = cells
+    return [dict(zip(columns, cells)) for cells in zip(*columns.values())]
 
 
 GUTENBERG_START = re.compile(r"^\s*\*\*\*\s*START OF", re.IGNORECASE)
@@ -783,6 +814,8 @@ def _json_type(value: Any) -> str:
         return "an array"
     if isinstance(value, dict):
         return "an object"
+    if isinstance(value, _Unreadable):
+        return f"a {value.arrow_type} value Python cannot represent ({value.error})"
     return type(value).__name__
 
 
