@@ -122,3 +122,12 @@ def test_parquet_value_out_of_python_range(tmp_path: Path):
     reasons = sorted((r.line, r.reason, r.field) for r in result.rejected)
     assert reasons == [(1, "wrong_type", "completion"), (2, "wrong_type", "completion")]
     assert "timestamp[ms] value Python cannot represent" in result.rejected[1].detail
+
+
+@pytest.mark.parametrize("column", ["", "  ", None, 3])
+def test_field_mapped_to_an_empty_column_name_fails_at_load(column):
+    """``fields: {instruction: ""}`` was accepted, and every row was then rejected as missing a field named ''."""
+    from tuneline.params import DataSource, RecipeError
+
+    with pytest.raises(RecipeError, match=r"fields\.instruction: the file column must be a non-empty string"):
+        DataSource(path="rows.jsonl", fields={"instruction": column})
