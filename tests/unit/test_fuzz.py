@@ -938,13 +938,17 @@ def _run_cli(main, argv: list[str]) -> tuple[int, str, str]:
     out, err = io.BytesIO(), io.BytesIO()
     out_text = io.TextIOWrapper(out, encoding="utf-8", errors="strict", write_through=True)
     err_text = io.TextIOWrapper(err, encoding="utf-8", errors="backslashreplace", write_through=True)
-    state = os.environ.setdefault("TUNELINE_HOME", str(Path(_TMP) / "state"))
-    Path(state).mkdir(parents=True, exist_ok=True)
-    with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse
-            code = exc.code if isinstance(exc.code, int) else 2
+    saved = dict(os.environ)  # the command sets DAGSTER_HOME, MLFLOW_TRACKING_URI, ... for itself
+    os.environ.setdefault("TUNELINE_HOME", str(Path(_TMP) / "state"))
+    try:
+        with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return code, out.getvalue().decode("utf-8"), err.getvalue().decode("utf-8")
 
 
@@ -967,3 +971,33 @@ def test_cli_ingest_subprocess_never_prints_a_traceback(raw, suffix, tmp_path):
     assert done.returncode in (0, 2), done.stderr[-2000:]
     if done.returncode == 2:
         assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr
+
+
+@pytest.mark.parametrize("content,suffix,expected", [
+    (b"", ".jsonl", "file is empty"),
+    (b"\x1f\x8b\x08\x00garbage", ".jsonl.gz", "not a readable gzip file"),
+    (b"a;b\n1;2\n", ".csv", "cannot recognize the schema"),
+    (None, ".jsonl", "does not exist"),
+])
+def test_cli_run_refuses_unreadable_data_before_any_step(tmp_path, monkeypatch, content, suffix, expected):
+    """``tuneline run`` reads its data files before materializing anything: one line naming the file, exit 2
+    (it used to build the base model first and then fail ``prepared_dataset`` with Dagster's traceback)."""
+    import yaml
+
+    from pipelines.cli import main
+
+    data = tmp_path / f"data{suffix}"
+    if content is not None:
+        data.write_bytes(content)
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    recipe["data"]["sources"] = [{"path": str(data)}]  # beside the demo data
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    for key in ("TUNELINE_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, str(tmp_path / "state" / key.lower()))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    code, out, err = _run_cli(main, ["run", "--recipe", str(tmp_path / "recipe.yaml")])
+    assert code == 2, (out[-1000:], err[-2000:])
+    assert "materializing" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tuneline run: ") and str(data) in lines[0], err[-2000:]
+    assert expected in lines[0]
