@@ -773,8 +773,12 @@ def chat_records(draw, n_max: int = 12) -> list[ChatRecord]:
                                 label=draw(st.sampled_from([other.label, "other", " POS "])) if other.label else None)
             pool.append(record)
             continue
-        kind = draw(st.sampled_from(["sft", "preference", "classification", "text"]))
-        if kind == "sft":
+        kind = draw(st.sampled_from(["sft", "preference", "classification", "text", "odd_turns"]))
+        if kind == "odd_turns":  # no turns, a lone system turn, assistant first, two users in a row, ...
+            turns = draw(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), texts), max_size=4))
+            record = ChatRecord(kind="sft", messages=[{"role": r, "content": c} for r, c in turns], source="f.jsonl",
+                                line=line)
+        elif kind == "sft":
             messages = [{"role": "user", "content": draw(texts)}, {"role": "assistant", "content": draw(texts)}]
             if draw(st.booleans()):
                 messages.insert(0, {"role": "system", "content": draw(texts)})
@@ -794,18 +798,33 @@ def chat_records(draw, n_max: int = 12) -> list[ChatRecord]:
     return pool
 
 
+_TOKENIZER = None
+
+
+def _tokenizer():
+    """The pipeline's own tiny byte-level BPE tokenizer with its chat template (trained here in a second)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tuneline.models.tiny import train_tokenizer
+        from tuneline.params import TinyModelParams
+
+        _TOKENIZER = train_tokenizer(["the cat sat on the mat", "a b c d e f g", "héllo wörld ✓"] * 30,
+                                     TinyModelParams(vocab_size=512))
+    return _TOKENIZER
+
+
 @fuzz(20, "validator")
-@given(records=chat_records(), dedup=st.sampled_from(["exact", "normalized"]),
+@given(records=chat_records(), dedup=st.sampled_from(["exact", "normalized"]), tokenized=st.booleans(),
        labels=st.sampled_from([(), ("pos", "neg"), ("pos", "neg", "0", "weird")]),
        bounds=st.sampled_from([(0, 512), (2, 100), (5, 20_000), (0, 1)]),
        parse=st.lists(st.builds(Rejection, source=st.just("f.jsonl"), line=st.integers(1, 50),
                                 reason=st.sampled_from(sorted(INGEST_REASONS)), detail=st.just("d")), max_size=3))
-def test_validator_accounts_for_every_row(records, dedup, labels, bounds, parse):
+def test_validator_accounts_for_every_row(records, dedup, tokenized, labels, bounds, parse):
     from tuneline.data.validate import CONTROL, _content_key, _normalize, validate_records
 
     params = ValidationParams(min_tokens=bounds[0], max_tokens=bounds[1], dedup=dedup, labels=labels,
                               min_accepted=0)
-    result = validate_records(records, params, parse_rejections=parse)
+    result = validate_records(records, params, tokenizer=_tokenizer() if tokenized else None, parse_rejections=parse)
     assert result.read == len(records) + len(parse) == len(result.accepted) + len(result.quarantined)
     assert sum(result.reasons.values()) == len(result.quarantined)
     for rejection in result.quarantined:
