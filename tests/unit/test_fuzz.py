@@ -885,12 +885,13 @@ def test_prepare_writes_what_it_read(data, schema, container):
         except IngestError as exc:
             assert str(exc).startswith(str(path)) and "\n" not in str(exc)
             return
-        records = (path.parent / "out" / "records.jsonl").read_text(encoding="utf-8").splitlines()
-        quarantine = (path.parent / "out" / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+        from tuneline.records import read_jsonl  # lines end at \n only (str.splitlines also splits at U+0085)
+
+        records = list(read_jsonl(path.parent / "out" / "records.jsonl"))
+        quarantine = list(read_jsonl(path.parent / "out" / "quarantine.jsonl"))
         assert len(records) == prepared.accepted and len(quarantine) == prepared.quarantined
         assert prepared.read == prepared.accepted + prepared.quarantined
-        for line in quarantine:
-            row = json.loads(line)
+        for row in quarantine:
             assert row["source"] == path.as_uri() and row["line"] >= 1 and row["reason"]
     finally:
         import shutil
