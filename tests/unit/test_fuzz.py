@@ -39,7 +39,6 @@ from tuneline.records import ChatRecord, Rejection
 
 SCALE = float(os.environ.get("TUNELINE_FUZZ_SCALE", "1"))
 COUNTS: Counter = Counter()  # examples run, per reader (bench/fuzz_drill.py reports them)
-FAILURES: dict[str, str] = {}
 
 INGEST_REASONS = {
     "invalid_utf8", "invalid_unicode", "malformed_json", "not_an_object", "missing_field", "null_field",
@@ -114,7 +113,6 @@ def rows_of(draw, schema: str, max_rows: int = 8) -> list[dict]:
                                               min_size=1, max_size=3))}
         elif schema in ("messages", "sharegpt"):
             pairs = draw(st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3))
-            turns = [("user", q) for q, _ in pairs]
             turns = [t for q, a in pairs for t in (("user", q), ("assistant", a))]
             if draw(st.booleans()):
                 turns.insert(0, ("system", draw(TEXT)))
