@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import definitions
     from resources import build_resources
     from resources.recipe import RecipeResource
+    from tuneline.data.raw import check_sources
 
     settings = load_settings(recipe=args.recipe)
     if args.submit:
@@ -59,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         path=settings.recipe, seed=args.seed, max_steps=args.max_steps, sample_fraction=args.sample_fraction
     )
     recipe = resources["recipe"].load()  # fail fast on a bad recipe, before any step runs
+    check_sources(recipe, recipe_path=settings.recipe)  # and on a missing or unreadable data file
     print(f"tuneline: materializing the asset graph for recipe {settings.recipe} ({recipe.name}), "
           f"profile {settings.profile}", flush=True)
     started = time.time()

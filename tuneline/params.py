@@ -108,6 +108,9 @@ class DataSource:
             raise RecipeError(f"format: {self.format!r} is not one of {', '.join(CONTAINER_FORMATS)}")
         if self.schema not in SCHEMAS:
             raise RecipeError(f"schema: {self.schema!r} is not one of {', '.join(SCHEMAS)}")
+        for canonical, column in self.fields.items():
+            if not isinstance(column, str) or not column.strip():
+                raise RecipeError(f"fields.{canonical}: the file column must be a non-empty string, got {column!r}")
 
 
 @dataclass(frozen=True)

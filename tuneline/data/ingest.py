@@ -30,6 +30,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,15 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 class IngestError(ValueError):
-    """A file that cannot be ingested at all; the one-line message names the file."""
+    """A file that cannot be ingested at all; the one-line message names the file.
+
+    The message is made one line of valid UTF-8 (whitespace runs collapsed, undecodable bytes and lone
+    surrogates backslash-escaped) whatever it quotes: a library's multi-line error, a header read from a
+    damaged file.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(_escaped(message).split()))
 
 
 @dataclass
@@ -133,7 +142,7 @@ def _read_bytes(path: Path, name: str) -> bytes:
     if path.suffix == ".gz":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged deflate stream raises zlib.error
             raise IngestError(f"{name}: not a readable gzip file ({exc})") from None
     return data
 
@@ -191,7 +200,7 @@ def _json_or_jsonl_rows(name: str, data: bytes, *, prefer_lines: bool) -> tuple[
     if head == b"[" or (head == b"{" and not prefer_lines):
         text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
         try:
-            whole = json.loads(text)
+            whole = json.loads(text, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             if head == b"[" and not prefer_lines:
                 raise IngestError(f"{name}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
@@ -223,7 +232,7 @@ def _jsonl_rows(data: bytes) -> list[_Row]:
             rows.append(row)
             continue
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             row.reason, row.detail = "malformed_json", f"{exc.msg} (column {exc.colno})"
             rows.append(row)
@@ -236,6 +245,24 @@ def _jsonl_rows(data: bytes) -> list[_Row]:
     return rows
 
 
+class _HugeInt:
+    """An integer literal longer than Python converts (4,300 digits): a value no mapper accepts."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    """``json``'s integer hook: ``int`` raises ValueError past 4,300 digits, which would sink the whole file."""
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInt(len(text.lstrip("-")))
+
+
 def _list_key(obj: dict) -> Optional[str]:
     """The key of a wrapper object's single list of rows ({"data": [...]}), or None for a record."""
     if _row_schema(obj) is not None:
@@ -246,7 +273,7 @@ def _list_key(obj: dict) -> Optional[str]:
 
 def _json_array_rows(text: str, whole: list | dict) -> list[_Row]:
     """One row per element, each with the physical line on which it starts."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_int=_parse_int)
     pos = _skip_ws(text, 0)
     if isinstance(whole, dict):  # walk to the value of the one list key
         key = _list_key(whole)
@@ -306,7 +333,7 @@ def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise IngestError(f"{name}: no header row")
-        header = [h.strip() for h in header]
+        header = [_escaped(h.strip()) for h in header]  # names from damaged bytes stay printable
         rows = []
         for cells in reader:
             if not cells:
@@ -318,8 +345,9 @@ def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
                 row.reason = "extra_columns"
                 row.detail = f"{len(cells)} columns, header has {len(header)}"
             elif len(cells) < len(header):
-                row.reason, row.field = "missing_column", header[len(cells)]
-                row.detail = f"{len(cells)} of {len(header)} columns; no {header[len(cells)]!r}"
+                missing = header[len(cells)] or f"column {len(cells) + 1}"  # an unnamed column by position
+                row.reason, row.field = "missing_column", missing
+                row.detail = f"{len(cells)} of {len(header)} columns; no {missing!r}"
             else:
                 row.value = dict(zip(header, cells))
             rows.append(row)
@@ -342,11 +370,42 @@ def _parquet_rows(path: Path, name: str, data: bytes) -> list[_Row]:
         table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise IngestError(f"{name}: unreadable Parquet file ({exc})") from None
+    try:
+        values = table.to_pylist()
+    except Exception:  # a value Python cannot hold (a timestamp past year 9999, ...): convert cell by cell
+        values = _parquet_cells(table)
     rows = []
-    for index, value in enumerate(table.to_pylist(), start=1):
+    for index, value in enumerate(values, start=1):
         raw = json.dumps(value, ensure_ascii=False, default=str)
         rows.append(_check_parsed(_Row(line=index, raw=_safe_raw(raw)), value, ""))
     return rows
+
+
+class _Unreadable:
+    """A Parquet cell Python cannot represent (e.g. a timestamp out of datetime's range): no mapper accepts it."""
+
+    def __init__(self, arrow_type: str, error: Exception) -> None:
+        self.arrow_type, self.error = arrow_type, " ".join(str(error).split())[:100]
+
+    def __repr__(self) -> str:
+        return f"<unreadable {self.arrow_type}: {self.error}>"
+
+
+def _parquet_cells(table) -> list[dict]:
+    """The rows of ``table``, a cell that cannot be converted to Python standing as an ``_Unreadable``."""
+    columns: dict[str, list] = {}
+    for name, column in zip(table.column_names, table.columns):
+        try:
+            columns[name] = column.to_pylist()
+        except Exception:
+            cells = []
+            for i in range(len(column)):
+                try:
+                    cells.append(column[i].as_py())
+                except Exception as exc:  # OverflowError, ValueError, ArrowException
+                    cells.append(_Unreadable(str(column.type), exc))
+            columns[name] = cells
+    return [dict(zip(columns, cells)) for cells in zip(*columns.values())]
 
 
 GUTENBERG_START = re.compile(r"^\s*\*\*\*\s*START OF", re.IGNORECASE)
@@ -745,7 +804,7 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int):
+    if isinstance(value, (int, _HugeInt)):
         return "an integer"
     if isinstance(value, float):
         return "a number"
@@ -755,6 +814,8 @@ def _json_type(value: Any) -> str:
         return "an array"
     if isinstance(value, dict):
         return "an object"
+    if isinstance(value, _Unreadable):
+        return f"a {value.arrow_type} value Python cannot represent ({value.error})"
     return type(value).__name__
 
 
@@ -766,17 +827,30 @@ def _has_surrogate(text: str) -> bool:
 
 
 def _surrogate_path(value: Any) -> Optional[str]:
-    """The field path of the first string holding a lone surrogate, or None (iterative: any depth)."""
+    """The field path of the first key or string holding a lone surrogate, or None (iterative: any depth)."""
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()
         if isinstance(item, str) and _has_surrogate(item):
             return path or "value"
         if isinstance(item, dict):
+            bad_key = next((k for k in item if _has_surrogate(k)), None)
+            if bad_key is not None:  # a key would reach meta (records.jsonl) or a field name
+                return _escaped(f"{path}.{bad_key}" if path else bad_key)
             stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(item.items()))
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
     return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes (surrogateescape) and lone surrogates backslash-escaped."""
+    if not _has_surrogate(text):
+        return text
+    try:
+        return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _safe_raw(raw: bytes | str) -> str:

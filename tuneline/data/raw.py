@@ -7,6 +7,7 @@ dropped into the incoming folder: each is moved into ``consumed/<UTC date>/<run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tuneline import storage
-from tuneline.params import Recipe
+from tuneline.params import DataSource, Recipe
 from tuneline.paths import resolve, state_dir
 from tuneline.records import sha256_file, sha256_text
 from tuneline.refs import FileRef, RawDataRef
@@ -55,13 +56,19 @@ def licence_of(path: Path) -> Optional[str]:
         manifest = parent / "MANIFEST.json"
         if not manifest.is_file():
             continue
-        try:
-            entries = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
+        try:  # a damaged or hand-edited manifest records no licence; it never fails the run
+            content = json.loads(manifest.read_text(encoding="utf-8"))
             rel = path.resolve().relative_to(parent).as_posix()
-            entry = next(e for e in entries if isinstance(e, dict) and e.get("file") == rel)
-        except (OSError, ValueError, AttributeError, StopIteration):
+        except (OSError, ValueError, RecursionError):
             return None
-        licences = [s.get("license") for s in entry.get("sources", []) if isinstance(s, dict) and s.get("license")]
+        entries = content.get("files") if isinstance(content, dict) else None
+        entry = next((e for e in entries if isinstance(e, dict) and e.get("file") == rel), None) \
+            if isinstance(entries, list) else None
+        sources = entry.get("sources") if entry is not None else None
+        if not isinstance(sources, list):
+            return None
+        licences = [s["license"] for s in sources if isinstance(s, dict) and isinstance(s.get("license"), str)
+                    and s["license"]]
         return "; ".join(dict.fromkeys(licences)) or None
     return None
 
@@ -99,6 +106,21 @@ def collect_inputs(
         files.append(file_ref(path, "corpus", format="txt", schema="text"))
     return RawDataRef(recipe=recipe.name, files=tuple(files), demo=manifest,
                       sha256=sha256_text("\n".join(f.sha256 for f in files)))
+
+
+def check_sources(recipe: Recipe, *, recipe_path: str) -> None:
+    """Read the recipe's data and corpus files once before a run starts, so that a missing file or one that
+    cannot be read at all (empty, damaged, of no recognizable schema) stops the run with one line naming it,
+    before any step has run (not a failed ``prepared_dataset`` after the base model was built). Rows the
+    readers reject are not an error here: validation quarantines them."""
+    from tuneline.data.ingest import read_source
+
+    for key, source in [("data.sources", s) for s in recipe.data.sources] + [
+            ("data.corpus", DataSource(path=c, format="txt", schema="text")) for c in recipe.data.corpus]:
+        path = resolve(source.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} does not exist (recipe {recipe_path})")
+        read_source(dataclasses.replace(source, path=str(path)))
 
 
 def stage_inputs(raw: RawDataRef, store_uri: str) -> RawDataRef:
