@@ -1,5 +1,7 @@
 """The base model: a hub id or local path, or a tiny Llama the pipeline builds and pretrains offline."""
 
+import dataclasses
+
 import dagster as dg
 
 from assets._stage import RETRY, finish_stage, launch_stage, stage_uri
@@ -41,7 +43,7 @@ def base_model(
     if started_from:
         mlflow.tracker().set_tags(run_id, {TAG_STARTED_FROM: started_from})
     metadata = finish_stage(mlflow, run_id, outcome, title="Pretraining loss", resolved_params=r.pretrain)
-    model = outcome.model
+    model = dataclasses.replace(outcome.model, metrics=dict(outcome.metrics))  # params, vocab, losses on the ref
     return dg.Output(model, metadata={**metadata, "source": model.source or "", "started_from": started_from
                                       or "recipe (no champion carried over)",
                                       "config": dg.MetadataValue.json(outcome.details.get("config", {}))})
