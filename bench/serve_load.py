@@ -152,6 +152,19 @@ def phase(port: int, requests: int, concurrency: int, max_body: int, seed: int) 
     }
 
 
+def check_rollback_possible(recipe: Any) -> None:
+    """The drill rolls the champion back to the one before it: there must be one (two registered runs)."""
+    from tuneline.deploy.registry import TAG_PREVIOUS_CHAMPION, current_champion
+    from tuneline.settings import load_settings
+    from tuneline.tracking import Tracker
+
+    name = recipe.registered_model_name()
+    champion = current_champion(Tracker(load_settings().tracking_uri), name)
+    if champion is None or not (champion.get("tags") or {}).get(TAG_PREVIOUS_CHAMPION):
+        raise SystemExit(f"--rollback-drill needs a champion of {name} that replaced an earlier one: run the "
+                         "pipeline twice with a gate that promotes the second candidate")
+
+
 def rollback_drill(port: int, recipe: Any, follow_limit_s: float) -> dict[str, Any]:
     """Roll the champion back under load, wait until it is served, promote the old champion again."""
     from tuneline.deploy.registry import current_champion, promote, rollback
@@ -161,8 +174,6 @@ def rollback_drill(port: int, recipe: Any, follow_limit_s: float) -> dict[str, A
     tracker = Tracker(load_settings().tracking_uri)
     name = recipe.registered_model_name()
     before = current_champion(tracker, name)
-    if before is None:
-        raise SystemExit(f"no champion of {name} to roll back")
     results: list[tuple[int, dict, float]] = []
     stop = threading.Event()
 
@@ -221,6 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = load_settings(recipe=args.recipe)
     recipe = load_recipe(settings.recipe)
     log = InferenceLog(settings.log_path(recipe))
+    if args.rollback_drill:
+        check_rollback_possible(recipe)
     port = free_port()
     proc = start_server(args.recipe, port, args.follow_seconds)
     report: dict[str, Any] = {"cpu": cpu(), "cores": os.cpu_count(), "recipe": args.recipe,
