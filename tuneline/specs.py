@@ -18,6 +18,8 @@ from tuneline.params import (
     HpoParams,
     ModelParams,
     PretrainParams,
+    RewardParams,
+    RlParams,
     SftParams,
 )
 from tuneline.refs import ModelRef, Ref
@@ -161,3 +163,30 @@ class Outcome(Ref):
     metrics: dict[str, Any]  # scalars: steps, losses, tokens/s, ...
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
     details: dict[str, Any] = field(default_factory=dict)  # the trainer's full result, for the report artifact
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardSpec(Spec):
+    """A reward model (1-label sequence classifier) on preference pairs, from the SFT model or the encoder."""
+
+    module: ClassVar[str] = "tuneline.recipes.reward"
+
+    sft: Optional[ModelRef]  # the SFT model (reward.base: sft); None with reward.base: encoder
+    train_uris: tuple[str, ...]  # preference records (the split, and feedback pairs when there are any)
+    val_uri: str  # held-out pairs: pairwise accuracy before and after
+    params: RewardParams
+    test_uri: Optional[str] = None  # more held-out pairs (the preference test split), reported too
+
+
+@dataclass(frozen=True, kw_only=True)
+class RlSpec(Spec):
+    """Online RL (RLOO or GRPO) from the SFT model against the reward model, KL-tied to the SFT model."""
+
+    module: ClassVar[str] = "tuneline.recipes.rl"
+
+    sft: ModelRef
+    reward_model: ModelRef
+    algorithm: str  # rloo or grpo
+    train_uri: str  # records whose prompts are rolled out (preference or sft records)
+    val_uri: str  # prompts the mean reward and KL are measured on, before and after
+    params: RlParams
