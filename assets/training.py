@@ -13,7 +13,7 @@ from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource, StudyStorage
 from tuneline.params import Recipe, flatten, to_plain
-from tuneline.refs import ModelRef, SplitsRef, StudyRef
+from tuneline.refs import FeedbackRef, ModelRef, SplitsRef, StudyRef
 from tuneline.specs import DistillSpec, DpoSpec, HpoWorkerSpec, MlflowTarget, SftSpec
 
 GROUP = "training"
@@ -157,15 +157,19 @@ def dpo_adapter(
     launcher: TrainingLauncher,
     dataset_splits: SplitsRef,
     sft_adapter: ModelRef,
+    feedback_preferences: FeedbackRef,
 ) -> dg.Output:
-    """DPO on the preference split, starting from the SFT model (merged) with a fresh adapter, so the
-    adapter disabled is the reference: no second full copy in memory."""
+    """DPO on the preference split (and the accepted feedback pairs, ``feedback.use``), starting from the SFT model
+    (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory."""
+    from assets.alignment import feedback_uris
+
     r = recipe.load()
     if not r.dpo.enabled:
         raise dg.Failure("dpo.enabled is false in this recipe: deselect dpo_adapter and what follows it")
     spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
-                   val_uri=dataset_splits.uri("preference_validation"), params=r.dpo)
+                   val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
+                   extra_train_uris=feedback_uris(r, feedback_preferences))
     outcome, run_id = launch_stage(
         context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("dpo", r.dpo),
         dataset_sha256=dataset_splits.dataset_sha256, num_processes=r.dpo.num_processes,

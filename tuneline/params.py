@@ -443,6 +443,7 @@ class EvaluationParams:
     max_length: int = 512  # longest teacher-forced sequence (longer ones are cut on the right)
     num_samples: int = 5  # sample generations kept in the report
     seed: int = 0  # bootstrap seed
+    policy_prompts: int = 64  # test prompts each model's reward-model score and KL to the SFT model are measured on
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.bootstrap_samples < 1 or self.max_length < 2:
@@ -451,6 +452,8 @@ class EvaluationParams:
             raise RecipeError("evaluation: confidence must be in (0, 1)")
         if self.max_examples is not None and self.max_examples < 1:
             raise RecipeError("evaluation: max_examples must be >= 1 (or null for all)")
+        if self.policy_prompts < 1:
+            raise RecipeError("evaluation.policy_prompts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -463,6 +466,7 @@ class ServeParams:
     default_max_new_tokens: int = 64  # tokens generated when a request does not say
     max_new_tokens_limit: int = 256  # a request's max_new_tokens is capped at this
     max_body_bytes: int = 16384  # larger request bodies are refused with 413
+    max_feedback_bytes: int = 1024  # larger /feedback bodies are refused with 413
     max_prompt_tokens: Optional[int] = None  # longest templated prompt; None = model positions - limit
     log_path: Optional[str] = None  # SQLite inference log; None = $TUNELINE_HOME/inference.db
 
@@ -471,10 +475,23 @@ class ServeParams:
             raise RecipeError("serve.port must be in [0, 65535]")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise RecipeError("serve: need 1 <= default_max_new_tokens <= max_new_tokens_limit")
-        if self.max_body_bytes < 256:
-            raise RecipeError("serve.max_body_bytes must be >= 256")
+        if self.max_body_bytes < 256 or self.max_feedback_bytes < 64:
+            raise RecipeError("serve: need max_body_bytes >= 256 and max_feedback_bytes >= 64")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise RecipeError("serve.max_prompt_tokens must be >= 1 (or null)")
+
+
+@dataclass(frozen=True)
+class FeedbackParams:
+    """Feedback on served answers (``POST /feedback``) as preference data."""
+
+    use: bool = True  # the reward model and DPO also train on the accepted feedback pairs
+    min_rating_gap: int = 1  # two ratings of answers to one prompt make a pair when they differ by at least this
+    min_new: int = 20  # feedback_sensor requests a training run once this many new feedback rows arrived
+
+    def __post_init__(self) -> None:
+        if self.min_rating_gap < 1 or self.min_new < 1:
+            raise RecipeError("feedback: min_rating_gap and min_new must be >= 1")
 
 
 DRIFT_FEATURE_THRESHOLDS = {  # per-feature effect size that counts as drift (see tuneline.monitoring.drift)
@@ -604,6 +621,7 @@ class Recipe:
     reward: RewardParams = field(default_factory=RewardParams)  # reward model on the preference split
     rl: RlParams = field(default_factory=RlParams)  # online RL (RLOO/GRPO) from the reward model
     alignment: AlignmentParams = field(default_factory=AlignmentParams)  # which aligned model the gate considers
+    feedback: FeedbackParams = field(default_factory=FeedbackParams)  # served feedback as preference pairs
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)  # test-set evaluation
     serve: ServeParams = field(default_factory=ServeParams)  # inference server

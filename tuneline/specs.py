@@ -120,6 +120,7 @@ class DpoSpec(Spec):
     val_uri: str
     params: DpoParams
     merge: bool = True  # also write the DPO model merged to full weights (the teacher and the candidate)
+    extra_train_uris: tuple[str, ...] = ()  # more preference records (accepted feedback pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +151,8 @@ class EvalSpec(Spec):
     checker: Optional[str] = None  # "demo" for the demo tasks' own answer checker
     max_examples: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reward_model: Optional[ModelRef] = None  # scores every model's greedy answers (the table's reward column)
+    reference: Optional[str] = None  # report name of the model each one's KL is measured against (the SFT model)
 
 
 RESULT_FILE = "result.json"  # under a spec's out_uri: the trainer's Outcome
