@@ -103,3 +103,17 @@ def test_reward_model_trains_on_the_real_preference_files(tmp_path: Path, shared
                                        tmp_path / "rm", seed=0)
     assert result.steps == 6 and result.val_pairs == 16
     assert 0.0 <= result.after["accuracy"] <= 1.0 and result.after["margin_mean"] == result.after["margin_mean"]
+
+
+@pytest.mark.slow
+def test_reward_model_from_the_minilm_encoder_reads_prompt_and_answer_as_a_sentence_pair(tmp_path: Path) -> None:
+    pairs = demo_pairs(48)
+    params = RewardParams(base="encoder", learning_rate=5e-5, max_steps=3, batch_size=8, max_length=64, bf16=False,
+                          save_steps=3)
+    result = reward.train_reward_model(None, pairs[:40], pairs[40:], params, tmp_path / "rm", seed=0)
+    assert result.steps == 3 and result.base == "encoder" and "minilm" in result.started_from.lower()
+    assert result.total_params > 20_000_000  # MiniLM-L6 (22.7 M) + a one-label head
+    scorer = reward.RewardScorer(result.output_dir)
+    assert scorer.info["format"] == "sentence pair"
+    scores = scorer(prompts=["What is 2 plus 3?"] * 2, completions=["5", "6"])
+    assert len(scores) == 2 and all(s == s for s in scores)
