@@ -38,7 +38,8 @@ def reward_model(
                       val_uri=dataset_splits.uri("preference_validation"),
                       test_uri=dataset_splits.uris.get("preference_test"), params=r.reward)
     outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("reward", r.reward),
+        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec,
+        params={**_prefixed("reward", r.reward), **feedback_params(r, feedback_preferences)},
         dataset_sha256=dataset_splits.dataset_sha256,
         upstream={"sft_adapter": sft_adapter.mlflow_run_id, "dataset_splits": dataset_splits.mlflow_run_id},
     )
@@ -59,7 +60,8 @@ def rl_policy(
 ) -> dg.Output:
     """Online RL (RLOO or GRPO, ``recipe.rl_algorithm()``) from the SFT model against the reward model, with a KL
     penalty to the SFT model (a fresh adapter, disabled for the reference); no critic: the baseline is the other
-    completions of each prompt. Its policy joins the evaluation table; ``alignment.method`` says if the gate takes it."""
+    completions of each prompt. Its policy joins the evaluation table; ``alignment.method`` says whether the gate
+    takes it."""
     r = recipe.load()
     if not r.rl.enabled:
         raise dg.Failure("rl.enabled is false in this recipe: deselect rl_policy")
@@ -81,3 +83,10 @@ def rl_policy(
 def feedback_uris(recipe, feedback: FeedbackRef) -> tuple[str, ...]:
     """The accepted feedback pairs, when the recipe uses feedback and there are any."""
     return (feedback.records_uri,) if recipe.feedback.use and feedback.accepted else ()
+
+
+def feedback_params(recipe, feedback: FeedbackRef) -> dict:
+    """What a stage logs about the feedback pairs it trained on (their file's sha256: the data lineage)."""
+    used = bool(feedback_uris(recipe, feedback))
+    return {"feedback.pairs": feedback.accepted if used else 0,
+            "feedback.sha256": feedback.sha256 if used else "none"}

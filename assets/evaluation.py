@@ -43,14 +43,16 @@ def evaluation_report(
     champion = current_champion(mlflow.tracker(), r.registered_model_name())
     models = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, r.rl_algorithm(): rl_policy,
               "student": distilled_student}
-    spec = EvalSpec(reward_model=reward_model, reference="sft",out_uri=stage_uri(artifacts, "evaluation_report", context), seed=r.seed, models=models,
+    spec = EvalSpec(out_uri=stage_uri(artifacts, "evaluation_report", context), seed=r.seed, models=models,
+                    reward_model=reward_model, reference="sft",
                     test_uri=dataset_splits.uri("test"), preference_uri=dataset_splits.uris.get("preference_test"),
                     params=r.evaluation, checker="auto",
                     champion=f"{champion['name']}/{champion['version']}" if champion else None)
     outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=r.flat_section("evaluation", "gate"),
+        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=r.flat_section("evaluation", "gate", "alignment"),
         dataset_sha256=dataset_splits.dataset_sha256,
-        upstream={"dataset_splits": dataset_splits.mlflow_run_id, **{STAGES[n]: m.mlflow_run_id for n, m in models.items()},
+        upstream={"dataset_splits": dataset_splits.mlflow_run_id,
+                  **{STAGES[n]: m.mlflow_run_id for n, m in models.items()},
                   "reward_model": reward_model.mlflow_run_id},
     )
     report = read_report(spec.out_uri)

@@ -161,7 +161,7 @@ def dpo_adapter(
 ) -> dg.Output:
     """DPO on the preference split (and the accepted feedback pairs, ``feedback.use``), starting from the SFT model
     (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory."""
-    from assets.alignment import feedback_uris
+    from assets.alignment import feedback_params, feedback_uris
 
     r = recipe.load()
     if not r.dpo.enabled:
@@ -171,7 +171,8 @@ def dpo_adapter(
                    val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
                    extra_train_uris=feedback_uris(r, feedback_preferences))
     outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=_prefixed("dpo", r.dpo),
+        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec,
+        params={**_prefixed("dpo", r.dpo), **feedback_params(r, feedback_preferences)},
         dataset_sha256=dataset_splits.dataset_sha256, num_processes=r.dpo.num_processes,
         upstream={"sft_adapter": sft_adapter.mlflow_run_id, "dataset_splits": dataset_splits.mlflow_run_id},
     )

@@ -63,7 +63,8 @@ def prompts_of(records: Sequence[Any]) -> list[list[dict[str, str]]]:
     return out
 
 
-def fitting_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]], max_prompt_length: int) -> list[list[dict[str, str]]]:
+def fitting_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]],
+                    max_prompt_length: int) -> list[list[dict[str, str]]]:
     """The prompts whose templated ids fit ``max_prompt_length`` (TRL 1.16 has no prompt-length cap of its own)."""
     from tuneline.evaluate.policy import prompt_ids
 
@@ -157,7 +158,8 @@ def build_rl_trainer(
         callbacks=list(callbacks),
     )
     if trainer.ref_model is not None:  # a TRL change that would silently hold a second full copy
-        raise RuntimeError(f"{trainer_class.__name__} built a separate reference model; expected the adapter-disabled base")
+        raise RuntimeError(f"{trainer_class.__name__} built a separate reference model; expected the adapter-disabled "
+                           "base")
     return trainer
 
 
