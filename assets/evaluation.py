@@ -49,7 +49,8 @@ def evaluation_report(
                     params=r.evaluation, checker="auto",
                     champion=f"{champion['name']}/{champion['version']}" if champion else None)
     outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=r.flat_section("evaluation", "gate", "alignment"),
+        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec,
+        params=r.flat_section("evaluation", "gate", "alignment"),
         dataset_sha256=dataset_splits.dataset_sha256,
         upstream={"dataset_splits": dataset_splits.mlflow_run_id,
                   **{STAGES[n]: m.mlflow_run_id for n, m in models.items()},
