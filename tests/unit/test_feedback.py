@@ -176,3 +176,21 @@ def test_feedback_sensor_requests_a_run_once_enough_new_feedback_arrived(tmp_pat
     assert json.loads(result.cursor) == {"last_feedback_id": 4}
     again = evaluate(result.cursor)  # the same feedback never triggers twice
     assert not again.run_requests and "0 new feedback" in again.skip_reason.skip_message
+
+
+def test_reward_model_and_dpo_train_on_accepted_feedback_pairs_only_when_the_recipe_uses_them() -> None:
+    from assets.alignment import feedback_params, feedback_uris
+    from tuneline.params import FeedbackParams, Recipe, build
+    from tuneline.refs import FeedbackRef
+
+    recipe = build(Recipe, {"name": "x", "model": {"build": "tiny"}, "data": {"demo": {}}})
+    ref = FeedbackRef(records_uri="file:///f/records.jsonl", quarantine_uri="file:///f/q.jsonl", sha256="ab",
+                      feedback_read=4, read=3, accepted=2, quarantined=1, reasons={"duplicate": 1},
+                      unpaired_ratings=0, missing_requests=0, last_feedback_id=4, model_versions={"1": 3})
+    assert feedback_uris(recipe, ref) == ("file:///f/records.jsonl",)
+    assert feedback_params(recipe, ref) == {"feedback.pairs": 2, "feedback.sha256": "ab"}
+    import dataclasses
+
+    assert feedback_uris(recipe, dataclasses.replace(ref, accepted=0, quarantined=3)) == ()
+    off = dataclasses.replace(recipe, feedback=FeedbackParams(use=False))
+    assert feedback_uris(off, ref) == () and feedback_params(off, ref)["feedback.pairs"] == 0
