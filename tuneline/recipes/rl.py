@@ -33,7 +33,8 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else None
     scorer = RewardScorer(local_model_dir(spec.reward_model))
     work = storage.Workspace(spec.out_uri)
-    log.emit(f"rl: {spec.algorithm} beta={params.beta} lr={params.learning_rate} steps={params.max_steps} "
+    steps = min(params.max_steps, spec.max_steps) if spec.max_steps else params.max_steps
+    log.emit(f"rl: {spec.algorithm} beta={params.beta} lr={params.learning_rate} steps={steps} "
              f"generations={params.num_generations} completion<={params.max_completion_length} tokens, "
              f"reward model {storage.redact(spec.reward_model.uri)}")
     result = train_rl(spec.algorithm, sft_dir, base_dir, spec.sft.method, train, val, scorer, params, work.path,
