@@ -97,14 +97,16 @@ def train_stage(
     splits: SplitsRef,
     upstream: dict[str, Any],
     title: str,
+    extra_params: Optional[dict[str, Any]] = None,
 ) -> dg.Output:
     """A model-making stage end to end: launch its trainer (``params``: the recipe section ``section``, logged
-    with that prefix; ``upstream``: the input refs whose MLflow runs it came from), log and close its run, and
+    with that prefix, plus ``extra_params``; ``upstream``: the input refs whose MLflow runs it came from), log and
+    close its run, and
     return its :class:`ModelRef` carrying the stage's figures and resolved params."""
     outcome, run_id = launch_stage(
         context, recipe=recipe, mlflow=mlflow, launcher=launcher, spec=spec,
-        params={f"{section}.{k}": v for k, v in flatten(to_plain(params)).items()},
-        dataset_sha256=splits.dataset_sha256, num_processes=params.num_processes,
+        params={**{f"{section}.{k}": v for k, v in flatten(to_plain(params)).items()}, **(extra_params or {})},
+        dataset_sha256=splits.dataset_sha256, num_processes=getattr(params, "num_processes", 1),
         upstream={**{name: ref.mlflow_run_id for name, ref in upstream.items()}, "dataset_splits": splits.mlflow_run_id},
     )
     metadata = finish_stage(mlflow, run_id, outcome, title=title, resolved_params=params)

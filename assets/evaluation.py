@@ -12,7 +12,7 @@ from tuneline.refs import EvaluationRef, ModelRef, SplitsRef
 from tuneline.specs import EvalSpec
 
 STAGES = {"base": "base_model", "sft": "sft_adapter", "dpo": "dpo_adapter", "student": "distilled_student",
-          "champion": "registered_model"}
+          "rloo": "rl_policy", "grpo": "rl_policy", "champion": "registered_model"}
 
 
 @dg.asset(group_name="evaluation", kinds={"pytorch"}, retry_policy=RETRY)
@@ -27,10 +27,13 @@ def evaluation_report(
     sft_adapter: ModelRef,
     dpo_adapter: ModelRef,
     distilled_student: ModelRef,
+    rl_policy: ModelRef,
+    reward_model: ModelRef,
 ) -> dg.Output:
     """Loss, perplexity, task accuracy (with bootstrap CIs), preference accuracy, latency and size of the base,
-    SFT, DPO and student models and the current champion on the test split (out of process), the candidate's
-    template parity, and the promotion gate's decision (recipe ``gate:``)."""
+    SFT, DPO, RL (rloo/grpo) and student models and the current champion on the test split (out of process), the
+    reward model's mean score of each model's answers and their KL to the SFT model, the candidate's template
+    parity, and the promotion gate's decision (recipe ``gate:``; ``alignment.method`` picks the teacher)."""
     from tuneline.deploy.registry import current_champion
     from tuneline.evaluate.gate import promotion
     from tuneline.deploy.lineage import GATE_ARTIFACT
@@ -38,19 +41,24 @@ def evaluation_report(
 
     r = recipe.load()
     champion = current_champion(mlflow.tracker(), r.registered_model_name())
-    models = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, "student": distilled_student}
+    models = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, r.rl_algorithm(): rl_policy,
+              "student": distilled_student}
     spec = EvalSpec(out_uri=stage_uri(artifacts, "evaluation_report", context), seed=r.seed, models=models,
+                    reward_model=reward_model, reference="sft",
                     test_uri=dataset_splits.uri("test"), preference_uri=dataset_splits.uris.get("preference_test"),
                     params=r.evaluation, checker="auto", offload=r.offload,
                     champion=f"{champion['name']}/{champion['version']}" if champion else None)
     outcome, run_id = launch_stage(
-        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, params=r.flat_section("evaluation", "gate"),
+        context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec,
+        params=r.flat_section("evaluation", "gate", "alignment"),
         dataset_sha256=dataset_splits.dataset_sha256,
-        upstream={"dataset_splits": dataset_splits.mlflow_run_id, **{STAGES[n]: m.mlflow_run_id for n, m in models.items()}},
+        upstream={"dataset_splits": dataset_splits.mlflow_run_id,
+                  **{STAGES[n]: m.mlflow_run_id for n, m in models.items()},
+                  "reward_model": reward_model.mlflow_run_id},
     )
     report = read_report(spec.out_uri)
     gate = promotion(report, r.gate, seed=r.seed, champion_version=champion["version"] if champion else None,
-                     stages=STAGES)
+                     stages=STAGES, teacher=r.alignment.method)
     mlflow.tracker().log_dict(run_id, gate.to_dict(), GATE_ARTIFACT)
     mlflow.tracker().set_tags(run_id, {"tuneline.gate.passed": gate.passed, "tuneline.gate.candidate": gate.candidate})
     context.log.info(f"promotion gate: {gate.summary()}")

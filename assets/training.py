@@ -13,7 +13,7 @@ from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource, StudyStorage
 from tuneline.params import Recipe, to_plain
-from tuneline.refs import ModelRef, SplitsRef, StudyRef
+from tuneline.refs import FeedbackRef, ModelRef, SplitsRef, StudyRef
 from tuneline.specs import DistillSpec, DpoSpec, HpoWorkerSpec, MlflowTarget, SftSpec
 
 GROUP = "training"
@@ -152,17 +152,22 @@ def dpo_adapter(
     launcher: TrainingLauncher,
     dataset_splits: SplitsRef,
     sft_adapter: ModelRef,
+    feedback_preferences: FeedbackRef,
 ) -> dg.Output:
-    """DPO on the preference split, starting from the SFT model (merged) with a fresh adapter, so the
-    adapter disabled is the reference: no second full copy in memory."""
+    """DPO on the preference split (and the accepted feedback pairs, ``feedback.use``), starting from the SFT model
+    (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory."""
+    from assets.alignment import feedback_params, feedback_uris
+
     r = recipe.load()
     if not r.dpo.enabled:
         raise dg.Failure("dpo.enabled is false in this recipe: deselect dpo_adapter and what follows it")
     spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
-                   val_uri=dataset_splits.uri("preference_validation"), params=r.dpo)
+                   val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
+                   extra_train_uris=feedback_uris(r, feedback_preferences))
     return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="dpo", params=r.dpo,
-                       splits=dataset_splits, upstream={"sft_adapter": sft_adapter}, title="DPO loss")
+                       splits=dataset_splits, upstream={"sft_adapter": sft_adapter}, title="DPO loss",
+                       extra_params=feedback_params(r, feedback_preferences))
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)

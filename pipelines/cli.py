@@ -159,6 +159,16 @@ def summary_figures(value: Any) -> dict[str, list[str]]:
         out["sft_adapter"] = [f"{m['method']}: {m['global_step']} steps (best {m['best_step']}, stopped early "
                               f"{m['stopped_early']}), best val loss {m['best_val_loss']:.4f}, "
                               f"{m['tokens_per_second']:,.0f} real tok/s"]
+    reward = value("reward_model")
+    if reward:
+        m = reward.metrics
+        out["reward_model"] = [f"{m['steps']} steps on {m['train_pairs']} pairs; held-out pairwise accuracy "
+                               f"{m['pairwise_accuracy_before']:.3f} -> {m['pairwise_accuracy']:.3f}"]
+    rl = value("rl_policy")
+    if rl:
+        m = rl.metrics
+        out["rl_policy"] = [f"{m['algorithm']}: {m['steps']} steps; held-out mean reward {m['mean_reward_before']:.3f} "
+                            f"-> {m['mean_reward_after']:.3f}, KL to SFT {m['kl_after']:.4f}"]
     evaluation = value("evaluation_report")
     if evaluation:
         out["evaluation_report (test split)"] = evaluation.table.splitlines()

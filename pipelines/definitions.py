@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import data, deploy, evaluation, models, monitoring, training
+from assets import alignment, data, deploy, evaluation, feedback, models, monitoring, training
 from pipelines.jobs import ALL_JOBS
 from pipelines.schedules import ALL_SCHEDULES
 from pipelines.sensors import ALL_SENSORS
@@ -17,9 +17,12 @@ ASSETS = [
     models.base_model,
     data.prepared_dataset,
     data.dataset_splits,
+    feedback.feedback_preferences,
     training.hpo_study,
     training.sft_adapter,
     training.dpo_adapter,
+    alignment.reward_model,
+    alignment.rl_policy,
     training.distilled_student,
     evaluation.evaluation_report,
     deploy.registered_model,

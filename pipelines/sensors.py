@@ -1,11 +1,11 @@
-"""Sensors: the drift signal over served traffic."""
+"""Sensors: the drift signal over served traffic, and enough new feedback on served answers."""
 
 import json
 import time
 
 import dagster as dg
 
-from pipelines.jobs import retrain_job
+from pipelines.jobs import retrain_job, train_model_job
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource
 
@@ -68,4 +68,27 @@ def data_drift_sensor(context: dg.SensorEvaluationContext, recipe: RecipeResourc
     )
 
 
-ALL_SENSORS = [data_drift_sensor]
+@dg.sensor(job=train_model_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED)
+def feedback_sensor(context: dg.SensorEvaluationContext, recipe: RecipeResource) -> dg.SensorResult:
+    """Requests a training run (``feedback_preferences`` turns the feedback into pairs the reward model and DPO
+    train on) once ``feedback.min_new`` feedback rows arrived after the last request; run_key = the newest
+    feedback id, so the same feedback never triggers twice."""
+    from tuneline.deploy.inference_log import InferenceLog
+    from tuneline.settings import load_settings
+
+    r = recipe.load()
+    last_id = json.loads(context.cursor)["last_feedback_id"] if context.cursor else 0
+    log = InferenceLog(load_settings().log_path(r))
+    new = log.read_feedback_since(last_id)
+    if len(new) < r.feedback.min_new:
+        return dg.SensorResult(skip_reason=f"{len(new)} new feedback rows since #{last_id}; a run needs "
+                                           f"{r.feedback.min_new} (feedback.min_new)")
+    newest = new[-1]["id"]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"feedback-{newest}",
+                                    tags={"tuneline/trigger": "feedback", "tuneline/feedback_rows": str(len(new))})],
+        cursor=json.dumps({"last_feedback_id": newest}),
+    )
+
+
+ALL_SENSORS = [data_drift_sensor, feedback_sensor]

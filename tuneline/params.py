@@ -392,6 +392,81 @@ class DpoParams:
             raise RecipeError("dpo.max_steps must be >= 1 (or null)")
 
 
+ALIGNMENT_METHODS = ("dpo", "rloo", "grpo")
+RL_ALGORITHMS = ("rloo", "grpo")
+
+
+@dataclass(frozen=True)
+class AlignmentParams:
+    """Which aligned model is the gate's ``teacher`` candidate (and the distillation teacher's peer)."""
+
+    method: Literal["dpo", "rloo", "grpo"] = "dpo"  # dpo: the DPO model; rloo/grpo: the online-RL policy
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    """A reward model: a 1-label sequence classifier trained on preference pairs with TRL's ``RewardTrainer``
+    (Bradley-Terry loss: -log sigmoid(r_chosen - r_rejected))."""
+
+    enabled: bool = True  # run the stage (rl needs it)
+    base: Literal["sft", "encoder"] = "sft"  # sft: the SFT model (its tokenizer and chat template); encoder: MiniLM
+    method: Literal["full", "lora"] = "full"  # train every weight, or a LoRA adapter (merged when saved) + the head
+    learning_rate: float = 1e-4  # set on purpose (TRL's default 1e-4 too, but stated here)
+    epochs: float = 1.0  # passes over the preference train split
+    max_steps: Optional[int] = None  # hard cap on optimizer steps
+    batch_size: int = 8  # pairs per step
+    max_length: int = 256  # tokens of prompt + response (cut from the left, so the response and its end stay)
+    center_rewards_coefficient: Optional[float] = 0.01  # pull rewards towards mean zero (TRL default: off)
+    lora: LoraParams = field(default_factory=LoraParams)  # adapter shape when method is lora
+    save_steps: int = 50  # checkpoint every N steps (a retry resumes from the last complete one)
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it (TRL's default True fails on CPU)
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.epochs <= 0:
+            raise RecipeError("reward: learning_rate and epochs must be > 0")
+        if self.batch_size < 1 or self.max_length < 8 or self.save_steps < 1:
+            raise RecipeError("reward: need batch_size >= 1, max_length >= 8 and save_steps >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError("reward.max_steps must be >= 1 (or null)")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise RecipeError("reward.center_rewards_coefficient must be >= 0 (or null)")
+
+
+@dataclass(frozen=True)
+class RlParams:
+    """Online RL from the reward model with TRL's ``RLOOTrainer`` or ``GRPOTrainer`` on the SFT model (merged)
+    with a fresh LoRA adapter: the adapter disabled is the KL reference. No critic: the baseline is the other
+    completions of the same prompt (leave-one-out for RLOO, the group mean and std for GRPO)."""
+
+    enabled: bool = True  # run the stage (its policy joins the evaluation table)
+    algorithm: Optional[Literal["rloo", "grpo"]] = None  # None = alignment.method when rl, else rloo
+    beta: float = 0.05  # KL coefficient to the SFT reference (RLOO: sequence KL in the reward; GRPO: in the loss)
+    learning_rate: float = 1e-4  # set on purpose (TRL's default 1e-6 does not move a tiny model)
+    max_steps: int = 30  # optimizer steps (online RL has no natural epoch)
+    batch_size: int = 8  # completions per step (prompts per step = batch_size / num_generations)
+    num_generations: int = 4  # completions per prompt: the group the baseline is taken over (GRPO's default 8)
+    max_completion_length: int = 32  # new tokens per completion (TRL's default 512)
+    max_prompt_length: int = 192  # prompts longer than this (templated tokens) are left out
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    lora: LoraParams = field(default_factory=LoraParams)  # the fresh policy adapter
+    save_steps: int = 10  # checkpoint every N steps (a retry resumes from the last complete one)
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it (TRL's default True fails on CPU)
+    eval_prompts: int = 64  # validation prompts the mean reward and KL are measured on, before and after
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or self.learning_rate <= 0 or self.temperature <= 0:
+            raise RecipeError("rl: need beta >= 0, learning_rate > 0 and temperature > 0")
+        if self.num_generations < 2:
+            raise RecipeError("rl.num_generations must be >= 2 (the baseline is the other completions of a prompt)")
+        if self.batch_size < 1 or self.batch_size % self.num_generations:
+            raise RecipeError(f"rl.batch_size ({self.batch_size}) must be a multiple of rl.num_generations "
+                              f"({self.num_generations}): every prompt's group is in one batch")
+        if self.max_steps < 1 or self.save_steps < 1 or self.max_completion_length < 1 or self.eval_prompts < 1:
+            raise RecipeError("rl: max_steps, save_steps, max_completion_length and eval_prompts must be >= 1")
+        if self.max_prompt_length < 8:
+            raise RecipeError("rl.max_prompt_length must be >= 8")
+
+
 @dataclass(frozen=True)
 class DistillParams:
     """Knowledge distillation from the DPO model (teacher) into a smaller student."""
@@ -433,6 +508,7 @@ class EvaluationParams:
     max_length: int = 512  # longest teacher-forced sequence (longer ones are cut on the right)
     num_samples: int = 5  # sample generations kept in the report
     seed: int = 0  # bootstrap seed
+    policy_prompts: int = 64  # test prompts each model's reward-model score and KL to the SFT model are measured on
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.bootstrap_samples < 1 or self.max_length < 2:
@@ -441,6 +517,8 @@ class EvaluationParams:
             raise RecipeError("evaluation: confidence must be in (0, 1)")
         if self.max_examples is not None and self.max_examples < 1:
             raise RecipeError("evaluation: max_examples must be >= 1 (or null for all)")
+        if self.policy_prompts < 1:
+            raise RecipeError("evaluation.policy_prompts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -453,6 +531,7 @@ class ServeParams:
     default_max_new_tokens: int = 64  # tokens generated when a request does not say
     max_new_tokens_limit: int = 256  # a request's max_new_tokens is capped at this
     max_body_bytes: int = 16384  # larger request bodies are refused with 413
+    max_feedback_bytes: int = 1024  # larger /feedback bodies are refused with 413
     max_prompt_tokens: Optional[int] = None  # longest templated prompt; None = model positions - limit
     log_path: Optional[str] = None  # SQLite inference log; None = $TUNELINE_HOME/inference.db
     max_batch_size: int = 16  # concurrent requests generated together in one batch (dynamic batching)
@@ -470,10 +549,23 @@ class ServeParams:
             raise RecipeError("serve.follow_seconds must be >= 0 (0 = do not follow the alias)")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise RecipeError("serve: need 1 <= default_max_new_tokens <= max_new_tokens_limit")
-        if self.max_body_bytes < 256:
-            raise RecipeError("serve.max_body_bytes must be >= 256")
+        if self.max_body_bytes < 256 or self.max_feedback_bytes < 64:
+            raise RecipeError("serve: need max_body_bytes >= 256 and max_feedback_bytes >= 64")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise RecipeError("serve.max_prompt_tokens must be >= 1 (or null)")
+
+
+@dataclass(frozen=True)
+class FeedbackParams:
+    """Feedback on served answers (``POST /feedback``) as preference data."""
+
+    use: bool = True  # the reward model and DPO also train on the accepted feedback pairs
+    min_rating_gap: int = 1  # two ratings of answers to one prompt make a pair when they differ by at least this
+    min_new: int = 20  # feedback_sensor requests a training run once this many new feedback rows arrived
+
+    def __post_init__(self) -> None:
+        if self.min_rating_gap < 1 or self.min_new < 1:
+            raise RecipeError("feedback: min_rating_gap and min_new must be >= 1")
 
 
 DRIFT_FEATURE_THRESHOLDS = {  # per-feature effect size that counts as drift (see tuneline.monitoring.drift)
@@ -632,6 +724,10 @@ class Recipe:
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)  # tokens added at fine-tuning time
     sft: SftParams = field(default_factory=SftParams)  # supervised fine-tuning
     dpo: DpoParams = field(default_factory=DpoParams)  # preference optimization
+    reward: RewardParams = field(default_factory=RewardParams)  # reward model on the preference split
+    rl: RlParams = field(default_factory=RlParams)  # online RL (RLOO/GRPO) from the reward model
+    alignment: AlignmentParams = field(default_factory=AlignmentParams)  # which aligned model the gate considers
+    feedback: FeedbackParams = field(default_factory=FeedbackParams)  # served feedback as preference pairs
     distill: DistillParams = field(default_factory=DistillParams)  # student distillation
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)  # test-set evaluation
     serve: ServeParams = field(default_factory=ServeParams)  # inference server
@@ -651,6 +747,13 @@ class Recipe:
     def steps(self, configured: int) -> int:
         """Steps a loop configured for ``configured`` steps really runs (``max_steps`` caps it)."""
         return configured if self.max_steps is None else min(configured, self.max_steps)
+
+    def rl_algorithm(self) -> str:
+        """The online-RL trainer the ``rl`` stage runs: ``rl.algorithm``, else ``alignment.method`` when that is
+        rloo/grpo, else rloo."""
+        if self.rl.algorithm is not None:
+            return self.rl.algorithm
+        return self.alignment.method if self.alignment.method in RL_ALGORITHMS else "rloo"
 
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"tuneline/{self.name}"
@@ -710,9 +813,24 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
                         "false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
     if recipe.gate.candidate == "student" and not recipe.distill.enabled:
         problems.append("gate.candidate: student needs distill.enabled: true (nothing else makes a student)")
-    if recipe.gate.candidate == "teacher" and not recipe.dpo.enabled:
+    method = recipe.alignment.method
+    if recipe.gate.candidate == "teacher" and method == "dpo" and not recipe.dpo.enabled:
         problems.append("gate.candidate: teacher (the DPO model) needs dpo.enabled: true; with DPO off set "
                         "gate.candidate: sft")
+    if method in RL_ALGORITHMS and not (recipe.rl.enabled and recipe.reward.enabled):
+        problems.append(f"alignment.method: {method} needs rl.enabled: true and reward.enabled: true (the policy is "
+                        "trained against the reward model)")
+    if recipe.rl.enabled and not recipe.reward.enabled:
+        problems.append("rl.enabled: true needs reward.enabled: true (the reward model is its reward function); "
+                        "set rl.enabled: false")
+    if method in RL_ALGORITHMS and recipe.rl.algorithm not in (None, method):
+        problems.append(f"alignment.method: {method} but rl.algorithm: {recipe.rl.algorithm}; drop rl.algorithm "
+                        "(it follows alignment.method) or make them agree")
+    if recipe.sft.method in PROMPT_LEARNING and (recipe.rl.enabled or (recipe.reward.enabled
+                                                                       and recipe.reward.base == "sft")):
+        problems.append(f"sft.method: {recipe.sft.method} with rl/reward from the SFT model cannot run: both start "
+                        "from the SFT weights and prompt learning trains virtual tokens; set rl.enabled: false and "
+                        "reward.base: encoder, or use a LoRA-family or full sft.method")
     if recipe.distill.enabled and not recipe.dpo.enabled:
         problems.append("distill.enabled: true needs dpo.enabled: true (the student learns from the DPO model); "
                         "set distill.enabled: false")

@@ -174,6 +174,29 @@ class ModelRef(Ref):
 
 
 @dataclass(frozen=True)
+class FeedbackRef(Ref):
+    """Preference pairs made from feedback on served answers, validated like any preference file
+    (``feedback_preferences``)."""
+
+    records_uri: str  # accepted preference records (JSONL of ChatRecords)
+    quarantine_uri: str  # quarantined rows with their reasons
+    sha256: str  # of the records file
+    feedback_read: int  # feedback rows in the inference log
+    read: int  # preference rows made from them (= accepted + quarantined)
+    accepted: int
+    quarantined: int
+    reasons: dict[str, int]
+    unpaired_ratings: int  # ratings with no other rating of the same prompt to pair with
+    missing_requests: int  # feedback whose request is no longer in the log
+    last_feedback_id: int
+    model_versions: dict[str, int]  # model version that answered -> pairs with an answer from it
+
+    @property
+    def balanced(self) -> bool:
+        return self.accepted + self.quarantined == self.read
+
+
+@dataclass(frozen=True)
 class StudyRef(Ref):
     """The hyperparameter search (``hpo_study``)."""
 

@@ -19,6 +19,8 @@ from tuneline.params import (
     ModelParams,
     OffloadParams,
     PretrainParams,
+    RewardParams,
+    RlParams,
     SftParams,
     TokenizerParams,
 )
@@ -116,6 +118,7 @@ class DpoSpec(Spec):
     val_uri: str
     params: DpoParams
     merge: bool = True  # also write the DPO model merged to full weights (the teacher and the candidate)
+    extra_train_uris: tuple[str, ...] = ()  # more preference records (accepted feedback pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +150,8 @@ class EvalSpec(Spec):
     max_examples: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
     offload: OffloadParams = field(default_factory=OffloadParams)  # device_map loading of the evaluated models
+    reward_model: Optional[ModelRef] = None  # scores every model's greedy answers (the table's reward column)
+    reference: Optional[str] = None  # report name of the model each one's KL is measured against (the SFT model)
 
 
 RESULT_FILE = "result.json"  # under a spec's out_uri: the trainer's Outcome
@@ -160,3 +165,30 @@ class Outcome(Ref):
     metrics: dict[str, Any]  # scalars: steps, losses, tokens/s, ...
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
     details: dict[str, Any] = field(default_factory=dict)  # the trainer's full result, for the report artifact
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardSpec(Spec):
+    """A reward model (1-label sequence classifier) on preference pairs, from the SFT model or the encoder."""
+
+    module: ClassVar[str] = "tuneline.recipes.reward"
+
+    sft: Optional[ModelRef]  # the SFT model (reward.base: sft); None with reward.base: encoder
+    train_uris: tuple[str, ...]  # preference records (the split, and feedback pairs when there are any)
+    val_uri: str  # held-out pairs: pairwise accuracy before and after
+    params: RewardParams
+    test_uri: Optional[str] = None  # more held-out pairs (the preference test split), reported too
+
+
+@dataclass(frozen=True, kw_only=True)
+class RlSpec(Spec):
+    """Online RL (RLOO or GRPO) from the SFT model against the reward model, KL-tied to the SFT model."""
+
+    module: ClassVar[str] = "tuneline.recipes.rl"
+
+    sft: ModelRef
+    reward_model: ModelRef
+    algorithm: str  # rloo or grpo
+    train_uri: str  # records whose prompts are rolled out (preference or sft records)
+    val_uri: str  # prompts the mean reward and KL are measured on, before and after
+    params: RlParams

@@ -29,7 +29,10 @@ CHAIN = {
             "save_steps": 40, "max_length": 128},
     "dpo": {"max_steps": 10, "batch_size": 8, "max_length": 128},
     "distill": {"max_steps": 20, "batch_size": 8, "student_layers": 1, "max_length": 128},
-    "evaluation": {"max_examples": 60, "bootstrap_samples": 300, "max_new_tokens": 16},
+    "reward": {"max_steps": 20, "batch_size": 8, "max_length": 128, "learning_rate": 0.001},
+    "rl": {"max_steps": 4, "batch_size": 8, "num_generations": 4, "max_completion_length": 8,
+           "max_prompt_length": 100, "eval_prompts": 16, "save_steps": 2},
+    "evaluation": {"max_examples": 60, "bootstrap_samples": 300, "max_new_tokens": 16, "policy_prompts": 16},
     # The CI-sized model learns the answers' distribution long before it answers exactly, so the gate
     # here compares per-example test loss (lower is better); the demo recipe gates on task accuracy. DPO moves
     # probability mass between answers, so it raises the SFT targets' loss a little: the parent may lead by 0.1.

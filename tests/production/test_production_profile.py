@@ -29,7 +29,9 @@ CHAIN = {
             "save_steps": 10, "max_length": 128},
     "dpo": {"max_steps": 3, "batch_size": 8, "max_length": 128},
     "distill": {"max_steps": 3, "batch_size": 8, "student_layers": 1, "max_length": 128},
-    "evaluation": {"max_examples": 20, "bootstrap_samples": 200, "max_new_tokens": 8},
+    "reward": {"max_steps": 3, "batch_size": 8, "max_length": 128},
+    "rl": {"max_steps": 2, "batch_size": 4, "num_generations": 2, "max_completion_length": 8, "eval_prompts": 8},
+    "evaluation": {"max_examples": 20, "bootstrap_samples": 200, "max_new_tokens": 8, "policy_prompts": 8},
     "gate": {"primary_metric": "loss", "min_margin": 0.0, "require_ci_above_zero": False,
              "max_latency_increase": 100.0, "max_preference_accuracy_drop": 1.0, "max_parent_regression": 10.0},
 }

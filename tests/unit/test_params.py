@@ -74,6 +74,13 @@ def test_overrides_and_step_cap() -> None:
     ({"hpo": {"trial_max_steps": 5, "eval_steps": 10}}, "1 <= eval_steps <= trial_max_steps"),
     ({"sft": {"early_stopping": {"patience": 0}}}, "early_stopping: need patience >= 1"),
     ({"dpo": {"beta": 0}}, "dpo: beta, learning_rate and epochs must be > 0"),
+    ({"alignment": {"method": "rloo"}, "rl": {"enabled": False}}, "alignment.method: rloo needs rl.enabled: true"),
+    ({"alignment": {"method": "grpo"}, "rl": {"algorithm": "rloo"}}, "alignment.method: grpo but rl.algorithm: rloo"),
+    ({"reward": {"enabled": False}}, "rl.enabled: true needs reward.enabled: true"),
+    ({"alignment": {"method": "ppo"}}, "alignment.method: 'ppo' is not one of 'dpo', 'rloo', 'grpo'"),
+    ({"sft": {"method": "prompt"}, "dpo": {"enabled": False}, "distill": {"enabled": False},
+      "gate": {"candidate": "sft"}}, "sft.method: prompt with rl/reward from the SFT model cannot run"),
+    ({"rl": {"batch_size": 6, "num_generations": 4}}, "rl.batch_size (6) must be a multiple of rl.num_generations"),
 ])
 def test_impossible_combinations_fail_at_load_naming_the_keys(changes: dict, needle: str) -> None:
     from tuneline.params import Recipe, RecipeError, build
@@ -100,3 +107,12 @@ def test_a_bad_recipe_is_one_line_on_stderr_and_exit_2(tmp_path) -> None:
                              capture_output=True, text=True, timeout=120,
                              env={**__import__("os").environ, "TUNELINE_HOME": str(tmp_path)})
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope" in missing.stderr
+
+
+def test_alignment_method_picks_the_rl_algorithm() -> None:
+    from tuneline.params import Recipe, build
+
+    base = {"name": "x", "model": {"build": "tiny"}, "data": {"demo": {}}}
+    assert build(Recipe, base).rl_algorithm() == "rloo"  # dpo is the candidate; the RL row still runs RLOO
+    assert build(Recipe, {**base, "alignment": {"method": "grpo"}}).rl_algorithm() == "grpo"
+    assert build(Recipe, {**base, "rl": {"algorithm": "grpo"}}).rl_algorithm() == "grpo"

@@ -15,7 +15,8 @@ from typing import Any
 from tuneline.params import Recipe
 from tuneline.refs import EvaluationRef
 
-STAGE_ORDER = ("base_model", "hpo_study", "sft_adapter", "dpo_adapter", "distilled_student")
+STAGE_ORDER = ("base_model", "hpo_study", "sft_adapter", "dpo_adapter", "reward_model", "rl_policy",
+               "distilled_student")
 
 
 def model_card(passport: dict[str, Any], evaluation: EvaluationRef, recipe: Recipe) -> str:

@@ -48,7 +48,22 @@ CREATE TABLE IF NOT EXISTS requests (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    request_id INTEGER NOT NULL REFERENCES requests (id),
+    other_request_id INTEGER REFERENCES requests (id),
+    rating INTEGER,
+    dedup_key TEXT NOT NULL UNIQUE
+);
 """
+
+FEEDBACK_KINDS = ("rating", "pairwise")  # a rating of one answer; a choice of one answer over another
+
+
+class DuplicateFeedback(ValueError):
+    """The same feedback was recorded before (``feedback.dedup_key`` is unique): nothing is logged twice."""
 
 
 def default_log_path() -> Path:
@@ -140,6 +155,46 @@ class InferenceLog:
     def count(self) -> int:
         with closing(self._connect()) as conn:
             return int(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+    def get(self, request_id: int) -> Optional[dict[str, Any]]:
+        """One logged request (as :meth:`read_since` gives it), or None when no request has that id."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT * FROM requests WHERE id = ?", (int(request_id),)).fetchone()
+        if row is None:
+            return None
+        item = dict(row)
+        item["messages"] = json.loads(item["messages_json"]) if item["messages_json"] else None
+        return item
+
+    def add_feedback(self, *, kind: str, request_id: int, other_request_id: Optional[int] = None,
+                     rating: Optional[int] = None, ts: Optional[float] = None) -> int:
+        """Record feedback on logged requests; returns its id. A rating is kept once per request and a pairwise
+        choice once per pair of requests (either order): a repeat raises :class:`DuplicateFeedback`."""
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"feedback kind {kind!r} is not one of {FEEDBACK_KINDS}")
+        key = (f"rating:{int(request_id)}" if kind == "rating"
+               else "pairwise:" + ":".join(str(i) for i in sorted((int(request_id), int(other_request_id or 0)))))
+        with closing(self._connect()) as conn:
+            try:
+                cur = conn.execute(
+                    "INSERT INTO feedback (ts, kind, request_id, other_request_id, rating, dedup_key)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (time.time() if ts is None else float(ts), kind, int(request_id),
+                     None if other_request_id is None else int(other_request_id), rating, key))
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateFeedback(f"this {kind} feedback was recorded before ({key})") from exc
+            return int(cur.lastrowid)
+
+    def read_feedback_since(self, last_id: int = 0, limit: int = 100000) -> list[dict[str, Any]]:
+        """Feedback rows with ``id > last_id``, oldest first."""
+        with closing(self._connect()) as conn:
+            rows = conn.execute("SELECT * FROM feedback WHERE id > ? ORDER BY id LIMIT ?",
+                                (int(last_id), int(limit))).fetchall()
+        return [dict(r) for r in rows]
+
+    def last_feedback_id(self) -> int:
+        with closing(self._connect()) as conn:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0])
 
     def last_id(self) -> int:
         """The newest row's id (0 when empty): a cursor that skips everything logged so far."""

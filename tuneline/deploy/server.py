@@ -4,7 +4,8 @@
 (exactly one) and an optional ``max_new_tokens`` (capped at ``ServeParams.max_new_tokens_limit``).
 The prompt goes through the tokenizer's chat template with ``add_generation_prompt=True`` (the path
 evaluation and training use) and greedy generation stops at the eos. The answer is
-``{text, model, version, alias, new_tokens, prompt_tokens, max_new_tokens, latency_ms, finish_reason}``.
+``{text, model, version, alias, new_tokens, prompt_tokens, max_new_tokens, latency_ms, finish_reason, request_id}``
+(``request_id``: the inference-log row, what ``POST /feedback`` refers to).
 
 Bad requests get a JSON ``{"detail": ...}`` with 400 (not JSON, not an object, prompt too long),
 413 (body above ``max_body_bytes``), 415 (not ``application/json``) or 422 (missing or both of
@@ -182,9 +183,11 @@ def create_app(
             else:
                 entry["error"] = payload["detail"]
             try:
-                await run_in_threadpool(lambda: log.append(**entry, latency_ms=latency_ms, status=status))
+                payload["request_id"] = await run_in_threadpool(
+                    lambda: log.append(**entry, latency_ms=latency_ms, status=status))
             except Exception:  # the log must never take the answer down with it
                 logger.exception("could not write the inference log")
+                payload["request_id"] = None  # not logged: no feedback can refer to it
             return JSONResponse(payload, status_code=status)
 
         try:
@@ -243,6 +246,18 @@ def create_app(
                 "finish_reason": result["finish_reason"],
             },
         )
+
+    @app.post("/feedback")
+    async def feedback(request: Request) -> Any:
+        """A rating of one logged answer or a choice between two (``tuneline.deploy.feedback``); never a 5xx for
+        bad input: 400/404/409/413/415/422 with ``{"detail"}``."""
+        from tuneline.deploy.feedback import FeedbackError, parse_feedback, read_json_body, record_feedback
+
+        try:
+            parsed = parse_feedback(await read_json_body(request, params.max_feedback_bytes))
+            return JSONResponse(await run_in_threadpool(record_feedback, log, parsed), status_code=201)
+        except FeedbackError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     return app
 

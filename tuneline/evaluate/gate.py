@@ -119,18 +119,20 @@ def decide(
     return GateDecision(not reasons, candidate.get("name", "candidate"), list(present), reasons, evidence)
 
 
-# gate.candidate -> (report name of the candidate, report name of its parent stage)
+# gate.candidate -> (report name of the candidate, report name of its parent stage); "teacher" is the aligned
+# model that alignment.method names (dpo, rloo or grpo), whose parent is the SFT model
 CANDIDATES = {"teacher": ("dpo", "sft"), "student": ("student", "dpo"), "sft": ("sft", None)}
 
 
 def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion_version: Optional[int],
-              stages: dict[str, str]) -> "GateRef":
+              stages: dict[str, str], teacher: str = "dpo") -> "GateRef":
     """The gate's decision on an evaluation report (``tuneline.recipes.evaluate``): the recipe's candidate
-    against the base model, the champion (when evaluated) and its parent stage."""
+    against the base model, the champion (when evaluated) and its parent stage. ``teacher`` is the report name of
+    the aligned model a ``teacher`` candidate means (``alignment.method``: dpo, rloo or grpo)."""
     from tuneline.params import to_plain
     from tuneline.refs import GateRef
 
-    name, parent = CANDIDATES[params.candidate]
+    name, parent = (teacher, "sft") if params.candidate == "teacher" else CANDIDATES[params.candidate]
     models = report["models"]
     if name not in models:
         raise ValueError(f"gate.candidate {params.candidate!r} needs the {name!r} model, which was not evaluated")

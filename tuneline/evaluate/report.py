@@ -577,6 +577,8 @@ COMPARED: dict[str, tuple[Callable[[dict[str, Any]], Optional[float]], bool]] = 
     "latency_p50_ms": (lambda r: r["latency_ms"]["p50"], False),
     "latency_p95_ms": (lambda r: r["latency_ms"]["p95"], False),
     "tokens_per_s": (lambda r: r.get("tokens_per_s"), True),
+    "reward": (lambda r: (r.get("policy") or {}).get("reward"), True),
+    "kl_to_reference": (lambda r: (r.get("policy") or {}).get("kl_to_reference"), False),
     "n_params": (lambda r: r["model"]["n_params"], False),
     "size_mb": (lambda r: r["model"]["size_mb"], False),
 }
@@ -667,6 +669,9 @@ def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
         "model", "loss", "ppl", "task acc [CI]", "exact match [CI]", "ROUGE-L", "pref acc [CI]",
         "p50 / p95 ms", "tok/s", "params", "MB",
     ]
+    policy = any(r.get("policy") for r in reports.values())  # reward-model score and KL to the SFT model
+    if policy:
+        header[-2:-2] = ["reward", "KL to SFT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for name, r in reports.items():
         row = [
@@ -682,6 +687,9 @@ def markdown_table(reports: dict[str, dict[str, Any]]) -> str:
             _fmt_count(int(r["model"]["n_params"])),
             _fmt(r["model"]["size_mb"], 2),
         ]
+        if policy:
+            figures = r.get("policy") or {}
+            row[-2:-2] = [_fmt(figures.get("reward")), _fmt(figures.get("kl_to_reference"), 4)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
 
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
+    train += [r for uri in spec.extra_train_uris for r in read_records(storage.fetch(uri))]  # feedback pairs
     params = spec.params
     sft_dir = local_model_dir(spec.sft)
     base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else sft_dir

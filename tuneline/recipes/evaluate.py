@@ -38,9 +38,11 @@ def run(spec: EvalSpec, pipes: Any = None) -> Outcome:
         loaders["champion"] = lambda: _load_champion(spec)
     reports: dict[str, Any] = {}
     parity: dict[str, Any] = {}
+    policy = _PolicyFigures(spec, test)
     for name, load in loaders.items():
         model, tokenizer = load()
         reports[name] = evaluate_model((model, tokenizer), test, pref, spec.params, name=name, checker=checker)
+        reports[name]["policy"] = policy(model, tokenizer)
         parity[name] = template_parity(tokenizer, test[: PARITY_RECORDS[0]] + pref[: PARITY_RECORDS[1]])
         accuracy = (reports[name]["task_accuracy"] or reports[name]["exact_match"])["mean"]
         log.emit(f"{name}: loss {reports[name]['loss']:.3f}, accuracy {accuracy:.3f}, "
@@ -59,7 +61,42 @@ def run(spec: EvalSpec, pipes: Any = None) -> Outcome:
         metrics[f"{name}_loss"] = rep["loss"]
         metrics[f"{name}_accuracy"] = (rep["task_accuracy"] or rep["exact_match"])["mean"]
         metrics[f"{name}_parity_ok"] = parity[name]["ok"]
+        for key, value in (rep.get("policy") or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"{name}_{key}"] = value
     return _runner.finish(spec, Outcome(model=None, metrics=metrics, details={"table": table}), pipes, log=log)
+
+
+class _PolicyFigures:
+    """Per model: the reward model's mean score of its greedy answers to the first ``policy_prompts`` test prompts,
+    and the exact KL of its next-token distributions to the reference model's along those answers (None when the
+    spec names no reward model / reference)."""
+
+    def __init__(self, spec: EvalSpec, test: list[Any]) -> None:
+        from tuneline.models.provision import load_model_ref, local_model_dir
+        from tuneline.train.reward import RewardScorer
+        from tuneline.train.rl import prompts_of
+
+        self.prompts = prompts_of(test)[: spec.params.policy_prompts]
+        self.max_new_tokens = spec.params.max_new_tokens
+        self.batch_size = spec.params.batch_size
+        self.scorer = RewardScorer(local_model_dir(spec.reward_model)) if spec.reward_model is not None else None
+        self.reference = load_model_ref(spec.models[spec.reference])[0] if spec.reference else None
+
+    def __call__(self, model: Any, tokenizer: Any) -> Optional[dict[str, Any]]:
+        from tuneline.evaluate.policy import kl_to_reference, mean_reward, rollouts
+
+        if not self.prompts or (self.scorer is None and self.reference is None):
+            return None
+        out = rollouts(model, tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        figures: dict[str, Any] = {"prompts": len(self.prompts), "tokens_per_s": out["tokens_per_s"]}
+        if self.scorer is not None:
+            figures["reward"] = mean_reward(self.scorer, self.prompts, out["texts"], out["ids"])[0]
+        if self.reference is not None:
+            figures["kl_to_reference"] = kl_to_reference(model, out["prompt_ids"], out["ids"], reference=self.reference,
+                                                         pad_id=tokenizer.pad_token_id or 0,
+                                                         batch_size=self.batch_size)
+        return figures
 
 
 def _checker(name: Optional[str], test: list[Any]) -> Any:

@@ -1,0 +1,36 @@
+"""Feedback on served answers becomes preference data: the reward model and DPO train on it."""
+
+import dagster as dg
+
+from resources.artifacts import ArtifactStore
+from resources.recipe import RecipeResource
+from tuneline.refs import ModelRef
+
+
+@dg.asset(group_name="data", kinds={"sqlite"})
+def feedback_preferences(
+    context: dg.AssetExecutionContext, recipe: RecipeResource, artifacts: ArtifactStore, base_model: ModelRef,
+) -> dg.Output:
+    """Ratings and pairwise choices sent to ``POST /feedback`` (in the inference log) as preference pairs: a choice
+    is a pair, two ratings of answers to one prompt are a pair; each with the request ids and the model version
+    that answered. They go through the same reader and validation suite as any preference file (the base model's
+    tokenizer); read = accepted + quarantined."""
+    from tuneline.data.validate import load_tokenizer
+    from tuneline.deploy.feedback import prepare_feedback
+    from tuneline.deploy.inference_log import InferenceLog
+    from tuneline.models.provision import local_model_dir
+    from tuneline.settings import load_settings
+
+    r = recipe.load()
+    log = InferenceLog(load_settings().log_path(r))
+    work = artifacts.workspace("feedback_preferences", context.run.run_id)
+    ref = prepare_feedback(log, work, r, tokenizer=load_tokenizer(local_model_dir(base_model)))
+    context.log.info(f"feedback: {ref.feedback_read} rows -> {ref.read} pairs, {ref.accepted} accepted, "
+                     f"{ref.quarantined} quarantined")
+    return dg.Output(ref, metadata={
+        "feedback_read": ref.feedback_read, "read": ref.read, "accepted": ref.accepted,
+        "quarantined": ref.quarantined, "balanced": ref.balanced, "unpaired_ratings": ref.unpaired_ratings,
+        "missing_requests": ref.missing_requests, "last_feedback_id": ref.last_feedback_id,
+        "reasons": dg.MetadataValue.json(ref.reasons), "model_versions": dg.MetadataValue.json(ref.model_versions),
+        "records": dg.MetadataValue.url(ref.records_uri), "sha256": ref.sha256,
+    })
