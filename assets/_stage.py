@@ -112,3 +112,9 @@ def train_stage(
     metadata = finish_stage(mlflow, run_id, outcome, title=title, resolved_params=params)
     model = dataclasses.replace(outcome.model, metrics=dict(outcome.metrics), params=to_plain(params))
     return dg.Output(model, metadata=metadata)
+
+
+def skip_stage(upstream: Any, note: str) -> dg.Output:
+    """A stage the recipe turned off: the graph runs on (``evaluation_report`` leaves out any model whose
+    reference was not made by its own stage), and the materialization says why nothing was trained."""
+    return dg.Output(upstream, metadata={"skipped": True, "note": note, "passed_through": upstream.stage})

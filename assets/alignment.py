@@ -3,7 +3,7 @@ it. Each launches a recipe CLI out of process (Dagster Pipes), owns an MLflow ru
 
 import dagster as dg
 
-from assets._stage import RETRY, stage_uri, train_stage
+from assets._stage import RETRY, skip_stage, stage_uri, train_stage
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
@@ -30,7 +30,7 @@ def reward_model(
     on the held-out pairs before and after."""
     r = recipe.load()
     if not r.reward.enabled:
-        raise dg.Failure("reward.enabled is false in this recipe: deselect reward_model and rl_policy")
+        return skip_stage(sft_adapter, "reward.enabled is false: no reward model (the table has no reward column)")
     spec = RewardSpec(out_uri=stage_uri(artifacts, "reward_model", context), seed=r.seed, max_steps=r.max_steps,
                       sft=sft_adapter if r.reward.base == "sft" else None,
                       train_uris=(dataset_splits.uri("preference_train"),) + feedback_uris(r, feedback_preferences),
@@ -58,7 +58,7 @@ def rl_policy(
     takes it."""
     r = recipe.load()
     if not r.rl.enabled:
-        raise dg.Failure("rl.enabled is false in this recipe: deselect rl_policy")
+        return skip_stage(sft_adapter, "rl.enabled is false: no RL policy is trained")
     algorithm = r.rl_algorithm()
     spec = RlSpec(out_uri=stage_uri(artifacts, "rl_policy", context), seed=r.seed, max_steps=r.max_steps,
                   sft=sft_adapter, reward_model=reward_model, algorithm=algorithm,

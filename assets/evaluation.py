@@ -41,10 +41,11 @@ def evaluation_report(
 
     r = recipe.load()
     champion = current_champion(mlflow.tracker(), r.registered_model_name())
-    models = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, r.rl_algorithm(): rl_policy,
-              "student": distilled_student}
+    made = {"base": base_model, "sft": sft_adapter, "dpo": dpo_adapter, r.rl_algorithm(): rl_policy,
+            "student": distilled_student}
+    models = {n: m for n, m in made.items() if m.stage == STAGES[n]}  # a stage turned off passes its input on
     spec = EvalSpec(out_uri=stage_uri(artifacts, "evaluation_report", context), seed=r.seed, models=models,
-                    reward_model=reward_model, reference="sft",
+                    reward_model=reward_model if reward_model.stage == "reward_model" else None, reference="sft",
                     test_uri=dataset_splits.uri("test"), preference_uri=dataset_splits.uris.get("preference_test"),
                     params=r.evaluation, checker="auto", offload=r.offload,
                     champion=f"{champion['name']}/{champion['version']}" if champion else None)
@@ -54,7 +55,7 @@ def evaluation_report(
         dataset_sha256=dataset_splits.dataset_sha256,
         upstream={"dataset_splits": dataset_splits.mlflow_run_id,
                   **{STAGES[n]: m.mlflow_run_id for n, m in models.items()},
-                  "reward_model": reward_model.mlflow_run_id},
+                  **({"reward_model": reward_model.mlflow_run_id} if spec.reward_model else {})},
     )
     report = read_report(spec.out_uri)
     gate = promotion(report, r.gate, seed=r.seed, champion_version=champion["version"] if champion else None,

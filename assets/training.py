@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 
 from assets._meta import image, mlflow_link
-from assets._stage import RETRY, stage_uri, train_stage
+from assets._stage import RETRY, skip_stage, stage_uri, train_stage
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
@@ -160,7 +160,7 @@ def dpo_adapter(
 
     r = recipe.load()
     if not r.dpo.enabled:
-        raise dg.Failure("dpo.enabled is false in this recipe: deselect dpo_adapter and what follows it")
+        return skip_stage(sft_adapter, "dpo.enabled is false: no DPO model (the gate takes the SFT model)")
     spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
                    val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
@@ -184,7 +184,7 @@ def distilled_student(
     the teacher's outputs are cached under their inputs' hash, so a retry reuses them."""
     r = recipe.load()
     if not r.distill.enabled:
-        raise dg.Failure("distill.enabled is false in this recipe: deselect distilled_student")
+        return skip_stage(dpo_adapter, "distill.enabled is false: no student is distilled")
     spec = DistillSpec(out_uri=stage_uri(artifacts, "distilled_student", context), seed=r.seed,
                        max_steps=r.max_steps, teacher=dpo_adapter, train_uri=dataset_splits.uri("train"),
                        val_uri=dataset_splits.uri("validation"), cache_uri=artifacts.shared_uri("teacher_cache"),
