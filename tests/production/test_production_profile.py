@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
@@ -53,6 +54,11 @@ def production(make_database, mlflow_server, s3, tmp_path_factory):
         "TUNELINE_OPTUNA_STORAGE": make_database("optuna"),
         "TUNELINE_RECIPE": str(recipe),
     }
+    # the Dagster instance of `tuneline run` (deploy/dagster.production.yaml) on its own database, by env
+    dagster_db = urlsplit(make_database("dagster"))
+    env.update(DAGSTER_PG_USERNAME=dagster_db.username, DAGSTER_PG_PASSWORD=dagster_db.password,
+               DAGSTER_PG_HOST=dagster_db.hostname, DAGSTER_PG_PORT=str(dagster_db.port),
+               DAGSTER_PG_DB=dagster_db.path.lstrip("/"))
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

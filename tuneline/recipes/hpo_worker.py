@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 from tuneline.recipes import _runner
@@ -72,15 +75,21 @@ def run(spec: HpoWorkerSpec, pipes: Any = None) -> Outcome:
             study_name=spec.study_name, storage_url=spec.storage_url, trial_id=trial_id, trial_number=number,
             eval_steps=hpo.eval_steps, tokenizer=spec.tokenizer,
         )
-        spec_path = local / "spec.json"
+        # the spec holds the study's storage URL, password included: it goes to a private scratch file, never into
+        # the workspace (which is published to the artifact store)
+        spec_dir = Path(tempfile.mkdtemp(prefix="tuneline-trial-"))
+        spec_path = spec_dir / "spec.json"
         trial.save(str(spec_path))
         for stale in (local / _runner.RESULT_FILE, local / "error.txt"):
             stale.unlink(missing_ok=True)
         log.emit(f"worker {spec.worker}: trial {number} {trial_params} ({threads} threads x {sft.num_processes} "
                  "processes)")
         cmd = launch_command(sys.executable, HpoTrialSpec.module, ["--spec", str(spec_path)], sft.num_processes)
-        proc = subprocess.run(cmd, env=trial_env(threads),
-                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            proc = subprocess.run(cmd, env=trial_env(threads),
+                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        finally:
+            shutil.rmtree(spec_dir, ignore_errors=True)
         result_uri = storage.join(trial.out_uri, _runner.RESULT_FILE)
         if proc.returncode != 0 or not storage.exists(result_uri):
             if tracker is not None and child:
