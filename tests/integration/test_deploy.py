@@ -514,3 +514,13 @@ def test_server_follows_the_champion_alias_under_load(tracker, model_dirs, cache
     assert versions[-1] == 1  # after the rollback
     assert log.count() == len(results)
     assert sorted({r["model_version"] for r in log.read_since(0, limit=100000)}) == ["1", "2"]
+
+
+def test_a_token_limit_that_leaves_no_room_for_a_prompt_fails_at_start(model_dirs, tmp_path) -> None:
+    from tuneline.deploy.server import create_app
+    from tuneline.models.provision import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_dirs[0])  # 256 positions
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        create_app(model, load_tokenizer(model_dirs[0]), {"name": "m", "version": 1}, InferenceLog(tmp_path / "l.db"),
+                   ServeParams(max_new_tokens_limit=256))

@@ -112,7 +112,10 @@ def _max_prompt_tokens(model: Any, params: ServeParams) -> Optional[int]:
     if params.max_prompt_tokens is not None:
         return params.max_prompt_tokens
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return max(1, int(positions) - params.max_new_tokens_limit) if positions else None
+    if positions and int(positions) <= params.max_new_tokens_limit:
+        raise ValueError(f"serve.max_new_tokens_limit ({params.max_new_tokens_limit}) leaves no room for a prompt in "
+                         f"this model's {positions} positions: lower it (or set serve.max_prompt_tokens)")
+    return int(positions) - params.max_new_tokens_limit if positions else None
 
 
 def create_app(
@@ -137,6 +140,7 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     params = params or ServeParams()
+    _max_prompt_tokens(model, params)  # a limit that leaves no room for a prompt fails here, not on every request
     slot = ModelSlot(ServedModel(model, tokenizer, dict(info)))
     batcher = Batcher(slot, max_batch_size=params.max_batch_size, wait_ms=params.batch_wait_ms)
     follower = None
