@@ -73,6 +73,9 @@ class FileRef(Ref):
     fields: dict[str, str] = field(default_factory=dict)  # canonical field -> column in the file
     task: Optional[str] = None  # task family for every record
     licence: Optional[str] = None  # licence of the source, where known
+    delimiter: Optional[str] = None  # CSV/TSV cell separator (None: the container's own)
+    header: bool = True  # CSV/TSV: the first row names the columns
+    columns: tuple[str, ...] = ()  # CSV/TSV without a header: the column names
 
 
 @dataclass(frozen=True)

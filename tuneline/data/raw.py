@@ -89,7 +89,8 @@ def collect_inputs(
         if not path.is_file():
             raise FileNotFoundError(f"data.sources: {path} does not exist (recipe {recipe_path})")
         files.append(file_ref(path, "data", format=source.format, schema=source.schema, fields=dict(source.fields),
-                              task=source.task))
+                              task=source.task, delimiter=source.delimiter, header=source.header,
+                              columns=tuple(source.columns)))
     if retrain:
         files += [file_ref(path, "incoming") for path in claimed]
     for corpus in recipe.data.corpus:
