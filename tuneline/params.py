@@ -465,7 +465,8 @@ class GateParams:
     """Promotion policy: which candidate, by how much it must win, what it may not lose."""
 
     candidate: Literal["teacher", "student", "sft"] = "teacher"  # teacher = the DPO model; student = the distilled one
-    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss"] = "task_accuracy"  # per example
+    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss", "macro_f1"] = "task_accuracy"
+    # per example; macro_f1 for classifiers (a paired bootstrap of the macro-F1 difference on the test split)
     # ("loss": the test loss of each example, lower is better; the gain is the baseline's loss minus the candidate's)
     min_margin: float = 0.02  # the candidate's mean gain over each baseline must be at least this
     require_ci_above_zero: bool = True  # the paired bootstrap CI of the gain must lie above zero
@@ -677,6 +678,9 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     if recipe.gate.primary_metric == "task_accuracy" and recipe.data.demo is None:
         problems.append("gate.primary_metric: task_accuracy needs an answer checker, which only the demo tasks "
                         "(data.demo) have; use exact_match, rouge_l or loss for this data")
+    if (recipe.gate.primary_metric == "macro_f1") != (recipe.classifier is not None):
+        problems.append("gate.primary_metric: macro_f1 goes with a classifier section and a classifier with macro_f1 "
+                        "(set both, or neither)")
     if recipe.sft.early_stopping.patience and recipe.sft.max_steps is not None \
             and recipe.sft.eval_steps > recipe.sft.max_steps:
         problems.append(f"sft.eval_steps ({recipe.sft.eval_steps}) > sft.max_steps ({recipe.sft.max_steps}): "

@@ -13,6 +13,8 @@ from tuneline.classify.data import Examples, LabelSet, class_weights
 from tuneline.classify.strategy import MATRIX, decide
 from tuneline.params import ClassifierParams, LoraParams
 
+from _minilm import minilm2  # noqa: F401 - the fixture
+
 TEXTS = ("my card has not arrived", "where is my new card", "card still not here", "how do I top up",
          "top up with bank transfer", "add money to my account", "the app charged me twice", "double charge today")
 LABELS = ("card_arrival", "card_arrival", "card_arrival", "top_up", "top_up", "top_up", "charged_twice",
@@ -23,21 +25,8 @@ PARAMS = ClassifierParams(batch_size=4, max_length=12, eval_steps=1, max_steps=2
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> str:
-    """all-MiniLM-L6-v2 cut to its first two blocks (real pretrained weights, a third of the compute)."""
-    from transformers import AutoModel
-
-    from tuneline.classify.model import encoder_path
-    from tuneline.models.provision import load_tokenizer
-
-    source = encoder_path(None)
-    model = AutoModel.from_pretrained(source, use_safetensors=True)
-    model.encoder.layer = model.encoder.layer[:2]
-    model.config.num_hidden_layers = 2
-    out = tmp_path_factory.mktemp("minilm2")
-    model.save_pretrained(out)
-    load_tokenizer(source).save_pretrained(out)
-    return str(out)
+def encoder(minilm2: str) -> str:
+    return minilm2
 
 
 def _weights(model) -> dict:
