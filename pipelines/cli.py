@@ -62,8 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"profile {settings.profile}", flush=True)
     started = time.time()
     instance = dg.DagsterInstance.get()
+    assets, checks = definitions.graph_for(recipe)
     result = dg.materialize(
-        [*definitions.ASSETS, *definitions.CHECKS],
+        [*assets, *checks],
         instance=instance,
         resources=resources,
         selection=args.select,

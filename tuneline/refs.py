@@ -67,7 +67,7 @@ class FileRef(Ref):
     uri: str  # file:///... or s3://...
     sha256: str
     bytes: int
-    role: str  # sft, preference, corpus, drift (demo files), data (recipe sources), incoming (retrain)
+    role: str  # sft, preference, corpus, drift (demo files), data (recipe sources), incoming (retrain), reference
     format: str = "auto"  # container format (tuneline.params.CONTAINER_FORMATS)
     schema: str = "auto"  # record schema (tuneline.params.SCHEMAS)
     fields: dict[str, str] = field(default_factory=dict)  # canonical field -> column in the file

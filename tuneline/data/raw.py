@@ -93,6 +93,11 @@ def collect_inputs(
                               columns=tuple(source.columns)))
     if retrain:
         files += [file_ref(path, "incoming") for path in claimed]
+    for reference in (recipe.classifier.reference_corpus if recipe.classifier else ()):
+        path = resolve(reference)
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier.reference_corpus: {path} does not exist (recipe {recipe_path})")
+        files.append(file_ref(path, "reference"))  # strategy auto: the domain the encoder knows
     for corpus in recipe.data.corpus:
         path = resolve(corpus)
         if not path.is_file():
