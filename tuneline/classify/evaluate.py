@@ -74,14 +74,15 @@ def read_labelled_file(path: str | Path, *, delimiter: Optional[str] = None, tex
     return Examples(tuple(r.prompt_text() for r in result.records), tuple(r.label.strip() for r in result.records))
 
 
-def classify_file(model_dir: str | Path, path: str | Path, *, samples: int = 1000) -> dict[str, Any]:
+def classify_file(model_dir: str | Path, path: str | Path, *, samples: int = 1000, delimiter: Optional[str] = None,
+                  text_column: Optional[str] = None, label_column: Optional[str] = None) -> dict[str, Any]:
     """``tuneline classify``: accuracy, macro-F1 (with CIs), n, per-class figures and the confusion matrix of a
     saved classifier on a labelled file. Labels the model does not know are a :class:`LabelError`."""
     from tuneline.classify.model import LABELS_FILE, load_classifier
 
     model, tokenizer, labels = load_classifier(model_dir)
     info = json.loads((Path(model_dir) / LABELS_FILE).read_text()) if (Path(model_dir) / LABELS_FILE).is_file() else {}
-    data = read_labelled_file(path)
+    data = read_labelled_file(path, delimiter=delimiter, text_column=text_column, label_column=label_column)
     known = {label.casefold(): label for label in labels.names}
     data = Examples(data.texts, tuple(known.get(label.casefold(), label) for label in data.labels))
     labels.encode(data.labels, str(path))
