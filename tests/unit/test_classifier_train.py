@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from safetensors.torch import load_file
+
 from tuneline.classify.data import Examples, LabelSet, class_weights
 from tuneline.classify.strategy import MATRIX, decide
 from tuneline.params import ClassifierParams, LoraParams
@@ -33,36 +35,49 @@ def _weights(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("strategy", ["head", "top_layers", "full", "lora"])
-def test_strategy_trains_what_it_says(strategy: str, encoder: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy,pooling", [("head", "mean"), ("top_layers", "mean"), ("full", "mean"),
+                                              ("lora", "mean"), ("head", "cls")])
+def test_strategy_trains_what_it_says(strategy: str, pooling: str, encoder: str, tmp_path: Path) -> None:
     import torch
 
     from tuneline.classify.model import load_classifier, load_encoder_classifier, predict_proba
     from tuneline.classify.train import fit_classifier
 
+    params = dataclasses.replace(PARAMS, pooling=pooling, head_init="probe" if pooling == "mean" else "random")
     torch.manual_seed(3)
-    before = _weights(load_encoder_classifier(encoder, LabelSet.from_labels(LABELS))[0])  # same seed: same head
-    result, model, tokenizer = fit_classifier(encoder, TRAIN, TRAIN, PARAMS, tmp_path, strategy=strategy, seed=3)
+    before = _weights(load_encoder_classifier(encoder, LabelSet.from_labels(LABELS), pooling=pooling)[0])
+    result, model, tokenizer = fit_classifier(encoder, TRAIN, TRAIN, params, tmp_path, strategy=strategy, seed=3)
     after = _weights(model)
-    assert result.global_step == 2 and result.strategy == strategy
-    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert set(before) == set(after) and result.global_step == 2 and result.strategy == strategy
+    # the last step's trainable weights (the checkpoint); the returned model holds the best (validation) ones
+    last = load_file(str(tmp_path / "checkpoints" / "ckpt-2" / "trainable.safetensors"))
+    prefix = "encoder." if pooling == "mean" else "bert."
     head = {n for n in before if n.startswith(("classifier.", "bert.pooler."))}
-    top = {n for n in before if n.startswith("bert.encoder.layer.1.")}
-    if strategy == "head":
-        assert moved == head
-    elif strategy == "top_layers":
-        assert head <= moved <= head | top and moved & top
-    elif strategy == "full":
-        assert "bert.embeddings.word_embeddings.weight" in moved and head <= moved
-    else:  # LoRA merged into query/value when saved; keys, FFN and embeddings untouched
-        assert head <= moved and any(".query.weight" in n for n in moved)
-        assert not any(".key." in n or ".intermediate." in n or "embeddings" in n for n in moved)
+    top = {n for n in before if n.startswith(f"{prefix}encoder.layer.1.")}
+    if strategy == "lora":
+        assert all("lora_" in n or "classifier" in n for n in last)
+        assert any("lora_B" in n and last[n].abs().sum() > 0 for n in last)  # B starts at zero: it moved
+        untouched = {n for n in before if ".key." in n or ".intermediate." in n or "embeddings" in n}
+    else:
+        expected = {"head": head, "top_layers": head | top, "full": set(before)}[strategy]
+        assert set(last) == expected
+        assert all(not torch.equal(last[n], before[n]) for n in expected if n.endswith("weight"))
+        untouched = set(before) - expected
+    assert (untouched or strategy == "full") and all(torch.equal(before[n], after[n]) for n in untouched)  # frozen
     assert result.trainable_params < result.total_params or strategy == "full"
     reloaded, tok2, labels = load_classifier(result.output_dir)
-    assert labels.names == tuple(sorted(set(LABELS)))
+    assert labels.names == tuple(sorted(set(LABELS))) and type(reloaded) is type(model)
     a = predict_proba(model, tokenizer, TEXTS, max_length=12)
     b = predict_proba(reloaded, tok2, TEXTS, max_length=12)
     assert abs(a - b).max() < 1e-6
+
+
+def test_probe_initialized_head_starts_at_the_probe(encoder: str, tmp_path: Path) -> None:
+    from tuneline.classify.train import fit_classifier
+
+    params = dataclasses.replace(PARAMS, max_steps=1)
+    result, _, _ = fit_classifier(encoder, TRAIN, TRAIN, params, tmp_path, strategy="head", seed=0)
+    assert result.val_macro_f1[0] == [0, 1.0]  # a logistic regression separates 8 training texts exactly
 
 
 def test_rerun_resumes_from_the_checkpoint(encoder: str, tmp_path: Path) -> None:

@@ -29,22 +29,96 @@ def encoder_path(name_or_path: Optional[str]) -> str:
     return str(get_model_path())
 
 
-def load_encoder_classifier(name_or_path: str, labels: LabelSet) -> tuple[Any, Any]:
+MEAN_POOL_TYPE = "tuneline_mean_pool"
+_REGISTERED: dict[str, Any] = {}
+
+
+def mean_pool_classes() -> tuple[Any, Any]:
+    """(config class, model class) of the mean-pooling classifier, registered with the transformers Auto classes
+    (in this process, from this module: no remote code). The encoder's token states are mean-pooled over the
+    attention mask and L2-normalized (what sentence encoders like MiniLM were trained to produce, and what the
+    linear probe sees), then a linear layer gives the logits."""
+    if _REGISTERED:
+        return _REGISTERED["config"], _REGISTERED["model"]
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolConfig(PretrainedConfig):
+        model_type = MEAN_POOL_TYPE
+
+        def __init__(self, encoder: Optional[dict] = None, classifier_dropout: float = 0.1, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.encoder = dict(encoder or {})
+            self.classifier_dropout = classifier_dropout
+            self.hidden_size = self.encoder.get("hidden_size", 0)
+            self.max_position_embeddings = self.encoder.get("max_position_embeddings", 512)
+
+    class MeanPoolClassifier(PreTrainedModel):
+        config_class = MeanPoolConfig
+        base_model_prefix = "encoder"
+
+        def __init__(self, config: MeanPoolConfig) -> None:
+            super().__init__(config)
+            encoder_config = AutoConfig.for_model(**config.encoder)
+            self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+            self.dropout = torch.nn.Dropout(config.classifier_dropout)
+            self.classifier = torch.nn.Linear(encoder_config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def _init_weights(self, module: Any) -> None:
+            if module is getattr(self, "classifier", None):
+                torch.nn.init.normal_(module.weight, std=0.02)
+                torch.nn.init.zeros_(module.bias)
+
+        def pooled(self, input_ids: Any, attention_mask: Any) -> Any:
+            states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            return torch.nn.functional.normalize(mean.float(), dim=-1)
+
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, labels: Any = None,
+                    **kwargs: Any) -> Any:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            logits = self.classifier(self.dropout(self.pooled(input_ids, attention_mask)))
+            loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    AutoConfig.register(MEAN_POOL_TYPE, MeanPoolConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(MeanPoolConfig, MeanPoolClassifier, exist_ok=True)
+    _REGISTERED.update(config=MeanPoolConfig, model=MeanPoolClassifier)
+    return MeanPoolConfig, MeanPoolClassifier
+
+
+def load_encoder_classifier(name_or_path: str, labels: LabelSet, pooling: str = "cls") -> tuple[Any, Any]:
     """(model, tokenizer): a fresh head with ``len(labels)`` outputs on the pretrained encoder (safetensors only,
-    no remote code), labels named in the config."""
-    from transformers import AutoModelForSequenceClassification
+    no remote code), labels named in the config. ``pooling`` "cls": the encoder family's own sequence-
+    classification model (its pooler on the first token); "mean": :func:`mean_pool_classes`."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     from tuneline.models.provision import _check_local, load_tokenizer
 
     _check_local(str(name_or_path))
+    names = {"num_labels": len(labels), "id2label": dict(enumerate(labels.names)),
+             "label2id": {name: i for i, name in enumerate(labels.names)}}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier.* newly initialized" is the point of a new head
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), num_labels=len(labels), id2label=dict(enumerate(labels.names)),
-            label2id={name: i for i, name in enumerate(labels.names)}, trust_remote_code=False,
-            use_safetensors=True)
+        if pooling == "mean":
+            config_class, model_class = mean_pool_classes()
+            encoder = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=False, use_safetensors=True,
+                                                add_pooling_layer=False)
+            encoder_config = encoder.config.to_dict()
+            encoder_config.pop("architectures", None)
+            model = model_class(config_class(encoder=encoder_config, **names))
+            model.encoder.load_state_dict(encoder.state_dict())
+        elif pooling == "cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(name_or_path), trust_remote_code=False, use_safetensors=True, **names)
+        else:
+            raise ValueError(f"pooling {pooling!r}: use cls or mean")
     finally:
         hf_logging.set_verbosity(verbosity)
     return model, load_tokenizer(name_or_path)
@@ -148,6 +222,7 @@ def load_classifier(path: str | Path) -> tuple[Any, Any, LabelSet]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved classifier (no config.json)")
+    mean_pool_classes()  # a saved mean-pooling classifier loads through the Auto class
     model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=False,
                                                                use_safetensors=True)
     model.eval()
