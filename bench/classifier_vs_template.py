@@ -103,7 +103,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--budget-min", type=float, default=25.0, help="skip the remaining runs after this many minutes")
     ap.add_argument("--work", default=str(ROOT / ".tuneline" / "bench_classifier"))
+    ap.add_argument("--arms", default="probe,classifier,template,ensemble", help="which approaches to run")
+    ap.add_argument("--results", default=str(RESULTS), help="where this run's JSON goes")
+    ap.add_argument("--merge", nargs="*", default=[], help="earlier results JSON whose runs join the table and plot")
     args = ap.parse_args(argv)
+    arms = set(args.arms.split(","))
+    out_json = Path(args.results)
 
     import numpy as np
 
@@ -131,8 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def save() -> None:
         results["seconds"] = round(time.perf_counter() - started, 1)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
 
     for name in datasets:
         clock["start"] = time.perf_counter()
@@ -145,8 +150,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["datasets"][name] = entry
         print(f"{name}: train {len(train)} val {len(val)} test {len(test)}, {len(labels)} labels", flush=True)
         t = time.perf_counter()
-        vectors = embed_texts(list(train.texts) + list(test.texts))
-        train_vec, test_vec = vectors[:len(train)], vectors[len(train):]
+        if "probe" in arms:
+            vectors = embed_texts(list(train.texts) + list(test.texts))
+            train_vec, test_vec = vectors[:len(train)], vectors[len(train):]
         entry["embed_seconds"] = round(time.perf_counter() - t, 1)
 
         def record(approach: str, size: Optional[int], rep: dict[str, Any], **extra: Any) -> None:
@@ -164,13 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             from sklearn.linear_model import LogisticRegression
 
             t = time.perf_counter()
-            clf = LogisticRegression(C=10.0, max_iter=2000, random_state=recipe.seed)
-            clf.fit(train_vec[idx], np.asarray(labels.encode(sub.labels)))
-            probs = np.zeros((len(test), len(labels)))
-            probs[:, clf.classes_] = clf.predict_proba(test_vec)
-            record("probe", size, evaluate_probs(probs, test, labels, name="probe", samples=args.bootstrap),
-                   n=len(sub), seconds=time.perf_counter() - t)
-            for strategy in args.strategies.split(","):
+            if "probe" in arms:
+                clf = LogisticRegression(C=10.0, max_iter=2000, random_state=recipe.seed)
+                clf.fit(train_vec[idx], np.asarray(labels.encode(sub.labels)))
+                probs = np.zeros((len(test), len(labels)))
+                probs[:, clf.classes_] = clf.predict_proba(test_vec)
+                record("probe", size, evaluate_probs(probs, test, labels, name="probe", samples=args.bootstrap),
+                       n=len(sub), seconds=time.perf_counter() - t)
+            for strategy in (args.strategies.split(",") if "classifier" in arms else []):
                 if not left():
                     results["skipped"].append(f"{name} classifier/{strategy} per class {size or 'all'}")
                     continue
@@ -185,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        latency=rep.get("latency"))
         ordered = sorted(sizes, key=lambda k: -1 if k is None else k)  # the whole split first, then the template arm
         run_size(ordered[0])
-        if left():  # the template arm, on the largest size's train split for the few-shot examples
+        if "template" in arms and left():  # the template arm, on the largest size's train split for the few-shot examples
             t = time.perf_counter()
             from tuneline.monitoring.drift import texts_from_file
             from tuneline.paths import resolve
@@ -204,11 +211,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        names=params.label_names, max_length=params.template.max_length)
                 record(f"template/{k}-shot", None, evaluate_probs(probs, few, labels, name="t", samples=args.bootstrap),
                        n=len(train), seconds=time.perf_counter() - t, test_rows=len(few))
-        else:
+        elif "template" in arms:
             results["skipped"].append(f"{name} template arm")
         for size in ordered[1:]:
             run_size(size)
-        if left():  # the ensemble at the whole train split, with the first strategy
+        if "ensemble" in arms and left():  # the ensemble at the whole train split, with the first strategy
             strategy = args.strategies.split(",")[0]
             t = time.perf_counter()
             members, val_scores, reps = [], [], {}
@@ -227,11 +234,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                     samples=args.bootstrap), n=len(train),
                    seconds=time.perf_counter() - t, strategy=strategy, weights=weights, members=reps,
                    best_member=best)
-        else:
+        elif "ensemble" in arms:
             results["skipped"].append(f"{name} ensemble")
     save()
-    plot(results)
-    TABLE.write_text(table(results), encoding="utf-8")
+    merged = json.loads(json.dumps(results))
+    for extra in args.merge:
+        other = json.loads(Path(extra).read_text(encoding="utf-8"))
+        for name, entry in other["datasets"].items():
+            if name in merged["datasets"]:
+                merged["datasets"][name]["runs"] += entry["runs"]
+            else:
+                merged["datasets"][name] = entry
+        merged["skipped"] += [f"{x} (in {Path(extra).name})" for x in other["skipped"]]
+    plot(merged)
+    TABLE.write_text(table(merged), encoding="utf-8")
     print(f"done in {results['seconds']:.0f} s; skipped: {results['skipped'] or 'nothing'}")
     return 0
 
