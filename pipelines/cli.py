@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from pipelines import prod
 from tuneline.data import cli_ingest
+from tuneline.classify import cli as cli_classify
 from tuneline.monitoring import cli_drift
 from tuneline.paths import project_root, state_dir
 from tuneline.settings import load_settings
@@ -65,8 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"profile {settings.profile}", flush=True)
     started = time.time()
     instance = dg.DagsterInstance.get()
+    assets, checks = definitions.graph_for(recipe)
     result = dg.materialize(
-        [*definitions.ASSETS, *definitions.CHECKS],
+        [*assets, *checks],
         instance=instance,
         resources=resources,
         selection=args.select,
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     cli_ingest.add_parser(sub)
+    cli_classify.add_parser(sub)
     cli_drift.add_parser(sub)
     cli_plan.add_parser(sub)
     prod.add_parser(sub)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import alignment, data, deploy, evaluation, feedback, models, monitoring, training
+from assets import alignment, classification, data, deploy, evaluation, feedback, models, monitoring, training
 from pipelines.jobs import ALL_JOBS
 from pipelines.schedules import ALL_SCHEDULES
 from pipelines.sensors import ALL_SENSORS
@@ -27,12 +27,29 @@ ASSETS = [
     evaluation.evaluation_report,
     deploy.registered_model,
 ]
+# a recipe with a classifier section runs the classification path instead of SFT/DPO/distillation
+CLASSIFIER_ASSETS = [
+    data.raw_dataset,
+    models.base_model,
+    data.prepared_dataset,
+    data.dataset_splits,
+    classification.classifier_model,
+    classification.classifier_ensemble,
+    classification.classifier_template,
+    classification.registered_classifier,
+]
 SPECS = [monitoring.served_traffic]
 CHECKS = [
     data.prepared_dataset_passes_validation,
     data.dataset_splits_have_no_leakage,
     evaluation.serving_template_matches_training,
 ]
+CLASSIFIER_CHECKS = [data.prepared_dataset_passes_validation, data.dataset_splits_have_no_leakage]
+
+
+def graph_for(recipe) -> tuple[list, list]:
+    """(assets, checks) ``tuneline run`` materializes for a recipe: the classification path or the chat path."""
+    return (CLASSIFIER_ASSETS, CLASSIFIER_CHECKS) if recipe.classifier is not None else (ASSETS, CHECKS)
 
 SETTINGS = load_settings()
 fail_fast_defaults()  # a dead tracking server fails a step in seconds, not after minutes of retries
@@ -45,7 +62,7 @@ EXECUTOR = (dg.in_process_executor if SETTINGS.profile == "local"
             else dg.multiprocess_executor.configured({"max_concurrent": 2}))
 
 defs = dg.Definitions(
-    assets=[*ASSETS, *SPECS],
+    assets=[*ASSETS, *[a for a in CLASSIFIER_ASSETS if a not in ASSETS], *SPECS],
     asset_checks=CHECKS,
     jobs=ALL_JOBS,
     schedules=ALL_SCHEDULES,

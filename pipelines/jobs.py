@@ -29,4 +29,12 @@ retrain_job = dg.define_asset_job(
     tags={"dagster/max_runtime": str(4 * 3600), "tuneline/gpu": "true"},
 )
 
-ALL_JOBS = [prepare_data_job, train_model_job, retrain_job]
+train_classifier_job = dg.define_asset_job(
+    "train_classifier_job",
+    selection=dg.AssetSelection.groups("data", "model", "classification"),
+    description="The classification path: data, base model (the template arm's LM), classifier, its ensemble, "
+    "the prompt-template arm, and the registered classifier the macro-F1 gate let through.",
+    tags={"dagster/max_runtime": str(2 * 3600)},
+)
+
+ALL_JOBS = [prepare_data_job, train_model_job, retrain_job, train_classifier_job]

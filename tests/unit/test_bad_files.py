@@ -135,7 +135,7 @@ def test_banking77_label_rules(shared_data):
     assert by_line[10].label == "card_arrival"  # " CARD_ARRIVAL " normalized to the vocabulary's spelling
     assert by_line[16].messages[0]["content"] == "Will I see the transfer in my account within the week?\nsecond line"
     (conflict,) = [r for r in result.quarantined if r.reason == "label_conflict"]
-    assert (conflict.line, conflict.field) == (12, "label") and "line 1" in conflict.detail
+    assert (conflict.line, conflict.field) == (12, "category") and "line 1" in conflict.detail  # the file's own column name
     assert 1 in by_line  # the first labelling is kept
     without_vocabulary = validate_records(source.records, ValidationParams(min_accepted=0))
     assert {r.line for r in without_vocabulary.accepted} >= {6, 10}  # any non-empty label is fine then

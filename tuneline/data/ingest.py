@@ -93,7 +93,12 @@ def read_source(source: DataSource | str | Path) -> IngestResult:
         if source.schema not in ("auto", "text"):
             raise IngestError(f"{name}: schema {source.schema!r} cannot be read from plain text")
         return _read_text(name, data, source.task)
-    container, rows = _container_rows(container, path, name, data)
+    if container in ("csv", "tsv"):
+        delimiter = source.delimiter or ("\t" if container == "tsv" else ",")
+        rows = _csv_rows(name, data, delimiter, columns=None if source.header else list(source.columns))
+        _check_csv_columns(name, rows, delimiter, source)
+    else:
+        container, rows = _container_rows(container, path, name, data)
     if not rows:
         raise IngestError(f"{name}: no rows in {container} file")
 
@@ -324,13 +329,14 @@ def _check_parsed(row: _Row, value: Any, raw_text: str) -> _Row:
     return row
 
 
-def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
-    """CSV/TSV with a header; numbered by data row (header excluded, blank lines skipped)."""
+def _csv_rows(name: str, data: bytes, delimiter: str, columns: Optional[list[str]] = None) -> list[_Row]:
+    """CSV/TSV with a header (or ``columns`` naming the cells of a file without one); numbered by data row
+    (header excluded, blank lines skipped)."""
     text = data.removeprefix(BOM).decode("utf-8", errors="surrogateescape")
     csv.field_size_limit(2**31 - 1)  # allow huge fields; validation rejects them by length
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
-        header = next(reader, None)
+        header = list(columns) if columns is not None else next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise IngestError(f"{name}: no header row")
         header = [_escaped(h.strip()) for h in header]  # names from damaged bytes stay printable
@@ -354,6 +360,26 @@ def _csv_rows(name: str, data: bytes, delimiter: str) -> list[_Row]:
     except csv.Error as exc:
         raise IngestError(f"{name}: unreadable CSV near line {reader.line_num}: {exc}") from None
     return rows
+
+
+def _check_csv_columns(name: str, rows: list[_Row], delimiter: str, source: DataSource) -> None:
+    """A CSV whose columns cannot be what the recipe says: a one-line error naming the file and the field.
+
+    A column named in ``fields`` (or ``columns``) that the header lacks is an error; so is a header of one cell
+    holding another common separator (the file was read with the wrong delimiter)."""
+    header = source.columns if not source.header else next(
+        (tuple(r.value) for r in rows if r.reason is None and isinstance(r.value, dict)), ())
+    if not header:
+        return
+    missing = [f"{canonical} -> {column!r}" for canonical, column in source.fields.items() if column not in header]
+    if missing:
+        raise IngestError(f"{name}: fields {', '.join(missing)}: no such column (the columns are "
+                          f"{', '.join(map(repr, header))})")
+    if len(header) == 1 and source.schema in ("auto", "classification"):
+        other = next((sep for sep in (";", "\t", "|", ",") if sep != delimiter and sep in header[0]), None)
+        if other is not None:
+            raise IngestError(f"{name}: line 1 is one column {header[0][:60]!r} with {delimiter!r} as delimiter; "
+                              f"the file looks {other!r}-separated (set delimiter: {other!r})")
 
 
 def _csv_line(cells: list[str], delimiter: str) -> str:
@@ -770,8 +796,10 @@ def _map_classification(row: dict, ctx: _Context):
         label = str(row[label_key])  # integer class ids are kept as strings
     else:
         label = _string(row, label_key)
-    yield ctx.record("classification", [{"role": "user", "content": text}], row, {text_key, label_key},
-                     task_keys=("task",), blank=_blank((text_key, text), (label_key, label)), label=label)
+    record = ctx.record("classification", [{"role": "user", "content": text}], row, {text_key, label_key},
+                        task_keys=("task",), blank=_blank((text_key, text), (label_key, label)), label=label)
+    record.meta["label_column"] = ctx.columns.get(label_key, label_key)  # the file's own name, for quarantine
+    yield record
 
 
 def _map_text(row: dict, ctx: _Context):

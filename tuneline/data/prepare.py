@@ -50,7 +50,7 @@ def prepare(raw: RawDataRef, recipe: Recipe, tokenizer: Any, out_dir: Path) -> P
     records, parse_rejections, files, read = [], [], [], 0
     for f in raw.by_role(*DATA_ROLES):
         source = DataSource(path=str(storage.fetch(f.uri)), format=f.format, schema=f.schema, fields=dict(f.fields),
-                            task=f.task)
+                            task=f.task, delimiter=f.delimiter, header=f.header, columns=tuple(f.columns))
         result = read_source(source)
         for item in (*result.records, *result.rejected):  # where a row came from, on any machine: its file's URI
             item.source = f.uri

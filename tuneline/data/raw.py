@@ -96,9 +96,15 @@ def collect_inputs(
         if not path.is_file():
             raise FileNotFoundError(f"data.sources: {path} does not exist (recipe {recipe_path})")
         files.append(file_ref(path, "data", format=source.format, schema=source.schema, fields=dict(source.fields),
-                              task=source.task))
+                              task=source.task, delimiter=source.delimiter, header=source.header,
+                              columns=tuple(source.columns)))
     if retrain:
         files += [file_ref(path, "incoming") for path in claimed]
+    for reference in (recipe.classifier.reference_corpus if recipe.classifier else ()):
+        path = resolve(reference)
+        if not path.is_file():
+            raise FileNotFoundError(f"classifier.reference_corpus: {path} does not exist (recipe {recipe_path})")
+        files.append(file_ref(path, "reference"))  # strategy auto: the domain the encoder knows
     for corpus in recipe.data.corpus:
         path = resolve(corpus)
         if not path.is_file():

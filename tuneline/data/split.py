@@ -194,6 +194,9 @@ def plan_splits(records: list[ChatRecord], params: SplitParams, seed: int, *, ne
     import random
 
     result = split_records(records, params, seed)
+    problems = label_coverage_problems(result.splits)
+    if problems:
+        raise ValueError("dataset_splits: " + "; ".join(problems))
     replay = None
     if new_sources:
         from tuneline.monitoring.replay import mix_with_replay
@@ -208,8 +211,25 @@ def plan_splits(records: list[ChatRecord], params: SplitParams, seed: int, *, ne
 
 
 def _stratum(record: ChatRecord, by: str) -> str:
-    value: Optional[str] = record.task if by == "task" else record.source
+    value: Optional[str] = {"task": record.task, "source": record.source, "label": record.label}[by]
     return value or "(none)"
+
+
+def label_coverage_problems(splits: dict[str, list[ChatRecord]], limit: int = 10) -> list[str]:
+    """Classification labels that the train split never shows but validation or test does: a classifier
+    cannot learn them, so each is an error naming the label and the file and line of its rows."""
+    train = {r.label for r in splits.get("train", []) if r.kind == "classification"}
+    problems = []
+    for name in ("validation", "test"):
+        unseen: dict[str, list[ChatRecord]] = defaultdict(list)
+        for r in splits.get(name, []):
+            if r.kind == "classification" and r.label not in train:
+                unseen[str(r.label)].append(r)
+        for label, rows in sorted(unseen.items()):
+            where = ", ".join(f"{r.source} line {r.line}" for r in rows[:3])
+            problems.append(f"label {label!r} appears only in the {name} split ({len(rows)} rows: {where}), never in "
+                            "train: add training rows for it or drop it from the data and validation.labels")
+    return problems[:limit]
 
 
 @dataclass

@@ -449,7 +449,7 @@ def _rejection(record: ChatRecord, facts: _Facts, reason: str, records: list[Cha
     elif reason == "too_short":
         detail = f"{facts.n_tokens} {facts.unit}, below min_tokens {params.min_tokens}"
     elif reason == "unknown_label":
-        field_name, detail = "label", f"label {facts.label!r} is not in the label vocabulary"
+        field_name, detail = _label_field(record), f"label {facts.label!r} is not in the label vocabulary"
     elif reason == "chosen_equals_rejected":
         field_name, detail = "rejected", "chosen and rejected are identical after whitespace/case normalization"
     elif reason == "duplicate":
@@ -457,11 +457,17 @@ def _rejection(record: ChatRecord, facts: _Facts, reason: str, records: list[Cha
         detail += _where(records[facts.dup_of], record)
     elif reason == "label_conflict":
         other = records[facts.label_conflict_with]
-        field_name = "label"
+        field_name = _label_field(record)
         detail = (f"same text as {_where(other, record)} with another label "
                   f"({facts.label!r} vs {facts.conflict_label!r})")
     return Rejection(source=record.source, line=record.line, reason=reason, detail=detail, field=field_name,
                      raw=_raw(record))
+
+
+def _label_field(record: ChatRecord) -> str:
+    """The label's column as the file names it (``category`` in BANKING77), else ``label``."""
+    value = record.meta.get("label_column")
+    return value if isinstance(value, str) and value else "label"
 
 
 def _where(other: ChatRecord, record: ChatRecord) -> str:

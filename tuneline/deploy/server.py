@@ -1,4 +1,5 @@
-"""The inference server: one registered model behind ``GET /health`` and ``POST /generate``.
+"""The inference server: one registered model behind ``GET /health`` and ``POST /generate`` (a registered
+classifier: ``POST /classify`` instead, :mod:`tuneline.classify.serving`).
 
 ``POST /generate`` takes JSON ``{"prompt": str}`` or ``{"messages": [{"role", "content"}, ...]}``
 (exactly one) and an optional ``max_new_tokens`` (capped at ``ServeParams.max_new_tokens_limit``).
@@ -173,6 +174,13 @@ def create_app(
                 "batches": batcher.batches, "batched_requests": batcher.batched_requests,
                 "follow_seconds": params.follow_seconds if follower is not None else 0}
 
+    if info.get("kind") == "classifier":  # a registered classifier: POST /classify instead of /generate
+        from tuneline.classify.serving import add_classify_route
+
+        add_classify_route(app, model, tokenizer, info, log, max_body_bytes=params.max_body_bytes,
+                           max_batch=int(info.get("max_batch", 64)), max_length=int(info.get("max_length", 128)))
+        return app
+
     @app.post("/generate")
     async def generate(request: Request) -> Any:
         start = time.perf_counter()
@@ -314,9 +322,13 @@ def serve(
     name, alias, version = parse_model_ref(ref)
     if alias is None and version is None:
         ref = f"{name}@{params.alias}"
-    model, tokenizer, info = load_registered(tracker, ref, cache_dir=cache_dir, offload=offload)
+    from tuneline.classify.serving import load_classifier_version
+
+    loaded = load_classifier_version(tracker, ref, cache_dir)  # None unless ref is a registered classifier
+    model, tokenizer, info = loaded or load_registered(tracker, ref, cache_dir=cache_dir, offload=offload)
     log = InferenceLog(log_path or params.log_path)
-    app = create_app(model, tokenizer, info, log, params, check=alias_check(tracker, ref, cache_dir=cache_dir))
+    follow = None if loaded else alias_check(tracker, ref, cache_dir=cache_dir)  # classifiers: pinned for now
+    app = create_app(model, tokenizer, info, log, params, check=follow)
     bind = host or params.host
     if bind not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server has no authentication; put it behind a proxy", bind)

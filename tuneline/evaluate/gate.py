@@ -141,3 +141,54 @@ def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion
     return GateRef(passed=decision.passed, candidate=name, candidate_stage=stages[name],
                    baselines=tuple(decision.baselines), reasons=tuple(decision.reasons), evidence=decision.evidence,
                    policy=to_plain(params), champion_version=champion_version)
+
+
+def classifier_promotion(y_true: list[int], candidate: dict[str, Any], params: GateParams, *, k: int, seed: int,
+                         champion: Optional[dict[str, Any]] = None, floor: Optional[dict[str, Any]] = None,
+                         champion_version: Optional[int] = None, stage: str = "classifier_model") -> "GateRef":
+    """The gate for classifiers, on test macro-F1: the candidate must beat the champion (when there is one) by
+    ``min_margin`` with the paired-bootstrap CI of the macro-F1 difference clear of zero (both scored on the
+    same resamples), within the latency tolerance (p50 at batch 1); and it may trail the ``floor`` (the linear
+    probe, the way a stage may trail its parent) by at most ``max_parent_regression``. Each report holds
+    ``name``, ``predictions`` (class indices in the same test order), ``macro_f1`` and optionally ``latency``."""
+    from tuneline.classify.metrics import paired_macro_f1_diff
+    from tuneline.params import to_plain
+    from tuneline.refs import GateRef
+
+    reasons: list[str] = []
+    evidence: dict[str, Any] = {"primary_metric": "macro_f1", "min_margin": params.min_margin,
+                                "candidate_macro_f1": candidate["macro_f1"], "n": len(y_true)}
+    baselines: list[str] = []
+    if champion is not None:
+        baselines.append("champion")
+        gain, low, high = paired_macro_f1_diff(y_true, candidate["predictions"], champion["predictions"], k,
+                                               samples=params.bootstrap_samples, confidence=params.confidence,
+                                               seed=seed)
+        item: dict[str, Any] = {"candidate_mean": candidate["macro_f1"], "baseline_mean": champion["macro_f1"],
+                                "gain": gain, "ci_low": low, "ci_high": high, "confidence": params.confidence}
+        if gain < params.min_margin or gain <= 0:
+            reasons.append(f"macro_f1 gain over champion is {gain:+.4f}, below the margin {params.min_margin:.4f}")
+        if params.require_ci_above_zero and low <= 0:
+            reasons.append(f"the {params.confidence:.0%} CI of the macro_f1 gain over champion [{low:+.4f}, "
+                           f"{high:+.4f}] does not clear zero")
+        c_lat = (candidate.get("latency") or {}).get("batch_1", {}).get("p50_ms")
+        b_lat = (champion.get("latency") or {}).get("batch_1", {}).get("p50_ms")
+        if c_lat is not None and b_lat:
+            item["latency_p50_ms"] = {"candidate": c_lat, "baseline": b_lat}
+            if c_lat > b_lat * (1 + params.max_latency_increase):
+                reasons.append(f"p50 latency {c_lat:.1f} ms exceeds champion's {b_lat:.1f} ms by more than "
+                               f"{params.max_latency_increase:.0%}")
+        evidence["champion"] = item
+    else:
+        evidence["missing_baselines"] = ["champion"]
+    if floor is not None:
+        gain = candidate["macro_f1"] - floor["macro_f1"]
+        evidence["parent"] = {"name": floor.get("name", "probe"), "candidate_mean": candidate["macro_f1"],
+                              "parent_mean": floor["macro_f1"], "gain": gain,
+                              "max_regression": params.max_parent_regression}
+        if gain < -params.max_parent_regression:
+            reasons.append(f"macro_f1 is {-gain:.4f} below the {floor.get('name', 'probe')} floor "
+                           f"(at most {params.max_parent_regression:.4f} allowed)")
+    return GateRef(passed=not reasons, candidate=candidate.get("name", "classifier"), candidate_stage=stage,
+                   baselines=tuple(baselines), reasons=tuple(reasons), evidence=evidence, policy=to_plain(params),
+                   champion_version=champion_version)
