@@ -71,12 +71,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         [*assets, *checks],
         instance=instance,
         resources=resources,
-        selection=args.select,
+        selection=_selection(args.select),
         raise_on_error=False,
         tags={"tuneline/recipe": recipe.name},
     )
     print_summary(result, settings, home, time.time() - started)
     return 0 if result.success else 1
+
+
+def _selection(text: Optional[str]) -> Any:
+    """``--select``: asset keys separated by commas (``raw_dataset,base_model``), or a Dagster selection string."""
+    if text and "," in text and not any(c in text for c in " ():*+"):
+        return [key.strip() for key in text.split(",") if key.strip()]
+    return text
 
 
 def cmd_submit(args: argparse.Namespace, settings: Any) -> int:
@@ -306,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the recipe's seed")
     run.add_argument("--max-steps", type=int, help="cap every training loop")
     run.add_argument("--sample-fraction", type=float, help="keep this fraction of the data rows")
-    run.add_argument("--select", default=None, help="Dagster asset selection (default: everything)")
+    run.add_argument("--select", default=None, help="asset keys separated by commas, or a Dagster selection string (default: everything)")
     run.add_argument("--submit", action="store_true",
                      help="submit train_model_job through the instance's run queue (needs a running daemon: "
                      "make prod-up, or make ui) and wait for it")

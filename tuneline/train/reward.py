@@ -321,6 +321,7 @@ def train_reward_model(
     from transformers import set_seed
 
     from tuneline.train import callbacks as cb
+    from tuneline.train import checkpoints as ck
     from tuneline.train.common import resolve_bf16
     from tuneline.train.methods import count_params
 
@@ -335,11 +336,11 @@ def train_reward_model(
     before = pairwise_accuracy(model, tokenizer, val_pairs, params.max_length, params.batch_size * 2)
 
     checkpoints = out / "checkpoints"
-    resume = cb.last_valid_checkpoint(checkpoints)
+    resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_reward_trainer(model, tokenizer, rows, params, checkpoints, seed=seed, max_steps=max_steps,
                                    callbacks=[_log_callback(on_log), cb.CompleteCheckpointCallback(on_checkpoint)])
     trainable, total = count_params(trainer.model)
-    with cb.disk_full_explained(checkpoints):
+    with ck.disk_full_explained(checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     curve = _curve(trainer.state.log_history)
     if not all(math.isfinite(c["loss"]) for c in curve):

@@ -244,6 +244,7 @@ def train_rl(
     function signature), KL-tied (``params.beta``) to the SFT model; figures on ``val_records``' prompts before
     and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one."""
     from tuneline.train import callbacks as cb
+    from tuneline.train import checkpoints as ck
     from tuneline.train.common import resolve_bf16
     from tuneline.train.dpo import merged_sft_base
     from tuneline.train.methods import count_params, write_method_file
@@ -254,7 +255,7 @@ def train_rl(
     merged_dir, _ = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
 
     checkpoints = out / "checkpoints"
-    resume = cb.last_valid_checkpoint(checkpoints)
+    resume = ck.last_valid_checkpoint(checkpoints)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -270,7 +271,7 @@ def train_rl(
     model = trainer.model
     trainable, total = count_params(model)
     before = measure(model, tokenizer, eval_prompts, reward_fn, params.max_completion_length)
-    with cb.disk_full_explained(checkpoints):
+    with ck.disk_full_explained(checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     curve = _curve(trainer.state.log_history)
     if not all(math.isfinite(c["loss"]) for c in curve):
