@@ -285,23 +285,6 @@ class RewardResult:
 _CURVE_KEYS = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "mean_reward": "mean_reward"}
 
 
-def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in _CURVE_KEYS.items() if k in h}}
-            for h in history if "loss" in h]
-
-
-def _log_callback(on_log: Optional[OnLog]) -> Any:
-    from transformers import TrainerCallback
-
-    class Forward(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and on_log is not None and state.is_world_process_zero:
-                on_log(int(state.global_step), dict(logs))
-            return control
-
-    return Forward()
-
-
 def train_reward_model(
     sft_dir: Optional[str | Path],
     train_pairs: Sequence[Any],
@@ -322,7 +305,7 @@ def train_reward_model(
 
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import loss_curve, resolve_bf16
     from tuneline.train.methods import count_params
 
     started = time.perf_counter()
@@ -338,11 +321,12 @@ def train_reward_model(
     checkpoints = out / "checkpoints"
     resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_reward_trainer(model, tokenizer, rows, params, checkpoints, seed=seed, max_steps=max_steps,
-                                   callbacks=[_log_callback(on_log), cb.CompleteCheckpointCallback(on_checkpoint)])
+                                   callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []),
+                                              cb.CompleteCheckpointCallback(on_checkpoint)])
     trainable, total = count_params(trainer.model)
     with ck.disk_full_explained(checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    curve = _curve(trainer.state.log_history)
+    curve = loss_curve(trainer.state.log_history, _CURVE_KEYS)
     if not all(math.isfinite(c["loss"]) for c in curve):
         raise RuntimeError(f"reward-model loss went non-finite: {curve[-3:]}")
 

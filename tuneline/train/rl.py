@@ -195,23 +195,6 @@ BASELINES = {"rloo": "leave-one-out: the mean reward of the prompt's other compl
              "grpo": "group: the mean reward of the prompt's completions, advantages scaled by the group's std"}
 
 
-def _curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in _CURVE_KEYS.items() if k in h}}
-            for h in history if "loss" in h]
-
-
-def _log_callback(on_log: Optional[OnLog]) -> Any:
-    from transformers import TrainerCallback
-
-    class Forward(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and on_log is not None and state.is_world_process_zero:
-                on_log(int(state.global_step), dict(logs))
-            return control
-
-    return Forward()
-
-
 def measure(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], reward_fn: Any,
             max_new_tokens: int) -> dict[str, float]:
     """Mean reward, KL to the adapter-disabled reference and tokens/s of greedy completions of ``prompts``."""
@@ -245,7 +228,7 @@ def train_rl(
     and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one."""
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import loss_curve, resolve_bf16
     from tuneline.train.dpo import merged_sft_base
     from tuneline.train.methods import count_params, write_method_file
 
@@ -267,13 +250,14 @@ def train_rl(
                          f"and {len(eval_prompts)} held-out fit (raise rl.max_prompt_length)")
     trainer = build_rl_trainer(algorithm, merged_dir, train_prompts, reward_fn, params, checkpoints, seed=seed,
                                max_steps=max_steps,
-                               callbacks=[_log_callback(on_log), cb.CompleteCheckpointCallback(on_checkpoint)])
+                               callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []),
+                                              cb.CompleteCheckpointCallback(on_checkpoint)])
     model = trainer.model
     trainable, total = count_params(model)
     before = measure(model, tokenizer, eval_prompts, reward_fn, params.max_completion_length)
     with ck.disk_full_explained(checkpoints):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    curve = _curve(trainer.state.log_history)
+    curve = loss_curve(trainer.state.log_history, _CURVE_KEYS)
     if not all(math.isfinite(c["loss"]) for c in curve):
         raise RuntimeError(f"{algorithm} loss went non-finite: {curve[-3:]}")
     after = measure(trainer.model, tokenizer, eval_prompts, reward_fn, params.max_completion_length)
