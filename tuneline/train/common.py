@@ -280,3 +280,11 @@ def loss_curve(history: list[dict[str, Any]], keys: dict[str, str]) -> list[dict
     the part before the resume too."""
     return [{"step": int(h["step"]), **{short: float(h[k]) for k, short in keys.items() if k in h}}
             for h in history if "loss" in h]
+
+
+def checkpointed_run_args(save_steps: int, seed: int) -> dict[str, Any]:
+    """What every TRL trainer here (DPO, reward model, RLOO/GRPO) sets the same way: a log line per step, crash-safe
+    checkpoints every ``save_steps`` (two kept, marked complete, resumed by a retry), no evaluation loop or
+    reporting integration, no dataloader workers, seeded data order."""
+    return dict(logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=2, eval_strategy="no",
+                report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=seed, data_seed=seed)

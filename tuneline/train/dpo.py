@@ -300,7 +300,7 @@ def build_dpo_trainer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import checkpointed_run_args, resolve_bf16
     from tuneline.train.distributed import ddp_backend
 
     tokenizer = AutoTokenizer.from_pretrained(merged_base_dir)
@@ -324,16 +324,7 @@ def build_dpo_trainer(
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         precompute_ref_log_probs=False,
-        logging_steps=1,
-        save_strategy="steps",  # crash-safe checkpoints (marked complete), resumed by a retry
-        save_steps=params.save_steps,
-        save_total_limit=2,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
+        **checkpointed_run_args(params.save_steps, seed),
     )
     trainer = DPOTrainer(
         model=model,

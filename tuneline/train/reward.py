@@ -223,7 +223,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import checkpointed_run_args, resolve_bf16
 
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = RewardConfig(
@@ -242,16 +242,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         disable_dropout=True,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=params.save_steps,
-        save_total_limit=2,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
+        **checkpointed_run_args(params.save_steps, seed),
     )
     return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
                          processing_class=tokenizer, callbacks=list(callbacks),

@@ -98,7 +98,7 @@ def build_rl_trainer(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import checkpointed_run_args, resolve_bf16
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
@@ -129,15 +129,7 @@ def build_rl_trainer(
         use_cpu=not torch.cuda.is_available(),
         use_vllm=False,
         log_completions=False,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=params.save_steps,
-        save_total_limit=2,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=seed,
-        data_seed=seed,
+        **checkpointed_run_args(params.save_steps, seed),
     )
     if algorithm == "rloo":
         from trl import RLOOConfig, RLOOTrainer
