@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test ui serve drift-demo prod-up prod-run prod-down clean
+.PHONY: install run test test-long ui serve drift-demo prod-up prod-run prod-down clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the whole-graph drills make test leaves out (each has a short version in make test)
+test-long: install
+	$(BIN)/python -m pytest -q -m long
 
 ui: install
 	$(BIN)/tuneline ui

@@ -61,6 +61,7 @@ def test_bottleneck_adapter_runs_the_whole_graph_with_the_other_stages_off(state
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test-long; make test trains the method in tests/unit/test_sft_methods.py
 def test_multitask_prompt_trains_in_the_sft_stage_and_its_publication_is_refused(state: Path, tmp_path: Path) -> None:
     from pipelines import definitions
     from resources import build_resources

@@ -11,6 +11,9 @@ import pytest
 from test_chain import CHAIN, materialized, run_chain  # noqa: E402 - same folder
 
 
+pytestmark = pytest.mark.long  # a whole-graph drill: `make test-long`, not `make test` (see README, Tests)
+
+
 @pytest.mark.slow
 def test_rloo_is_the_gate_candidate_when_the_recipe_says_so(state: Path, tmp_path: Path) -> None:
     recipe = copy.deepcopy(CHAIN)

@@ -9,6 +9,10 @@ import dagster as dg
 import pytest
 import yaml
 
+
+pytestmark = pytest.mark.long  # a whole-graph drill: `make test-long`, not `make test` (see README, Tests)
+
+
 SCALE_OUT = {  # on top of the orchestration tests' tiny recipe (conftest.TINY_RECIPE)
     "hpo": {"n_trials": 3, "workers": 2, "threads_per_worker": 1, "trial_max_steps": 4, "eval_steps": 2,
             "pruner_startup_trials": 1, "pruner_warmup_steps": 0, "heartbeat_interval": 5, "grace_period": 30,

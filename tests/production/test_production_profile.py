@@ -148,6 +148,7 @@ def test_no_secret_in_any_param_tag_artifact_or_metadata(production, chain, secr
 
 
 @pytest.mark.slow
+@pytest.mark.long  # two whole `tuneline run` processes: `make test-long`
 def test_two_runs_of_one_recipe_at_once_keep_their_own_artifacts_runs_and_trials(production, tmp_path) -> None:
     """Two `tuneline run` processes of the same recipe at the same time: each finishes with its own stage
     outputs, MLflow runs and Optuna study (the search used to share one study and fail the other's trials)."""
