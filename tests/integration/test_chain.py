@@ -114,11 +114,15 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=8)
     assert isinstance(out["text"], str) and info["version"] == 1
 
-    # a worse recipe: the gate refuses, nothing is registered, the champion stays
-    worse = {**CHAIN, "hpo": {"enabled": False},
+    # a worse recipe: the gate refuses, nothing is registered, the champion stays. It and the retrain below
+    # turn the reward model, RL and distillation off: those stages pass their input on and the graph runs to the end
+    off = {"reward": {"enabled": False}, "rl": {"enabled": False}, "distill": {"enabled": False}}
+    worse = {**CHAIN, **off, "hpo": {"enabled": False},
              "sft": {**CHAIN["sft"], "max_steps": 2, "eval_steps": 2, "save_steps": 2, "learning_rate": 0.00001}}
     result2, _ = run_chain(worse, tmp_path / "worse.yaml")
     assert result2.success  # a refusal is a decision, not a failed run
+    assert [result2.output_for_node(a).stage for a in ("reward_model", "rl_policy", "distilled_student")] == [
+        "sft_adapter", "sft_adapter", "dpo_adapter"]  # passed on, not trained
     gate = result2.output_for_node("evaluation_report").gate
     assert not gate.passed and "champion" in gate.baselines
     refused = result2.output_for_node("registered_model")
@@ -134,7 +138,7 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
              "output": " ".join(reversed(picked))} for picked in itertools.islice(itertools.permutations(words, 3), 0, 720, 9)]
     new_file = incoming / "labelled.jsonl"
     new_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retrain = {**CHAIN, "drift": {"incoming_dir": str(incoming), "replay_ratio": 0.8},
+    retrain = {**CHAIN, **off, "drift": {"incoming_dir": str(incoming), "replay_ratio": 0.8},
                "gate": {**CHAIN["gate"], "min_margin": 0.0}}
     result3, _ = run_chain(retrain, tmp_path / "retrain.yaml", retrain=True)
     replay = result3.output_for_node("dataset_splits").replay

@@ -162,6 +162,12 @@ def test_two_runs_of_one_recipe_at_once_keep_their_own_artifacts_runs_and_trials
     from tuneline.paths import project_root
 
     select = "raw_dataset,base_model,prepared_dataset,dataset_splits,hpo_study,sft_adapter"
+    # the Dagster database is created once, as `tuneline prod up` does, before two runs use it at once (two
+    # processes creating one schema at the same moment race: "relation jobs already exists")
+    init = ("from pipelines.cli import setup_environment; setup_environment(); "
+            "import dagster as dg; dg.DagsterInstance.get()")
+    subprocess.run([sys.executable, "-c", init], cwd=project_root(), check=True,
+                   env={**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster-init")})
     procs = []
     for i in range(2):
         env = {**os.environ, "DAGSTER_HOME": str(tmp_path / f"dagster-{i}")}

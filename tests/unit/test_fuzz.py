@@ -1001,7 +1001,7 @@ def test_cli_ingest_subprocess_never_prints_a_traceback(raw, suffix, tmp_path):
 @pytest.mark.parametrize("content,suffix,expected", [
     (b"", ".jsonl", "file is empty"),
     (b"\x1f\x8b\x08\x00garbage", ".jsonl.gz", "not a readable gzip file"),
-    (b"a;b\n1;2\n", ".csv", "cannot recognize the schema"),
+    (b"a;b\n1;2\n", ".csv", "looks ';'-separated (set delimiter: ';')"),
     (None, ".jsonl", "does not exist"),
 ])
 def test_cli_run_refuses_unreadable_data_before_any_step(tmp_path, monkeypatch, content, suffix, expected):
