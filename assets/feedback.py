@@ -4,7 +4,7 @@ import dagster as dg
 
 from resources.artifacts import ArtifactStore
 from resources.recipe import RecipeResource
-from tuneline.refs import ModelRef
+from tuneline.refs import FeedbackRef, ModelRef
 
 
 @dg.asset(group_name="data", kinds={"sqlite"})
@@ -34,3 +34,15 @@ def feedback_preferences(
         "reasons": dg.MetadataValue.json(ref.reasons), "model_versions": dg.MetadataValue.json(ref.model_versions),
         "records": dg.MetadataValue.url(ref.records_uri), "sha256": ref.sha256,
     })
+
+
+def feedback_uris(recipe, feedback: FeedbackRef) -> tuple[str, ...]:
+    """The accepted feedback pairs, when the recipe uses feedback and there are any."""
+    return (feedback.records_uri,) if recipe.feedback.use and feedback.accepted else ()
+
+
+def feedback_params(recipe, feedback: FeedbackRef) -> dict:
+    """What a stage logs about the feedback pairs it trained on (their file's sha256: the data lineage)."""
+    used = bool(feedback_uris(recipe, feedback))
+    return {"feedback.pairs": feedback.accepted if used else 0,
+            "feedback.sha256": feedback.sha256 if used else "none"}

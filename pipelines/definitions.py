@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import alignment, classification, data, deploy, evaluation, feedback, models, monitoring, training
+from assets import (classify, distill, dpo, evaluate, feedback, hpo, monitoring, prepare, pretrain, raw, registry, reward,
+                    rl, sft, split)
 from pipelines.jobs import ALL_JOBS
 from pipelines.schedules import ALL_SCHEDULES
 from pipelines.sensors import ALL_SENSORS
@@ -13,38 +14,38 @@ from tuneline.settings import load_settings
 from tuneline.tracking import fail_fast_defaults
 
 ASSETS = [
-    data.raw_dataset,
-    models.base_model,
-    data.prepared_dataset,
-    data.dataset_splits,
+    raw.raw_dataset,
+    pretrain.base_model,
+    prepare.prepared_dataset,
+    split.dataset_splits,
     feedback.feedback_preferences,
-    training.hpo_study,
-    training.sft_adapter,
-    training.dpo_adapter,
-    alignment.reward_model,
-    alignment.rl_policy,
-    training.distilled_student,
-    evaluation.evaluation_report,
-    deploy.registered_model,
+    hpo.hpo_study,
+    sft.sft_adapter,
+    dpo.dpo_adapter,
+    reward.reward_model,
+    rl.rl_policy,
+    distill.distilled_student,
+    evaluate.evaluation_report,
+    registry.registered_model,
 ]
 # a recipe with a classifier section runs the classification path instead of SFT/DPO/distillation
 CLASSIFIER_ASSETS = [
-    data.raw_dataset,
-    models.base_model,
-    data.prepared_dataset,
-    data.dataset_splits,
-    classification.classifier_model,
-    classification.classifier_ensemble,
-    classification.classifier_template,
-    classification.registered_classifier,
+    raw.raw_dataset,
+    pretrain.base_model,
+    prepare.prepared_dataset,
+    split.dataset_splits,
+    classify.classifier_model,
+    classify.classifier_ensemble,
+    classify.classifier_template,
+    classify.registered_classifier,
 ]
 SPECS = [monitoring.served_traffic]
 CHECKS = [
-    data.prepared_dataset_passes_validation,
-    data.dataset_splits_have_no_leakage,
-    evaluation.serving_template_matches_training,
+    prepare.prepared_dataset_passes_validation,
+    split.dataset_splits_have_no_leakage,
+    evaluate.serving_template_matches_training,
 ]
-CLASSIFIER_CHECKS = [data.prepared_dataset_passes_validation, data.dataset_splits_have_no_leakage]
+CLASSIFIER_CHECKS = [prepare.prepared_dataset_passes_validation, split.dataset_splits_have_no_leakage]
 
 
 def graph_for(recipe) -> tuple[list, list]:

@@ -179,7 +179,7 @@ def test_feedback_sensor_requests_a_run_once_enough_new_feedback_arrived(tmp_pat
 
 
 def test_reward_model_and_dpo_train_on_accepted_feedback_pairs_only_when_the_recipe_uses_them() -> None:
-    from assets.alignment import feedback_params, feedback_uris
+    from assets.feedback import feedback_params, feedback_uris
     from tuneline.params import FeedbackParams, Recipe, build
     from tuneline.refs import FeedbackRef
 

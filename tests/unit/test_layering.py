@@ -51,3 +51,25 @@ def test_the_check_catches_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom dagster import asset\n")
     assert "dagster" in imported_modules(bad)
+
+
+def asset_modules() -> list[Path]:
+    return [p for p in sorted((ROOT / "assets").glob("*.py")) if not p.name.startswith("_")]
+
+
+@pytest.mark.parametrize("path", asset_modules(), ids=lambda p: p.stem)
+def test_each_asset_module_is_one_stage_named_like_its_tuneline_twin(path: Path) -> None:
+    """assets/<stage>.py has a tuneline module or package of the same name: any stage is found in one hop."""
+    twins = [p for p in (ROOT / "tuneline").rglob(path.stem + "*") if p.stem == path.stem]
+    assert twins, f"{path.name}: no tuneline/**/{path.stem}.py or tuneline/{path.stem}/ beside it"
+
+
+@pytest.mark.parametrize("path", asset_modules(), ids=lambda p: p.stem)
+def test_asset_bodies_stay_short(path: Path) -> None:
+    """An asset body resolves config, takes its inputs, calls tuneline, persists and returns metadata; logic that
+    grows beyond a screen belongs in a named tuneline function with its own tests."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.decorator_list:
+            lines = node.end_lineno - node.lineno + 1
+            assert lines <= 60, f"{path.name}:{node.name} is {lines} lines"

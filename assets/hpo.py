@@ -1,5 +1,4 @@
-"""Training stages. Each launches a recipe CLI out of process through the launcher (Dagster Pipes), owns an
-MLflow run for it, and returns a typed reference to what the trainer wrote."""
+"""Hyperparameter search: an Optuna study (TPE, median pruning) whose trials are out-of-process SFT runs."""
 
 import tempfile
 from typing import Any
@@ -7,14 +6,14 @@ from typing import Any
 import dagster as dg
 
 from assets._meta import image, mlflow_link
-from assets._stage import RETRY, skip_stage, stage_uri, train_stage
+from assets._stage import RETRY
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.recipe import RecipeResource
 from resources.tracking import MlflowResource, StudyStorage
 from tuneline.params import Recipe, to_plain
-from tuneline.refs import FeedbackRef, ModelRef, SplitsRef, StudyRef
-from tuneline.specs import DistillSpec, DpoSpec, HpoWorkerSpec, MlflowTarget, SftSpec
+from tuneline.refs import ModelRef, SplitsRef, StudyRef
+from tuneline.specs import HpoWorkerSpec, MlflowTarget
 
 GROUP = "training"
 
@@ -116,79 +115,3 @@ def _study_metadata(study: Any, parent: str, mlflow: MlflowResource, errors: lis
         **{f"note_{k}": v for k, v in study.plot_notes.items()},
         **{n: image(path, n) for n, path in study.plots.items()}, **mlflow_link(parent, mlflow.tracking_uri),
     }
-
-
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
-def sft_adapter(
-    context: dg.AssetExecutionContext,
-    recipe: RecipeResource,
-    artifacts: ArtifactStore,
-    mlflow: MlflowResource,
-    launcher: TrainingLauncher,
-    base_model: ModelRef,
-    dataset_splits: SplitsRef,
-    hpo_study: StudyRef,
-) -> dg.Output:
-    """Supervised fine-tuning with the search's best params (method from the recipe), early stopping on
-    validation loss, checkpoints that a retry resumes from."""
-    from tuneline.train.hpo import sft_params_from_trial
-
-    r = recipe.load()
-    params = sft_params_from_trial(r.sft, hpo_study.best_params) if hpo_study.enabled else r.sft
-    spec = SftSpec(out_uri=stage_uri(artifacts, "sft_adapter", context), seed=r.seed, max_steps=r.max_steps,
-                   base=base_model, train_uri=dataset_splits.uri("train"), val_uri=dataset_splits.uri("validation"),
-                   params=params, tokenizer=r.tokenizer, offload=r.offload)
-    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="sft", params=params,
-                       splits=dataset_splits, upstream={"base_model": base_model, "hpo_study": hpo_study},
-                       title="SFT loss")
-
-
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
-def dpo_adapter(
-    context: dg.AssetExecutionContext,
-    recipe: RecipeResource,
-    artifacts: ArtifactStore,
-    mlflow: MlflowResource,
-    launcher: TrainingLauncher,
-    dataset_splits: SplitsRef,
-    sft_adapter: ModelRef,
-    feedback_preferences: FeedbackRef,
-) -> dg.Output:
-    """DPO on the preference split (and the accepted feedback pairs, ``feedback.use``), starting from the SFT model
-    (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory."""
-    from assets.alignment import feedback_params, feedback_uris
-
-    r = recipe.load()
-    if not r.dpo.enabled:
-        return skip_stage(sft_adapter, "dpo.enabled is false: no DPO model (the gate takes the SFT model)")
-    spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
-                   sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
-                   val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
-                   extra_train_uris=feedback_uris(r, feedback_preferences))
-    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="dpo", params=r.dpo,
-                       splits=dataset_splits, upstream={"sft_adapter": sft_adapter}, title="DPO loss",
-                       extra_params=feedback_params(r, feedback_preferences))
-
-
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, retry_policy=RETRY)
-def distilled_student(
-    context: dg.AssetExecutionContext,
-    recipe: RecipeResource,
-    artifacts: ArtifactStore,
-    mlflow: MlflowResource,
-    launcher: TrainingLauncher,
-    dataset_splits: SplitsRef,
-    dpo_adapter: ModelRef,
-) -> dg.Output:
-    """A smaller student trained on the DPO model's token distributions (KL at a temperature + CE);
-    the teacher's outputs are cached under their inputs' hash, so a retry reuses them."""
-    r = recipe.load()
-    if not r.distill.enabled:
-        return skip_stage(dpo_adapter, "distill.enabled is false: no student is distilled")
-    spec = DistillSpec(out_uri=stage_uri(artifacts, "distilled_student", context), seed=r.seed,
-                       max_steps=r.max_steps, teacher=dpo_adapter, train_uri=dataset_splits.uri("train"),
-                       val_uri=dataset_splits.uri("validation"), cache_uri=artifacts.shared_uri("teacher_cache"),
-                       params=r.distill)
-    return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="distill",
-                       params=r.distill, splits=dataset_splits, upstream={"dpo_adapter": dpo_adapter},
-                       title="Distillation loss")
