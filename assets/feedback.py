@@ -15,10 +15,9 @@ def feedback_preferences(
     is a pair, two ratings of answers to one prompt are a pair; each with the request ids and the model version
     that answered. They go through the same reader and validation suite as any preference file (the base model's
     tokenizer); read = accepted + quarantined."""
-    from tuneline.data.validate import load_tokenizer
     from tuneline.deploy.feedback import prepare_feedback
     from tuneline.deploy.inference_log import InferenceLog
-    from tuneline.models.provision import local_model_dir
+    from tuneline.models.loading import load_tokenizer, local_model_dir
     from tuneline.settings import load_settings
 
     r = recipe.load()

@@ -23,7 +23,7 @@ def prepared_dataset(
 ) -> dg.Output:
     """Canonical chat records from every input file; rows failing the row rules go to quarantine."""
     from tuneline.data.prepare import log_prepared, prepare
-    from tuneline.models.provision import load_tokenizer, local_model_dir
+    from tuneline.models.loading import load_tokenizer, local_model_dir
 
     r = recipe.load()
     work = artifacts.workspace("prepared_dataset", context.run.run_id)

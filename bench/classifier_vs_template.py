@@ -75,7 +75,8 @@ def per_class_subset(train: Any, k: Optional[int], seed: int) -> Any:
 
 def tiny_lm(work: Path, corpus: list[str], steps: int) -> tuple[Any, Any]:
     """The offline tiny causal LM the template arm scores with (built once, reused)."""
-    from tuneline.models.provision import load_causal_lm, load_tokenizer, provision_base_model
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+    from tuneline.models.provision import provision_base_model
     from tuneline.params import ModelParams, PretrainParams
 
     out = work / f"tiny_lm_{steps}"

@@ -19,7 +19,7 @@ def data_drift_sensor(context: dg.SensorEvaluationContext, recipe: RecipeResourc
     reported (an observation of ``served_traffic``), not retrained on. The cursor moves past failed requests."""
     from tuneline.data.raw import incoming_dir, incoming_files
     from tuneline.deploy.inference_log import InferenceLog
-    from tuneline.models.provision import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
     from tuneline.monitoring.drift import compute_drift
     from tuneline.monitoring.reference import champion_reference
     from tuneline.monitoring.windows import plan_window

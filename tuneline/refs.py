@@ -160,7 +160,7 @@ class ModelRef(Ref):
     """A model a stage produced or loaded: full weights, or an adapter on a base it names."""
 
     uri: str  # the from_pretrained directory (full) or the adapter directory
-    sha256: str  # weights hash of that directory (tuneline.models.provision.weights_sha256)
+    sha256: str  # weights hash of that directory (tuneline.models.loading.weights_sha256)
     kind: Literal["full", "adapter"]
     method: str  # tiny, pretrained, full, freeze, lora, qlora, ..., dpo, distilled, ...
     stage: str  # the asset that produced it

@@ -61,8 +61,9 @@ def materialized(result) -> set[str]:
 def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, tmp_path: Path) -> None:
     from tuneline import storage
     from tuneline.deploy.lineage import build_passport, passport_markdown, verify_passport
+    from tuneline.deploy.registry import get_version, load_registered, rollback
     from tuneline.deploy.reproduce import reproduce
-    from tuneline.deploy.registry import get_version, load_registered, rollback, chat_generate
+    from tuneline.models.generation import chat_generate
     from tuneline.tracking import TAG_DAGSTER_RUN
 
     result, resources = run_chain(CHAIN, tmp_path / "chain.yaml")

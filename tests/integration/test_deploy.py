@@ -163,10 +163,16 @@ def test_register_promote_load_and_generate(tracker, model_dirs, cache_dir) -> N
     import mlflow.pyfunc
 
     from tuneline.deploy.registry import (
-        TAG_PREVIOUS_CHAMPION, TAG_SOURCE_RUN, TAG_WEIGHTS, chat_generate, get_version, load_registered, promote,
+        TAG_PREVIOUS_CHAMPION,
+        TAG_SOURCE_RUN,
+        TAG_WEIGHTS,
+        get_version,
+        load_registered,
+        promote,
         register_model,
     )
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.generation import chat_generate
+    from tuneline.models.loading import weights_sha256
 
     run_id = _run(tracker, "sft")
     out = register_model(tracker, "chat-a", model_dirs[0], run_id=run_id, passport_md="# Passport\nseed 0\n",
@@ -208,9 +214,16 @@ def test_register_promote_load_and_generate(tracker, model_dirs, cache_dir) -> N
 @pytest.mark.slow
 def test_second_version_promoted_then_rollback_restores_the_first(tracker, model_dirs, cache_dir) -> None:
     from tuneline.deploy.registry import (
-        TAG_PREVIOUS_CHAMPION, RegistryError, get_version, load_registered, promote, register_model, rollback, set_alias,
+        TAG_PREVIOUS_CHAMPION,
+        RegistryError,
+        get_version,
+        load_registered,
+        promote,
+        register_model,
+        rollback,
+        set_alias,
     )
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.loading import weights_sha256
 
     v1 = register_model(tracker, "chat-b", model_dirs[0], run_id=_run(tracker, "v1"), passport_md=None, tags={})
     v2 = register_model(tracker, "chat-b", model_dirs[1], run_id=_run(tracker, "v2"), passport_md=None, tags={},
@@ -284,8 +297,8 @@ def test_register_refuses_a_directory_without_safetensors_or_with_pickles(tracke
 
 @pytest.mark.slow
 def test_generation_stops_at_an_end_of_turn_token(model_dirs) -> None:
-    from tuneline.deploy.registry import chat_generate
-    from tuneline.models.provision import load_causal_lm, load_tokenizer
+    from tuneline.models.generation import chat_generate
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(model_dirs[0]), load_causal_lm(model_dirs[0])
     model.generation_config.eos_token_id = list(range(len(tokenizer)))  # every token ends the turn
@@ -446,7 +459,7 @@ def test_server_batches_concurrent_requests_with_the_answers_of_single_ones(serv
 
 def test_batcher_cuts_each_row_at_its_own_cap_and_reports_errors(model_dirs) -> None:
     from tuneline.deploy.batching import Batcher, ModelSlot, ServedModel
-    from tuneline.models.provision import load_causal_lm, load_tokenizer
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
 
     served = ServedModel(load_causal_lm(model_dirs[0]), load_tokenizer(model_dirs[0]), {"version": 1})
     batcher = Batcher(ModelSlot(served), max_batch_size=3, wait_ms=200)
@@ -518,7 +531,7 @@ def test_server_follows_the_champion_alias_under_load(tracker, model_dirs, cache
 
 def test_a_token_limit_that_leaves_no_room_for_a_prompt_fails_at_start(model_dirs, tmp_path) -> None:
     from tuneline.deploy.server import create_app
-    from tuneline.models.provision import load_causal_lm, load_tokenizer
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(model_dirs[0])  # 256 positions
     with pytest.raises(ValueError, match="no room for a prompt"):

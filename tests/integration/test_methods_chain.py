@@ -36,7 +36,8 @@ def test_bottleneck_adapter_runs_the_whole_graph_with_the_other_stages_off(state
     from pipelines import definitions
     from resources import build_resources
     from resources.recipe import RecipeResource
-    from tuneline.deploy.registry import chat_generate, load_registered
+    from tuneline.deploy.registry import load_registered
+    from tuneline.models.generation import chat_generate
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe("adapter")))
@@ -69,7 +70,7 @@ def test_multitask_prompt_trains_in_the_sft_stage_and_its_publication_is_refused
     from tuneline import storage
     from tuneline.deploy.bundle import servable_model_dir
     from tuneline.evaluate.report import evaluate_model
-    from tuneline.models.provision import load_model_ref
+    from tuneline.models.loading import load_model_ref
     from tuneline.params import EvaluationParams
     from tuneline.records import read_records
 

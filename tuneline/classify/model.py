@@ -41,7 +41,13 @@ def mean_pool_classes() -> tuple[Any, Any]:
     if _REGISTERED:
         return _REGISTERED["config"], _REGISTERED["model"]
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        PretrainedConfig,
+        PreTrainedModel,
+    )
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     class MeanPoolConfig(PretrainedConfig):
@@ -98,7 +104,7 @@ def load_encoder_classifier(name_or_path: str, labels: LabelSet, pooling: str = 
     from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from tuneline.models.provision import _check_local, load_tokenizer
+    from tuneline.models.loading import _check_local, load_tokenizer
 
     _check_local(str(name_or_path))
     names = {"num_labels": len(labels), "id2label": dict(enumerate(labels.names)),
@@ -217,7 +223,7 @@ def load_classifier(path: str | Path) -> tuple[Any, Any, LabelSet]:
     """(model in eval mode, tokenizer, labels) of a saved classifier directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from tuneline.models.provision import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():

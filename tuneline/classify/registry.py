@@ -38,7 +38,7 @@ def register_classifier(tracker: Tracker, name: str, model_dir: str | Path, *, r
     import mlflow.transformers
 
     from tuneline.classify.model import LABELS_FILE, load_classifier
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.loading import weights_sha256
 
     path = check_model_dir(model_dir)
     sha = weights_sha256(path)
@@ -73,7 +73,7 @@ def download_classifier(tracker: Tracker, ref: str, cache_dir: str | Path | None
     ``from_pretrained`` directory (weights and tokenizer), its sha256 checked against the version's tag."""
     import mlflow.artifacts
 
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.loading import weights_sha256
     from tuneline.paths import state_dir
 
     info = get_version(tracker, ref.removeprefix("models:/"))

@@ -142,10 +142,15 @@ def fit_classifier(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tuneline.classify.model import (apply_strategy, load_encoder_classifier, plain_model, predict_proba,
-                                         save_classifier)
     from tuneline.classify.metrics import macro_f1
-    from tuneline.train.common import resolve_bf16
+    from tuneline.classify.model import (
+        apply_strategy,
+        load_encoder_classifier,
+        plain_model,
+        predict_proba,
+        save_classifier,
+    )
+    from tuneline.models.loading import resolve_bf16
 
     out = Path(out_dir)
     ckpt_root = out / CHECKPOINTS

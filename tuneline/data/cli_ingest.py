@@ -91,7 +91,7 @@ def _labels(value: Optional[str]) -> tuple[str, ...]:
 def _tokenizer(path: Optional[str]):
     if not path:
         return None
-    from tuneline.data.validate import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
 
     try:
         return load_tokenizer(path)

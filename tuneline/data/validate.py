@@ -483,13 +483,6 @@ def _raw(record: ChatRecord, limit: int = 500) -> str:
 # one file, end to end (what ``tuneline ingest`` prints)
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer from a local directory (never the network)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def ingest_file(
     path: str | Path,
     *,
@@ -508,6 +501,8 @@ def ingest_file(
 
     source = read_source(DataSource(path=str(path), format=format, schema=schema))
     if isinstance(tokenizer, (str, Path)):
+        from tuneline.models.loading import load_tokenizer
+
         tokenizer = load_tokenizer(tokenizer)
     result = validate_records(source.records, params or ValidationParams(), tokenizer,
                               parse_rejections=source.rejected, read=source.read)

@@ -6,7 +6,7 @@ model they started with, the next batch takes the new one, so a promotion or a r
 
 :class:`Batcher` runs generation on one worker thread. The first queued request waits at most
 ``wait_ms`` for others to join; up to ``max_batch_size`` are then generated together with left padding
-(:func:`tuneline.evaluate.report.generate_greedy`), each row cut at its own ``max_new_tokens`` and eos. A
+(:func:`tuneline.models.generation.generate_greedy`), each row cut at its own ``max_new_tokens`` and eos. A
 batch is at least as fast per request as single generation, so under concurrency throughput rises with
 the batch while a lone request waits only ``wait_ms`` more.
 """
@@ -28,9 +28,9 @@ class ServedModel:
     info: Mapping[str, Any]  # registry name, version, alias (and local path)
 
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        enc = self.tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
-                                                 add_generation_prompt=True)
-        return [int(t) for t in enc["input_ids"]]
+        from tuneline.models.generation import prompt_ids
+
+        return prompt_ids(self.tokenizer, messages)
 
 
 class ModelSlot:
@@ -133,7 +133,7 @@ class Batcher:
         return batch, False
 
     def _run(self) -> None:
-        from tuneline.evaluate.report import generate_greedy
+        from tuneline.models.generation import generate_greedy
 
         closing = False
         while not closing:

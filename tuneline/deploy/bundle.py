@@ -19,7 +19,7 @@ BASE_FILES = ("config.json", "generation_config.json")
 
 def servable_model_dir(candidate: Any, work_dir: str | Path, *, tolerance: float = 1e-5) -> tuple[Path, str]:
     """(directory to register, how it was made: "full", "merged" or "bundle") for a :class:`ModelRef`."""
-    from tuneline.models.provision import local_model_dir
+    from tuneline.models.loading import local_model_dir
     from tuneline.train.bottleneck import is_bottleneck_dir
     from tuneline.train.methods import read_method_file
 
@@ -48,7 +48,7 @@ def bottleneck_bundle(base_dir: str | Path, adapter_dir: str | Path, out_dir: st
     ``out_dir``; raises RuntimeError when the bundle does not reproduce the adapter's logits."""
     import torch
 
-    from tuneline.models.provision import load_causal_lm
+    from tuneline.models.loading import load_causal_lm
     from tuneline.train.sft import load_trained
 
     base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out_dir)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional
 
 from tuneline.tracking import Tracker
 
@@ -268,55 +268,7 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------------------
-# generation (shared by the pyfunc model and the server)
-
-
-def chat_generate(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy reply to one conversation: the chat template with ``add_generation_prompt=True`` (the
-    evaluation and training path), generation stopped at the eos (or the model's end-of-turn ids).
-
-    Returns ``text`` (decoded without special tokens), ``ids`` (new tokens before the stop token),
-    ``prompt_tokens``, ``new_tokens`` (generated, the stop token included) and ``finish_reason``
-    ("stop" at an eos, "length" at ``max_new_tokens``).
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    enc = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, add_generation_prompt=True)
-    prompt = enc["input_ids"] if hasattr(enc, "keys") else enc
-    prompt = [int(t) for t in prompt]
-    stops: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        stops.append(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]:
-        if i is not None and int(i) not in stops:
-            stops.append(int(i))
-    if not stops:
-        raise ValueError("no eos token: generation could never stop before max_new_tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    config = GenerationConfig(
-        max_new_tokens=int(max_new_tokens),
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=stops,
-        pad_token_id=int(pad),
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    device = next(model.parameters()).device
-    ids = torch.as_tensor([prompt], dtype=torch.long, device=device)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    row = out[0, len(prompt) :].tolist()
-    stop_at = next((k for k, t in enumerate(row) if t in stops), None)
-    kept = row if stop_at is None else row[:stop_at]
-    return {
-        "text": tokenizer.decode(kept, skip_special_tokens=True),
-        "ids": kept,
-        "prompt_tokens": len(prompt),
-        "new_tokens": len(row) if stop_at is None else stop_at + 1,
-        "finish_reason": "length" if stop_at is None else "stop",
-    }
+# the pyfunc model (generation: tuneline.models.generation)
 
 
 def _rows_from_input(model_input: Any) -> list[list[dict[str, str]]]:
@@ -370,21 +322,18 @@ def _pyfunc_model() -> Any:
 
         # no type hints on these two methods: MLflow would try to derive a signature from them
         def load_context(self, context):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from tuneline.models.loading import load_causal_lm, load_tokenizer
 
-            path = context.artifacts[ARTIFACT_KEY]
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True)
-            if Path(path, "bottleneck_config.json").is_file():  # a bundle: base + bottleneck adapters (needs tuneline)
-                from tuneline.train.bottleneck import load_bottleneck
-
-                load_bottleneck(self.model, path)
-            self.model.eval()
+            path = context.artifacts[ARTIFACT_KEY]  # a bundle with bottleneck adapters loads them too
+            self.tokenizer = load_tokenizer(path)
+            self.model = load_causal_lm(path)
 
         def predict(self, context, model_input, params=None):
             max_new_tokens = int((params or {}).get("max_new_tokens") or 64)
             out = []
             for messages in _rows_from_input(model_input):
+                from tuneline.models.generation import chat_generate
+
                 result = chat_generate(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens)
                 out.append({k: result[k] for k in ("text", "new_tokens", "finish_reason", "prompt_tokens")})
             return out
@@ -473,7 +422,7 @@ def register_model(
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.loading import weights_sha256
 
     if not _NAME_RE.match(name or ""):
         raise ValueError(f"bad registered model name {name!r}: use letters, digits, '-', '_' or '.'")
@@ -584,7 +533,7 @@ def download_version(tracker: Tracker, info: Mapping[str, Any], cache_dir: str |
     """
     import mlflow.artifacts
 
-    from tuneline.models.provision import weights_sha256
+    from tuneline.models.loading import weights_sha256
     from tuneline.paths import state_dir
 
     expected = info.get("weights_sha256")
@@ -635,7 +584,7 @@ def load_registered(
     and loaded with ``from_pretrained`` from local files only (safetensors, no remote code). ``info``
     is :func:`get_version`'s dict plus ``path`` (the local directory).
     """
-    from tuneline.models.provision import load_causal_lm, load_tokenizer
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
 
     info = get_version(tracker, ref)
     path = download_version(tracker, info, cache_dir)

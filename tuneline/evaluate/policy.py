@@ -20,15 +20,10 @@ from typing import Any, Callable, Optional, Sequence
 RewardFn = Callable[..., list[float]]
 
 
-def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    enc = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, add_generation_prompt=True)
-    return [int(t) for t in enc["input_ids"]]
-
-
 def rollouts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int,
              batch_size: int = 16) -> dict[str, Any]:
     """Greedy completions: ``ids`` (before the eos), ``texts``, ``prompt_ids`` and ``tokens_per_s``."""
-    from tuneline.evaluate.report import generate_greedy
+    from tuneline.models.generation import generate_greedy, prompt_ids
 
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     was_training = model.training

@@ -33,6 +33,7 @@ from tuneline.evaluate.metrics import (
     percentile,
     rouge_l,
 )
+from tuneline.models.generation import generate_greedy, input_ids, pad_id, prompt_ids
 from tuneline.params import EvaluationParams, to_plain
 from tuneline.records import ChatRecord
 
@@ -55,7 +56,7 @@ def _load(model_or_dir: Any) -> tuple[Any, Any, Optional[Path]]:
             raise ValueError("pass a model directory or a (model, tokenizer) pair")
         model, tokenizer = model_or_dir
         return model, tokenizer, None
-    from tuneline.models.provision import load_causal_lm, load_tokenizer
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
 
     path = Path(model_or_dir)
     if not path.is_dir():
@@ -91,41 +92,9 @@ def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return int(pad)
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's eos plus any eos ids of the model's generation config (end-of-turn tokens)."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]:
-        if i is not None and int(i) not in ids:
-            ids.append(int(i))
-    if not ids:
-        raise ValueError("no eos token: generation could never stop before max_new_tokens")
-    return ids
-
-
-def _ids(encoded: Any) -> list[int]:
-    """input_ids from what apply_chat_template returns (a BatchEncoding in transformers 5, or a list)."""
-    if hasattr(encoded, "keys") and "input_ids" in encoded:
-        encoded = encoded["input_ids"]
-    return [int(t) for t in encoded]
-
-
-def _prompt_ids(tokenizer: Any, turns: list[dict[str, str]]) -> list[int]:
-    return _ids(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True, add_generation_prompt=True))
-
-
 def _answer_ids(tokenizer: Any, text: str) -> list[int]:
     """Serving-path ids of a response: its text tokenized without specials, then eos."""
-    ids = _ids(tokenizer(text, add_special_tokens=False))
+    ids = input_ids(tokenizer(text, add_special_tokens=False))
     return ids + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
 
 
@@ -200,7 +169,7 @@ def _teacher_forced(model: Any, tokenizer: Any, records: list[ChatRecord], param
     with torch.inference_mode():
         for batch in _batches(order, params.batch_size):
             seqs = [features[i]["input_ids"] for i in batch]
-            ids, mask, labels = _right_pad(seqs, _pad_id(tokenizer), [features[i]["labels"] for i in batch])
+            ids, mask, labels = _right_pad(seqs, pad_id(tokenizer), [features[i]["labels"] for i in batch])
             sums, counts = _token_logprobs(model, ids, mask, labels)
             for j, i in enumerate(batch):
                 n = int(counts[j])
@@ -231,7 +200,7 @@ def _preference(model: Any, tokenizer: Any, records: list[ChatRecord], params: E
     for record in records:
         if record.kind != "preference" or record.chosen is None or record.rejected is None:
             raise ValueError(f"record {record.id}: preference accuracy needs kind 'preference' with chosen/rejected")
-        prompt = _prompt_ids(tokenizer, record.messages)
+        prompt = prompt_ids(tokenizer, record.messages)
         for response in (record.chosen, record.rejected):
             answer = _answer_ids(tokenizer, response)
             ids = (prompt + answer)[: params.max_length]
@@ -242,7 +211,7 @@ def _preference(model: Any, tokenizer: Any, records: list[ChatRecord], params: E
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in _batches(order, params.batch_size):
-            ids, mask, lab = _right_pad([seqs[i] for i in batch], _pad_id(tokenizer), [labels[i] for i in batch])
+            ids, mask, lab = _right_pad([seqs[i] for i in batch], pad_id(tokenizer), [labels[i] for i in batch])
             sums, _ = _token_logprobs(model, ids, mask, lab)
             for j, i in enumerate(batch):
                 logps[i] = float(sums[j])
@@ -260,76 +229,6 @@ def _preference(model: Any, tokenizer: Any, records: list[ChatRecord], params: E
 
 # ---------------------------------------------------------------------------
 # generation
-
-
-def generate_greedy(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int | Sequence[int],
-    batch_size: int,
-    warm_up: bool = True,
-) -> list[dict[str, Any]]:
-    """Greedy completions of tokenized prompts, batched with left padding, each cut at its first eos.
-
-    ``max_new_tokens`` is one cap for all prompts or one per prompt (a batch generates up to its largest
-    cap; each row is cut at its own). Returns, per prompt in input order: ``ids`` (new tokens before the
-    eos), ``new_tokens`` (tokens generated, the eos included), ``hit_eos`` and ``latency_s`` (its batch's
-    wall time / batch size). Prompts are batched in order of length (less padding); unless ``warm_up`` is
-    off, one untimed two-token call warms up first.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    pad = _pad_id(tokenizer)
-    stops = _stop_ids(model, tokenizer)
-    caps = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(c) for c in max_new_tokens]
-    if len(caps) != len(prompts) or any(c < 1 for c in caps):
-        raise ValueError("max_new_tokens: one cap >= 1, or one per prompt")
-    device = _device(model)
-    results: list[Optional[dict[str, Any]]] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    with torch.inference_mode():
-        if prompts and warm_up:  # untimed warm-up: lazy initialisation must not land in the first batch's latency
-            warm = torch.as_tensor([list(prompts[order[0]])], dtype=torch.long, device=device)
-            model.generate(
-                input_ids=warm,
-                attention_mask=torch.ones_like(warm),
-                generation_config=GenerationConfig(
-                    max_new_tokens=2, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad
-                ),
-            )
-        for batch in _batches(order, batch_size):
-            longest = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for j, i in enumerate(batch):
-                p = list(prompts[i])
-                ids[j, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-                mask[j, longest - len(p) :] = 1
-            config = GenerationConfig(
-                max_new_tokens=max(caps[i] for i in batch),
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=stops,
-                pad_token_id=pad,
-                bos_token_id=tokenizer.bos_token_id,
-            )
-            start = time.perf_counter()
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-            elapsed = time.perf_counter() - start
-            new = out[:, longest:].tolist()
-            for j, i in enumerate(batch):
-                row = new[j][: caps[i]]
-                stop_at = next((k for k, t in enumerate(row) if t in stops), None)
-                results[i] = {
-                    "ids": row if stop_at is None else row[:stop_at],
-                    "new_tokens": len(row) if stop_at is None else stop_at + 1,
-                    "hit_eos": stop_at is not None,
-                    "latency_s": elapsed / len(batch),
-                }
-    return results  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +271,7 @@ def evaluate_model(
 
     tf = _teacher_forced(model, tokenizer, tests, params)
 
-    prompts = [_prompt_ids(tokenizer, r.messages[:-1]) for r in tests]
+    prompts = [prompt_ids(tokenizer, r.messages[:-1]) for r in tests]
     gen_start = time.perf_counter()
     generations = generate_greedy(
         model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size
@@ -535,8 +434,8 @@ def template_parity(tokenizer: Any, records: Sequence[ChatRecord],
         enc = tokenizer.apply_chat_template(
             conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        training = _ids(enc)
-        serving = _prompt_ids(tokenizer, conversation[:-1]) + _answer_ids(tokenizer, conversation[-1]["content"])
+        training = input_ids(enc)
+        serving = prompt_ids(tokenizer, conversation[:-1]) + _answer_ids(tokenizer, conversation[-1]["content"])
         if training == serving:
             continue
         first = next((k for k, (x, y) in enumerate(zip(training, serving)) if x != y), min(len(training), len(serving)))

@@ -2,7 +2,7 @@
 and the DeepSpeed ZeRO configuration for training.
 
 ``device_map_kwargs`` turns :class:`~tuneline.params.OffloadParams` into ``from_pretrained`` keywords
-(``device_map``, ``max_memory`` in bytes, ``offload_folder``); :func:`tuneline.models.provision.load_causal_lm`
+(``device_map``, ``max_memory`` in bytes, ``offload_folder``); :func:`tuneline.models.loading.load_causal_lm`
 and :func:`tuneline.train.methods.load_base` take them. ``plan_device_map`` shows where each module would go
 without loading any weight (``init_empty_weights`` + ``infer_auto_device_map``). ``zero_config`` is the DeepSpeed
 config the HF ``Trainer`` takes (``TrainingArguments(deepspeed=...)``); it needs CUDA and the ``deepspeed``

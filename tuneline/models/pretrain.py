@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
+from tuneline.models.loading import resolve_bf16
 from tuneline.params import PretrainParams
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
@@ -53,40 +54,6 @@ class PretrainResult:
         data = asdict(self)
         data["losses"] = [[int(s), float(v)] for s, v in self.losses]
         return data
-
-
-def bf16_supported(device: Any = "cpu") -> bool:
-    """True when bf16 matmuls are fast on ``device``: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:  # oneDNN's own check: AVX512-BF16 (or AMX) present
-        if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in capability.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
-def resolve_bf16(params: PretrainParams, device: Any = "cpu") -> bool:
-    """``params.bf16`` if set, else what the device supports. Asking for bf16 where it is unsupported is an error."""
-    if params.bf16 is None:
-        return bf16_supported(device)
-    if params.bf16 and not bf16_supported(device):
-        raise ValueError(f"pretrain.bf16 is true but {device} has no fast bf16 support; set it to false or null")
-    return params.bf16
 
 
 def pack_corpus(tokenizer: Any, texts: list[str], seq_len: int) -> "Any":
@@ -231,7 +198,7 @@ def pretrain_causal_lm(
     if steps < 1:
         raise ValueError("steps must be >= 1")
     device = next(model.parameters()).device
-    bf16 = resolve_bf16(params, device)
+    bf16 = resolve_bf16(params.bf16, device, field="pretrain.bf16")
 
     blocks = pack_corpus(tokenizer, texts, params.seq_len)
     n_blocks = int(blocks.shape[0])

@@ -1,4 +1,5 @@
-"""Base-model provisioning: load a model by hub id or local path, or build the offline tiny one.
+"""Base-model provisioning: load a model by hub id or local path (through :mod:`tuneline.models.loading`), or
+build the offline tiny one.
 
 ``provision_base_model`` is the one function the base-model stage calls. It always ends with a
 directory that ``from_pretrained`` reads (safetensors weights, tokenizer, chat template) and a
@@ -7,16 +8,15 @@ directory that ``from_pretrained`` reads (safetensors weights, tokenizer, chat t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from tuneline.models.loading import load_causal_lm, load_tokenizer, weight_files, weights_sha256
 from tuneline.models.pretrain import PretrainResult, Progress, pretrain_causal_lm
 from tuneline.params import ModelParams, PretrainParams
-from tuneline.records import sha256_file
 
 if TYPE_CHECKING:
     from tuneline.refs import ModelRef
@@ -33,10 +33,6 @@ CONFIG_FIELDS = (
     "max_position_embeddings",
     "tie_word_embeddings",
 )
-
-
-class ModelNotAvailableError(OSError):
-    """A model or tokenizer that cannot be loaded: not a local directory and not reachable or cached."""
 
 
 @dataclass
@@ -60,106 +56,6 @@ class BaseModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _not_available(kind: str, name_or_path: str, revision: Optional[str], exc: BaseException) -> ModelNotAvailableError:
-    rev = f" at revision {revision!r}" if revision else ""
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    hint = (
-        "the Hugging Face Hub is disabled here (HF_HUB_OFFLINE=1)"
-        if offline
-        else "it is neither a local directory nor reachable on / cached from the Hugging Face Hub"
-    )
-    return ModelNotAvailableError(
-        f"cannot load {kind} {name_or_path!r}{rev}: {hint}. Download it to a local directory and set "
-        f"model.name_or_path to that path, or use model.build: tiny. ({type(exc).__name__}: {exc})"
-    )
-
-
-def _check_local(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise ModelNotAvailableError(f"cannot load {name_or_path!r}: local directory not found")
-
-
-def load_tokenizer(name_or_path: str | Path, revision: Optional[str] = None) -> Any:
-    """``AutoTokenizer.from_pretrained`` without remote code; a clear error when it cannot be had."""
-    from transformers import AutoTokenizer
-
-    name = str(name_or_path)
-    _check_local(name)
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        if Path(name).expanduser().is_dir():
-            raise
-        raise _not_available("tokenizer", name, revision, exc) from exc
-
-
-def _resolve_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None:
-        return torch.float32  # trainable master weights; bf16 comes from autocast
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        return resolved
-    return dtype
-
-
-def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dtype: Any = None,
-                   offload: Any = None) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` from safetensors only, without remote code.
-
-    ``dtype`` None loads float32 (what training wants); "auto" keeps the checkpoint's dtype; a
-    torch dtype or its name ("bfloat16") loads that. ``offload`` (the recipe's
-    :class:`~tuneline.params.OffloadParams`) with ``inference`` on places the model across devices and disk
-    (accelerate ``device_map``, ``max_memory``, ``offload_folder``).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from tuneline.models.offload import device_map_kwargs
-
-    name = str(name_or_path)
-    _check_local(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=revision,
-            trust_remote_code=False,
-            use_safetensors=True,
-            dtype=_resolve_dtype(dtype),
-            **device_map_kwargs(offload),
-        )
-    except (OSError, ValueError) as exc:
-        if Path(name).expanduser().is_dir():
-            raise
-        raise _not_available("model", name, revision, exc) from exc
-    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
-
-    if is_bottleneck_dir(name):  # a served bundle: the base's weights plus bottleneck adapters
-        load_bottleneck(model, name)
-    model.eval()
-    return model
-
-
-def weight_files(model_dir: str | Path) -> list[Path]:
-    return sorted(Path(model_dir).glob("*.safetensors"))
-
-
-def weights_sha256(model_dir: str | Path) -> str:
-    """sha256 of the single safetensors file; for sharded weights, sha256 over "name sha" lines."""
-    files = weight_files(model_dir)
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
-    if len(files) == 1:
-        return sha256_file(files[0])
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name} {sha256_file(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def config_summary(config: Any) -> dict[str, Any]:
@@ -292,34 +188,8 @@ def model_ref(local_dir: str | Path, uri: str, *, method: str, stage: str, **fie
     """A :class:`~tuneline.refs.ModelRef` for a saved model directory: ``adapter`` when it holds an adapter
     (then ``base=`` is required), else ``full``; the weights hash is taken from the files."""
     from tuneline.refs import ModelRef
-
     from tuneline.train.bottleneck import is_bottleneck_dir
 
     adapter = (Path(local_dir) / "adapter_config.json").is_file() or is_bottleneck_dir(local_dir)
     kind = "adapter" if adapter else "full"
     return ModelRef(uri=uri, sha256=weights_sha256(local_dir), kind=kind, method=method, stage=stage, **fields)
-
-
-def local_model_dir(ref: "ModelRef") -> Path:
-    """The model's directory on this machine (fetched from the artifact store when it is remote); the
-    weights are checked against the reference's sha256."""
-    from tuneline import storage
-
-    path = storage.fetch(ref.uri)
-    actual = weights_sha256(path)
-    if actual != ref.sha256:
-        raise ValueError(f"{storage.redact(ref.uri)}: weights sha256 {actual[:16]} does not match the "
-                         f"reference's {ref.sha256[:16]} (the files changed after {ref.stage} wrote them)")
-    return path
-
-
-def load_model_ref(ref: "ModelRef", offload: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a reference: full weights, or the adapter (PEFT or bottleneck) on its base;
-    ``offload`` as in :func:`load_causal_lm`."""
-    from tuneline.train.sft import load_trained
-
-    if ref.kind == "adapter":
-        assert ref.base is not None
-        return load_trained(local_model_dir(ref.base), local_model_dir(ref), offload=offload)
-    path = local_model_dir(ref)
-    return load_causal_lm(path, offload=offload), load_tokenizer(path)

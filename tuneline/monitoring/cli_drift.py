@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def _tokenizer(path: Optional[str]):
     if not path:
         return None
-    from tuneline.data.validate import load_tokenizer
+    from tuneline.models.loading import load_tokenizer
 
     try:
         return load_tokenizer(path)

@@ -19,7 +19,7 @@ def run(spec: TemplateSpec, pipes: Any = None) -> Outcome:
     from tuneline.classify.data import LabelSet, examples_from_records
     from tuneline.classify.evaluate import evaluate_probs, headline
     from tuneline.classify.template import choose_shots, template_probs
-    from tuneline.models.provision import load_model_ref
+    from tuneline.models.loading import load_model_ref
     from tuneline.records import read_records
 
     log = _runner.StepLogger(pipes, spec.mlflow)

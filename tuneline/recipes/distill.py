@@ -20,7 +20,8 @@ from tuneline.specs import DistillSpec, Outcome
 def run(spec: DistillSpec, pipes: Any = None) -> Outcome:
     """Distill as the spec says; stream logs; write the outcome; report the materialization under Pipes."""
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir, model_ref
+    from tuneline.models.loading import local_model_dir
+    from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.distill import STUDENT_SUBDIR, TOP_K, distill_student
 

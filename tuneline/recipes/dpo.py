@@ -25,7 +25,8 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     from pathlib import Path
 
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir, model_ref
+    from tuneline.models.loading import local_model_dir
+    from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.dpo import ADAPTER_SUBDIR, MERGED_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
 

@@ -25,7 +25,7 @@ PARITY_RECORDS = (200, 50)  # test and preference records checked for template p
 def run(spec: EvalSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
     from tuneline.evaluate.report import compare, evaluate_model, markdown_table, plot_comparison, template_parity
-    from tuneline.models.provision import load_model_ref
+    from tuneline.models.loading import load_model_ref
     from tuneline.records import read_records
 
     log = _runner.StepLogger(pipes, spec.mlflow)
@@ -73,7 +73,7 @@ class _PolicyFigures:
     spec names no reward model / reference)."""
 
     def __init__(self, spec: EvalSpec, test: list[Any]) -> None:
-        from tuneline.models.provision import load_model_ref, local_model_dir
+        from tuneline.models.loading import load_model_ref, local_model_dir
         from tuneline.train.reward import RewardScorer
         from tuneline.train.rl import prompts_of
 

@@ -22,7 +22,7 @@ from tuneline.specs import HpoTrialSpec, Outcome
 def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     """Train the trial with the pruning callback; write the outcome; report the materialization under Pipes."""
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir
+    from tuneline.models.loading import local_model_dir
     from tuneline.records import read_records
     from tuneline.train.hpo import OptunaPruningCallback, sft_params_from_trial
     from tuneline.train.sft import train_sft

@@ -20,7 +20,8 @@ from tuneline.specs import Outcome, RewardSpec
 
 def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir, model_ref
+    from tuneline.models.loading import local_model_dir
+    from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.dpo import merged_sft_base
     from tuneline.train.reward import MODEL_SUBDIR, train_reward_model

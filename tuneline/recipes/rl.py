@@ -21,7 +21,8 @@ from tuneline.specs import Outcome, RlSpec
 
 def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir, model_ref
+    from tuneline.models.loading import local_model_dir
+    from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.reward import RewardScorer
     from tuneline.train.rl import MODEL_SUBDIR, load_rl_model, train_rl

@@ -28,7 +28,8 @@ SCALARS = (
 def run(spec: SftSpec, pipes: Any = None) -> Outcome:
     """Train as the spec says; stream logs to ``pipes`` (or stdout) and MLflow; write the outcome."""
     from tuneline import storage
-    from tuneline.models.provision import local_model_dir, model_ref
+    from tuneline.models.loading import local_model_dir
+    from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.sft import MODEL_SUBDIR, train_sft
 

@@ -1,4 +1,4 @@
-"""Small pieces the trainers share: bf16 detection, chat tokenization with completion-only labels,
+"""Small pieces the trainers share: the attention kernel, chat tokenization with completion-only labels,
 a padding collator and length-grouped batch order.
 
 Heavy libraries (torch) are imported inside the functions.
@@ -8,56 +8,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 IGNORE_INDEX = -100  # label value the loss skips
 
 
 # ---------------------------------------------------------------------------
-# device and precision
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16).
-
-    Without them torch still runs bf16, but emulated and slower than fp32.
-    """
-    import torch
-
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AMX" in capability or "BF16" in capability:
-        return True
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def resolve_bf16(flag: Optional[bool]) -> bool:
-    """Whether to train with bf16 autocast. fp16 is never used (2.6 GFLOP/s on these CPUs).
-
-    ``None``: True on CUDA with bf16 support, or on a CPU with native bf16 (AVX512-BF16/AMX).
-    ``True`` on a CUDA device without bf16 support is an error (it cannot run).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        supported = torch.cuda.is_bf16_supported()
-        if flag and not supported:
-            raise ValueError(
-                f"bf16=True but CUDA device {torch.cuda.get_device_name()} has no bf16 support; "
-                "set bf16 to false (fp16 is not offered)"
-            )
-        return supported if flag is None else bool(flag)
-    if flag is None:
-        return cpu_has_native_bf16()
-    return bool(flag)
+# attention kernel
 
 
 def attention_implementation() -> Optional[str]:

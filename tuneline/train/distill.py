@@ -403,13 +403,13 @@ def distill_student(
     ``params.save_steps`` steps are marked complete (then ``on_checkpoint(folder)``); a rerun resumes from the
     last complete one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
 
+    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import loss_curve
     from tuneline.train import distributed
-    from tuneline.train.common import resolve_bf16
+    from tuneline.train.common import loss_curve
     from tuneline.train.methods import count_params
 
     distributed.check_world(params.num_processes, "tuneline.recipes.distill")
@@ -417,8 +417,8 @@ def distill_student(
     teacher_dir, out_dir, cache_dir = Path(teacher_dir), Path(out_dir), Path(cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_causal_lm(teacher_dir)
     teacher.eval()
     if torch.cuda.is_available():  # the one teacher pass runs where the student will train
         teacher.to("cuda")

@@ -297,14 +297,14 @@ def build_dpo_trainer(
     """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from tuneline.train.common import checkpointed_run_args, resolve_bf16
+    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+    from tuneline.train.common import checkpointed_run_args
     from tuneline.train.distributed import ddp_backend
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_base_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_base_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(merged_base_dir)
+    model = load_causal_lm(merged_base_dir)
     model.config.use_cache = False
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = DPOConfig(
@@ -377,10 +377,11 @@ def train_dpo(
     are marked complete once written (then ``on_checkpoint(folder)``); a rerun resumes from the last complete
     one, its loss curve included.
     """
+    from tuneline.models.loading import resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
-    from tuneline.train.common import loss_curve, resolve_bf16
+    from tuneline.train.common import loss_curve
     from tuneline.train.methods import count_params, write_method_file
 
     distributed.check_world(params.num_processes, "tuneline.recipes.dpo")

@@ -53,6 +53,7 @@ def quantized_linear_sizes(base_model_path: str | Path) -> dict[str, int]:
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from tuneline.compat.transformers import keys_to_not_convert
 
     config = AutoConfig.from_pretrained(base_model_path)
@@ -359,7 +360,8 @@ def apply_method(
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from tuneline.train.common import attention_implementation, resolve_bf16
+    from tuneline.models.loading import resolve_bf16
+    from tuneline.train.common import attention_implementation
 
     method = params.method
     if method not in PEFT_METHODS:
@@ -536,13 +538,12 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
     with ``vocab_size`` (tokens added at fine-tuning, from the method file) its embeddings grown to that size
     first, as training did, so the adapter's token rows fit. ``offload`` (the recipe's offload section) places an
     unquantized base across devices and disk for inference."""
-    from tuneline.models.offload import device_map_kwargs
-    from tuneline.train.tokens import resize_embeddings
-
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tuneline.models.offload import device_map_kwargs
     from tuneline.train.common import attention_implementation
+    from tuneline.train.tokens import resize_embeddings
 
     attn = attention_implementation()
     if quantization:

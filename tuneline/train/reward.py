@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from tuneline.models.generation import pad_id
 from tuneline.params import RewardParams
 
 MODEL_SUBDIR = "model"  # the trained reward model (full weights + tokenizer)
@@ -135,18 +136,11 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: Sequence[Any], max_leng
         raise ValueError("pairwise accuracy needs at least one held-out pair")
     rows = tokenized_pairs(tokenizer, pairs, max_length)
     seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    scores = score_ids(model, seqs, _pad_id(tokenizer), batch_size)
+    scores = score_ids(model, seqs, pad_id(tokenizer), batch_size)
     n = len(rows)
     margins = [scores[k] - scores[n + k] for k in range(n)]
     return {"accuracy": sum(m > 0 for m in margins) / n, "margin_mean": sum(margins) / n,
             "chosen_mean": sum(scores[:n]) / n, "rejected_mean": sum(scores[n:]) / n, "pairs": n}
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the reward model's tokenizer has neither a pad nor an eos token")
-    return int(pad)
 
 
 class RewardScorer:
@@ -161,12 +155,14 @@ class RewardScorer:
 
     def __init__(self, model_dir: str | Path, *, batch_size: int = 16) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from tuneline.models.loading import load_tokenizer
 
         model_dir = Path(model_dir)
         info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
         self.max_length = int(info["max_length"])
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
         self.model.eval()
@@ -176,7 +172,7 @@ class RewardScorer:
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
         seqs = [encode(self.tokenizer, _messages_of(p), _text_of(r), self.max_length)
                 for p, r in zip(prompts, responses, strict=True)]
-        return score_ids(self.model, seqs, _pad_id(self.tokenizer), self.batch_size)
+        return score_ids(self.model, seqs, pad_id(self.tokenizer), self.batch_size)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         return self.score(prompts, completions)
@@ -189,7 +185,9 @@ class RewardScorer:
 def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]:
     """(1-label classifier, tokenizer, where it came from): the SFT model's weights or the encoder's."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneline.models.loading import load_tokenizer
 
     if base == "encoder":
         path = encoder_path()
@@ -197,7 +195,7 @@ def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]
         path = Path(sft_dir)
     else:
         raise ValueError("reward.base: sft needs the SFT model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
     if tokenizer.pad_token is None:  # a decoder's score is read at the last non-pad token: pad must exist
@@ -223,7 +221,8 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from tuneline.train.common import checkpointed_run_args, resolve_bf16
+    from tuneline.models.loading import resolve_bf16
+    from tuneline.train.common import checkpointed_run_args
 
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = RewardConfig(
@@ -294,9 +293,10 @@ def train_reward_model(
     Checkpoints every ``params.save_steps`` are marked complete once written; a rerun resumes from the last one."""
     from transformers import set_seed
 
+    from tuneline.models.loading import resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import loss_curve, resolve_bf16
+    from tuneline.train.common import loss_curve
     from tuneline.train.methods import count_params
 
     started = time.perf_counter()

@@ -66,7 +66,7 @@ def prompts_of(records: Sequence[Any]) -> list[list[dict[str, str]]]:
 def fitting_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]],
                     max_prompt_length: int) -> list[list[dict[str, str]]]:
     """The prompts whose templated ids fit ``max_prompt_length`` (TRL 1.16 has no prompt-length cap of its own)."""
-    from tuneline.evaluate.policy import prompt_ids
+    from tuneline.models.generation import prompt_ids
 
     return [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_prompt_length]
 
@@ -96,15 +96,14 @@ def build_rl_trainer(
     that adapter disabled: ``ref_model`` is None)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.train.common import checkpointed_run_args, resolve_bf16
+    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+    from tuneline.train.common import checkpointed_run_args
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
-    tokenizer = AutoTokenizer.from_pretrained(merged_base_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_base_dir, dtype=torch.float32, trust_remote_code=False,
-                                                 use_safetensors=True)
+    tokenizer = load_tokenizer(merged_base_dir)
+    model = load_causal_lm(merged_base_dir)
     steps = min(s for s in (params.max_steps, max_steps) if s is not None)
     common = dict(
         output_dir=str(checkpoints_dir),
@@ -218,9 +217,10 @@ def train_rl(
     """RLOO/GRPO on the prompts of ``train_records`` from the SFT model, rewarded by ``reward_fn`` (TRL's reward
     function signature), KL-tied (``params.beta``) to the SFT model; figures on ``val_records``' prompts before
     and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one."""
+    from tuneline.models.loading import resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import loss_curve, resolve_bf16
+    from tuneline.train.common import loss_curve
     from tuneline.train.dpo import merged_sft_base
     from tuneline.train.methods import count_params, write_method_file
 
@@ -231,9 +231,9 @@ def train_rl(
 
     checkpoints = out / "checkpoints"
     resume = ck.last_valid_checkpoint(checkpoints)
-    from transformers import AutoTokenizer
+    from tuneline.models.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = load_tokenizer(merged_dir)
     all_train = prompts_of(train_records)
     train_prompts = fitting_prompts(tokenizer, all_train, params.max_prompt_length)
     eval_prompts = fitting_prompts(tokenizer, prompts_of(val_records), params.max_prompt_length)[:params.eval_prompts]

@@ -219,15 +219,15 @@ def train_sft(
     ``zero_stage`` trains under DeepSpeed ZeRO (CUDA and ``deepspeed`` required, checked first).
     """
     import torch
-    from transformers import AutoTokenizer, PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
+    from tuneline.models.loading import load_tokenizer, resolve_bf16
+    from tuneline.models.offload import check_zero_runs, zero_config
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
-    from tuneline.train.common import FlatCollator, PadCollator, resolve_bf16, tokenize_chat
+    from tuneline.train.common import FlatCollator, PadCollator, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
-
-    from tuneline.models.offload import check_zero_runs, zero_config
 
     distributed.check_world(params.num_processes, "tuneline.recipes.sft")
     check_zero_runs(offload)
@@ -238,7 +238,7 @@ def train_sft(
     # data: completion-only labels (assistant tokens and their eos)
     from tuneline.train.tokens import check_special_tokens, extend_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    tokenizer = load_tokenizer(base_model_path)
     added = extend_tokenizer(tokenizer, tokens)
     special_tokens = check_special_tokens(tokenizer)
     source_result = None
@@ -444,16 +444,16 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path, offload: A
     """(model, tokenizer) from ``train_sft``'s output: an adapter (PEFT, or our bottleneck adapters) on the base
     model, or a full model. ``offload``: the recipe's offload section (inference device_map), applied to the
     base or full model as it loads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from tuneline.models.loading import load_tokenizer
     from tuneline.models.offload import device_map_kwargs
-
     from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
     from tuneline.train.common import attention_implementation
     from tuneline.train.methods import load_base, read_method_file
 
     output_dir = Path(output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    tokenizer = load_tokenizer(output_dir)
     if is_bottleneck_dir(output_dir):
         model = load_bottleneck(load_base(base_model_path, offload=offload), output_dir)
     elif (output_dir / "adapter_config.json").is_file():
@@ -487,11 +487,10 @@ def merge_adapter(
     """
     import torch
     from peft import PeftConfig, PeftModel
-    from transformers import AutoTokenizer
 
-    from tuneline.train.methods import load_base, read_method_file
-
+    from tuneline.models.loading import load_tokenizer
     from tuneline.train.bottleneck import is_bottleneck_dir
+    from tuneline.train.methods import load_base, read_method_file
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if is_bottleneck_dir(adapter_dir):
@@ -521,7 +520,7 @@ def merge_adapter(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    load_tokenizer(adapter_dir).save_pretrained(out_dir)
     return {
         "output_dir": str(out_dir),
         "method": method,
