@@ -7,10 +7,30 @@ Heavy libraries (torch) are imported inside the functions.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 IGNORE_INDEX = -100  # label value the loss skips
+
+
+# ---------------------------------------------------------------------------
+# what every TRL-trained stage reports
+
+
+@dataclass(kw_only=True)
+class TrainedStats:
+    """The fields DPO, the reward model and RL report alike (each result adds its own before them)."""
+
+    losses: list[dict[str, float]] = field(default_factory=list)  # the trainer's log, one dict per logging step
+    steps: int = 0
+    seconds: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    bf16: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------
@@ -239,9 +259,18 @@ def loss_curve(history: list[dict[str, Any]], keys: dict[str, str]) -> list[dict
             for h in history if "loss" in h]
 
 
-def checkpointed_run_args(save_steps: int, seed: int) -> dict[str, Any]:
+def checkpointed_run_args(save_steps: int, seed: int, *, bf16: Optional[bool] = None) -> dict[str, Any]:
     """What every TRL trainer here (DPO, reward model, RLOO/GRPO) sets the same way: a log line per step, crash-safe
     checkpoints every ``save_steps`` (two kept, marked complete, resumed by a retry), no evaluation loop or
-    reporting integration, no dataloader workers, seeded data order."""
+    reporting integration, no dataloader workers, seeded data order; and TRL 1.x's defaults that are wrong here
+    turned off: gradient checkpointing (transformers 5 renamed it ``activation_checkpointing``; the new name wins
+    when both are given) and bf16 on any device (it fails on a CPU; ``bf16`` None resolves to what the device
+    runs natively). fp16 is never used."""
+    import torch
+
+    from tuneline.models.loading import resolve_bf16
+
     return dict(logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=2, eval_strategy="no",
-                report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=seed, data_seed=seed)
+                report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=seed, data_seed=seed,
+                gradient_checkpointing=False, activation_checkpointing=False, bf16=resolve_bf16(bf16), fp16=False,
+                use_cpu=not torch.cuda.is_available())

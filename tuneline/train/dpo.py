@@ -25,11 +25,12 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tuneline.params import DpoParams
+from tuneline.train.common import TrainedStats
 
 MERGEABLE_METHODS = ("lora", "qlora", "adalora", "ia3")
 FULL_WEIGHT_METHODS = ("full", "freeze")
@@ -55,7 +56,7 @@ class PreferenceMetrics:
 
 
 @dataclass
-class DpoResult:
+class DpoResult(TrainedStats):
     """What a DPO run produced and measured."""
 
     output_dir: str  # the DPO adapter (+ tokenizer)
@@ -66,19 +67,9 @@ class DpoResult:
     fresh_adapter: bool  # every LoRA B matrix was zero before training: policy == reference at step 0
     before: dict[str, float]  # PreferenceMetrics on val, before training
     after: dict[str, float]  # PreferenceMetrics on val, after training
-    losses: list[dict[str, float]] = field(default_factory=list)  # step, loss, reward accuracy/margin per log
-    steps: int = 0
-    seconds: float = 0.0
     train_pairs: int = 0
     val_pairs: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-    bf16: bool = False
     merge: Optional[dict[str, Any]] = None  # merge_adapter's report (None when the SFT model was full weights)
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------
@@ -295,11 +286,10 @@ def build_dpo_trainer(
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``."""
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
     from tuneline.train.common import checkpointed_run_args
     from tuneline.train.distributed import ddp_backend
 
@@ -317,14 +307,9 @@ def build_dpo_trainer(
         max_steps=min(caps) if caps else -1,
         per_device_train_batch_size=params.batch_size,
         max_length=params.max_length,
-        gradient_checkpointing=False,  # TRL 1.x defaults to True; transformers 5 renamed it:
-        activation_checkpointing=False,  # the new name wins when both are given
-        bf16=resolve_bf16(params.bf16),  # TRL 1.x defaults to True, even on CPU
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
         ddp_backend=ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         precompute_ref_log_probs=False,
-        **checkpointed_run_args(params.save_steps, seed),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
     )
     trainer = DPOTrainer(
         model=model,

@@ -28,12 +28,13 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tuneline.models.generation import pad_id
 from tuneline.params import RewardParams
+from tuneline.train.common import TrainedStats
 
 MODEL_SUBDIR = "model"  # the trained reward model (full weights + tokenizer)
 RESULT_FILE = "reward_result.json"
@@ -217,11 +218,9 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
                          params: RewardParams, checkpoints_dir: str | Path, *, seed: int,
                          max_steps: Optional[int] = None, callbacks: Sequence[Any] = ()) -> Any:
     """TRL's ``RewardTrainer`` on pre-tokenized pairs, every default that matters set here."""
-    import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from tuneline.models.loading import resolve_bf16
     from tuneline.train.common import checkpointed_run_args
 
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
@@ -235,13 +234,8 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
         per_device_train_batch_size=params.batch_size,
         max_length=params.max_length,  # pairs are already cut to it, so none is filtered out
         center_rewards_coefficient=params.center_rewards_coefficient,
-        gradient_checkpointing=False,  # TRL 1.x defaults to True
-        activation_checkpointing=False,
-        bf16=resolve_bf16(params.bf16),  # TRL 1.x defaults to True, even on CPU
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
         disable_dropout=True,
-        **checkpointed_run_args(params.save_steps, seed),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
     )
     return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
                          processing_class=tokenizer, callbacks=list(callbacks),
@@ -249,7 +243,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
 
 
 @dataclass
-class RewardResult:
+class RewardResult(TrainedStats):
     """What a reward-model run produced and measured."""
 
     output_dir: str  # the reward model (full weights + tokenizer + reward_model.json)
@@ -258,18 +252,8 @@ class RewardResult:
     before: dict[str, float]  # pairwise accuracy on the held-out pairs before training
     after: dict[str, float]  # ... and after
     test: Optional[dict[str, float]] = None  # after, on the test pairs when given
-    losses: list[dict[str, float]] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
     train_pairs: int = 0
     val_pairs: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-    bf16: bool = False
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 _CURVE_KEYS = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "mean_reward": "mean_reward"}

@@ -30,11 +30,12 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tuneline.params import RL_ALGORITHMS, RlParams
+from tuneline.train.common import TrainedStats
 
 ADAPTER_SUBDIR = "adapter"
 MODEL_SUBDIR = "model"
@@ -94,10 +95,9 @@ def build_rl_trainer(
 ) -> Any:
     """TRL's ``RLOOTrainer``/``GRPOTrainer`` on the merged SFT model with a fresh LoRA adapter (the reference is
     that adapter disabled: ``ref_model`` is None)."""
-    import torch
     from datasets import Dataset
 
-    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
     from tuneline.train.common import checkpointed_run_args
 
     if algorithm not in RL_ALGORITHMS:
@@ -121,14 +121,9 @@ def build_rl_trainer(
         num_iterations=1,  # one optimizer step per batch of rollouts (on-policy)
         epsilon=0.2,
         disable_dropout=True,  # rollout and update see the same network
-        gradient_checkpointing=False,  # TRL 1.x defaults to True
-        activation_checkpointing=False,
-        bf16=resolve_bf16(params.bf16),  # TRL 1.x defaults to True, even on CPU
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
         use_vllm=False,
         log_completions=False,
-        **checkpointed_run_args(params.save_steps, seed),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
     )
     if algorithm == "rloo":
         from trl import RLOOConfig, RLOOTrainer
@@ -155,7 +150,7 @@ def build_rl_trainer(
 
 
 @dataclass
-class RlResult:
+class RlResult(TrainedStats):
     """What an RL run produced and measured."""
 
     algorithm: str
@@ -163,21 +158,11 @@ class RlResult:
     merged_base_dir: str  # the SFT model as full weights: the adapter's base and the KL reference
     before: dict[str, float]  # mean reward, KL, tokens/s of greedy completions on held-out prompts
     after: dict[str, float]
-    losses: list[dict[str, float]] = field(default_factory=list)  # step, loss, reward, kl per log
-    steps: int = 0
-    seconds: float = 0.0
     train_prompts: int = 0
     eval_prompts: int = 0
     dropped_long_prompts: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-    bf16: bool = False
     reference: str = "merged SFT model with the policy adapter disabled (ref_model=None)"
     baseline: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 _CURVE_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "reward_std": "reward_std",
