@@ -45,7 +45,7 @@ def launch_stage(
                                     upstream={k: v for k, v in upstream.items() if v})
     tracker = mlflow.tracker()
     tracker.log_dict(run_id, recipe.to_dict(), "recipe.json")
-    spec = dataclasses.replace(spec, asset_key=context.asset_key.to_user_string(),
+    spec = dataclasses.replace(spec, asset_key=context.asset_key.to_user_string(), compute=recipe.compute,
                                mlflow=MlflowTarget(tracking_uri=mlflow.tracking_uri, run_id=run_id))
     tracker.log_dict(run_id, {"type": type(spec).__name__, "spec": spec.to_dict()}, SPEC_ARTIFACT)
     try:

@@ -53,6 +53,7 @@ def hpo_study(
         mlflow=MlflowTarget(tracking_uri=mlflow.tracking_uri, run_id=parent), study_name=name,
         storage_url=storage_url, hpo=r.hpo, params=r.sft, base=base_model, train_uri=dataset_splits.uri("train"),
         val_uri=dataset_splits.uri("validation"), worker=0, experiment=r.experiment_name(), tokenizer=r.tokenizer,
+        compute=r.compute,
         tags={"tuneline.asset_key": "hpo_study", "tuneline.dagster_run_id": context.run.run_id},
     )
     errors = run_workers(context, launcher, worker, r)

@@ -192,6 +192,9 @@ class K8sTrainingLauncher(TrainingLauncher):
         """What ``PipesK8sClient.run`` gets for this job (and :func:`trainer_pod` renders offline): image,
         command, namespace, env, pod metadata and pod spec."""
         params = k8s or K8sParams()
+        if spec.compute.engine == "fsdp":
+            raise ValueError("compute.engine: fsdp runs through `accelerate launch --config_file`, which the Kubernetes "
+                             "launcher does not render into the pod yet; use compute.engine: ddp or deepspeed there")
         for key, value in _locations(spec.to_dict()):
             if value.startswith("sqlite:") or storage.is_local(value):
                 raise ValueError(

@@ -62,9 +62,18 @@ class PipesSubprocessLauncher(TrainingLauncher):
     python: str = Field(default_factory=lambda: sys.executable, description="Interpreter for the child.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the child.")
 
-    def command(self, module: str, spec_path: Path, num_processes: int) -> list[str]:
-        """``python -m module --spec SPEC``; under torchrun (gloo on CPU, NCCL on GPU) for several processes."""
-        return launch_command(self.python, module, ["--spec", str(spec_path)], num_processes)
+    def command(self, spec: Spec, spec_path: Path, num_processes: int) -> list[str]:
+        """``python -m module --spec SPEC``; under torchrun (gloo on CPU, NCCL on GPU) for several processes, or
+        ``accelerate launch`` with the rendered config (beside the spec) when the recipe's engine is FSDP."""
+        config = None
+        if spec.compute.engine == "fsdp":
+            from tuneline.train.engines import accelerate_config, write_accelerate_config
+
+            bf16 = getattr(getattr(spec, "params", None), "bf16", None) is not False
+            config = str(write_accelerate_config(accelerate_config(spec.compute, num_processes=num_processes,
+                                                                   bf16=bf16, offload=getattr(spec, "offload", None)),
+                                                 spec_path.parent))
+        return launch_command(self.python, spec.module, ["--spec", str(spec_path)], num_processes, config)
 
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
                k8s: Optional[K8sParams] = None) -> LaunchResult:
@@ -80,7 +89,7 @@ class PipesSubprocessLauncher(TrainingLauncher):
         if storage.is_local(result_uri):
             storage.local_path(result_uri).unlink(missing_ok=True)
         env = {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
-        cmd = self.command(spec.module, spec_path, num_processes)
+        cmd = self.command(spec, spec_path, num_processes)
         context.log.info(f"launching {' '.join(cmd)}")
         client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()))
         try:

@@ -653,6 +653,27 @@ class GateParams:
 _K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"  # a Kubernetes resource quantity
 
 
+COMPUTE_ENGINES = ("ddp", "fsdp", "deepspeed")
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """Where and how the trainers run (every stage's spec carries it). ``device``: ``auto`` takes a GPU when one is
+    visible; ``cuda`` fails before training where there is none. ``engine``: how ``num_processes`` ranks share
+    the work: DDP (torchrun; gloo on CPU, NCCL on GPU), FSDP (``accelerate launch`` with the config
+    :func:`tuneline.train.engines.accelerate_config` renders; CUDA only) or DeepSpeed ZeRO (``offload.zero_stage``;
+    CUDA only). ``gradient_checkpointing`` trades about a third more compute for activation memory."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    gradient_checkpointing: bool = False
+
+    def trainer_checkpointing(self) -> bool:
+        """Whether the HF Trainer checkpoints activations itself: under FSDP the engine does it per wrapped layer
+        (``fsdp_activation_checkpointing``), and transformers refuses both at once."""
+        return self.gradient_checkpointing and self.engine != "fsdp"
+
+
 @dataclass(frozen=True)
 class K8sParams:
     """Where training pods run when the profile's launcher is Kubernetes (ignored by the local launcher)."""
@@ -813,6 +834,7 @@ class Recipe:
     gate: GateParams = field(default_factory=GateParams)  # promotion policy
     k8s: K8sParams = field(default_factory=K8sParams)  # training pods on Kubernetes (the k8s launcher)
     offload: OffloadParams = field(default_factory=OffloadParams)  # device_map offload, DeepSpeed ZeRO
+    compute: ComputeParams = field(default_factory=ComputeParams)  # device, DDP/FSDP/DeepSpeed, checkpointing
 
 
     classifier: Optional[ClassifierParams] = None  # a classification recipe: the classifier path replaces SFT
@@ -925,6 +947,15 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
             and recipe.sft.eval_steps > recipe.sft.max_steps:
         problems.append(f"sft.eval_steps ({recipe.sft.eval_steps}) > sft.max_steps ({recipe.sft.max_steps}): "
                         "early stopping would never see a validation loss; lower sft.eval_steps")
+    engine = recipe.compute.engine
+    if engine == "deepspeed" and not recipe.offload.zero_stage:
+        problems.append("compute.engine: deepspeed needs offload.zero_stage: 2 or 3 (the ZeRO stage to run)")
+    if engine != "deepspeed" and recipe.offload.zero_stage:
+        problems.append(f"offload.zero_stage: {recipe.offload.zero_stage} runs DeepSpeed: set compute.engine: deepspeed "
+                        f"(not {engine}), or offload.zero_stage: 0")
+    if engine != "ddp" and recipe.compute.device == "cpu":
+        problems.append(f"compute.engine: {engine} needs CUDA devices but compute.device is cpu (through accelerate "
+                        "FSDP is silently dropped on CPU, and DeepSpeed ZeRO does not train there); use engine: ddp")
     return problems
 
 

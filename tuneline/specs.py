@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from tuneline.params import (
     ClassifierParams,
+    ComputeParams,
     DistillParams,
     DpoParams,
     EvaluationParams,
@@ -48,6 +49,7 @@ class Spec(Ref):
     mlflow: Optional[MlflowTarget] = None
     asset_key: Optional[str] = None  # the asset a Pipes materialization is reported for
     error_file: Optional[str] = None  # local path the launcher reads the trainer's traceback from
+    compute: ComputeParams = field(default_factory=ComputeParams)  # the recipe's device, engine, checkpointing
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -232,6 +232,9 @@ def run_cli(
     spec: Optional[Spec] = None
     try:
         spec = spec_class.from_json(spec_text(args.spec))
+        from tuneline.train.engines import check_compute
+
+        check_compute(spec.compute, getattr(spec, "offload", None))  # before any model loads
         from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
         if PipesEnvVarParamsLoader().is_dagster_pipes_process() and is_main_process():

@@ -41,7 +41,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
              f"sft={storage.redact(spec.sft.uri)} ({spec.sft.method})")
     result = train_dpo(sft_dir, base_dir, spec.sft.method, train, val, params, work.path,
                        seed=spec.seed, max_steps=spec.max_steps, on_log=log,
-                       on_checkpoint=work.sync if work.remote else None)
+                       on_checkpoint=work.sync if work.remote else None, gradient_checkpointing=spec.compute.trainer_checkpointing())
     if not _runner.is_main_process():  # rank 0 alone merges, writes and reports
         return None
     run_id = spec.mlflow.run_id if spec.mlflow else None

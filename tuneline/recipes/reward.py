@@ -41,7 +41,8 @@ def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
     log.emit(f"reward: base={params.base} method={params.method} lr={params.learning_rate} train={len(train)} "
              f"val={len(val)} test={len(test)}")
     result = train_reward_model(sft_dir, train, val, params, work.path, seed=spec.seed, max_steps=spec.max_steps,
-                                test_pairs=test, on_log=log, on_checkpoint=work.sync if work.remote else None)
+                                test_pairs=test, on_log=log, on_checkpoint=work.sync if work.remote else None,
+                                gradient_checkpointing=spec.compute.trainer_checkpointing())
     work.sync(MODEL_SUBDIR)
     model = model_ref(result.output_dir, work.uri_of(MODEL_SUBDIR), method=f"reward-{params.base}",
                       stage=spec.asset_key or "reward_model", mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None)

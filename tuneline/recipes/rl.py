@@ -40,7 +40,7 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
              f"reward model {storage.redact(spec.reward_model.uri)}")
     result = train_rl(spec.algorithm, sft_dir, base_dir, spec.sft.method, train, val, scorer, params, work.path,
                       seed=spec.seed, max_steps=spec.max_steps, on_log=log,
-                      on_checkpoint=work.sync if work.remote else None)
+                      on_checkpoint=work.sync if work.remote else None, gradient_checkpointing=spec.compute.trainer_checkpointing())
     merged = load_rl_model(work.path)
     work.sync(MODEL_SUBDIR)
     model = model_ref(merged, work.uri_of(MODEL_SUBDIR), method=spec.algorithm, stage=spec.asset_key or "rl_policy",

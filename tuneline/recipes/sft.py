@@ -41,7 +41,7 @@ def run(spec: SftSpec, pipes: Any = None) -> Outcome:
     log.emit(f"sft: method={params.method} train={len(train)} val={len(val)} base={storage.redact(spec.base.uri)}")
     result = train_sft(base, train, val, params, work.path, seed=spec.seed, max_steps=spec.max_steps,
                        on_log=log, on_checkpoint=work.sync if work.remote else None, tokens=spec.tokenizer,
-                       offload=spec.offload)
+                       offload=spec.offload, gradient_checkpointing=spec.compute.trainer_checkpointing())
     if not _runner.is_main_process():  # rank 0 alone saves, writes and reports
         return None
     work.sync(MODEL_SUBDIR)

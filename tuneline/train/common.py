@@ -259,12 +259,13 @@ def loss_curve(history: list[dict[str, Any]], keys: dict[str, str]) -> list[dict
             for h in history if "loss" in h]
 
 
-def checkpointed_run_args(save_steps: int, seed: int, *, bf16: Optional[bool] = None) -> dict[str, Any]:
+def checkpointed_run_args(save_steps: int, seed: int, *, bf16: Optional[bool] = None,
+                          gradient_checkpointing: bool = False) -> dict[str, Any]:
     """What every TRL trainer here (DPO, reward model, RLOO/GRPO) sets the same way: a log line per step, crash-safe
     checkpoints every ``save_steps`` (two kept, marked complete, resumed by a retry), no evaluation loop or
     reporting integration, no dataloader workers, seeded data order; and TRL 1.x's defaults that are wrong here
-    turned off: gradient checkpointing (transformers 5 renamed it ``activation_checkpointing``; the new name wins
-    when both are given) and bf16 on any device (it fails on a CPU; ``bf16`` None resolves to what the device
+    set: gradient checkpointing off unless the recipe's ``compute.gradient_checkpointing`` asks (TRL turns it on;
+    transformers 5 renamed it ``activation_checkpointing``, the new name wins when both are given) and bf16 on any device (it fails on a CPU; ``bf16`` None resolves to what the device
     runs natively). fp16 is never used."""
     import torch
 
@@ -272,5 +273,12 @@ def checkpointed_run_args(save_steps: int, seed: int, *, bf16: Optional[bool] = 
 
     return dict(logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=2, eval_strategy="no",
                 report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=seed, data_seed=seed,
-                gradient_checkpointing=False, activation_checkpointing=False, bf16=resolve_bf16(bf16), fp16=False,
-                use_cpu=not torch.cuda.is_available())
+                bf16=resolve_bf16(bf16), fp16=False, use_cpu=not torch.cuda.is_available(),
+                **checkpointing_args(gradient_checkpointing))
+
+
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """TrainingArguments for activation (gradient) checkpointing: off, or on with the non-reentrant variant (it
+    needs no ``enable_input_require_grads`` under a frozen base, so LoRA and the other adapters work)."""
+    return dict(gradient_checkpointing=bool(enabled), activation_checkpointing=bool(enabled),
+                activation_checkpointing_kwargs={"use_reentrant": False} if enabled else None)

@@ -31,14 +31,20 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def launch_command(python: str, module: str, args: Sequence[str], num_processes: int) -> list[str]:
+def launch_command(python: str, module: str, args: Sequence[str], num_processes: int,
+                   accelerate_config: Optional[str] = None) -> list[str]:
     """The command that runs ``python -m module *args`` as ``num_processes`` ranks on this machine.
 
     One process: the module itself. Several: ``torchrun --standalone`` (a free rendezvous port on
-    loopback, so concurrent launches never collide), which sets RANK, WORLD_SIZE and LOCAL_RANK.
+    loopback, so concurrent launches never collide), which sets RANK, WORLD_SIZE and LOCAL_RANK. With an
+    ``accelerate_config`` file (FSDP, :func:`tuneline.train.engines.accelerate_config`): ``accelerate launch``
+    with it, which also sets those and tells the HF Trainer which engine to use.
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if accelerate_config is not None:
+        return [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                "--num_processes", str(num_processes), "--module", module, *args]
     if num_processes == 1:
         return [python, "-m", module, *args]
     return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",

@@ -284,6 +284,7 @@ def build_dpo_trainer(
     seed: int,
     max_steps: Optional[int] = None,
     callbacks: Sequence[Any] = (),
+    gradient_checkpointing: bool = False,
 ) -> Any:
     """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``."""
     from datasets import Dataset
@@ -309,7 +310,8 @@ def build_dpo_trainer(
         max_length=params.max_length,
         ddp_backend=ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         precompute_ref_log_probs=False,
-        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
+                                 gradient_checkpointing=gradient_checkpointing),
     )
     trainer = DPOTrainer(
         model=model,
@@ -353,6 +355,7 @@ def train_dpo(
     max_steps: Optional[int] = None,
     on_log: Optional[OnLog] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    gradient_checkpointing: bool = False,
 ) -> DpoResult:
     """Train a fresh LoRA adapter with DPO on the (merged) SFT model; the reference is that model itself.
 
@@ -383,6 +386,7 @@ def train_dpo(
     resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_dpo_trainer(
         merged_dir, train_pairs, params, checkpoints, seed=seed, max_steps=max_steps,
+        gradient_checkpointing=gradient_checkpointing,
         callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
     model, tokenizer = trainer.model, trainer.processing_class

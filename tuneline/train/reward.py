@@ -216,7 +216,8 @@ def _lora_config(params: RewardParams) -> Any:
 
 def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[str, list[int]]],
                          params: RewardParams, checkpoints_dir: str | Path, *, seed: int,
-                         max_steps: Optional[int] = None, callbacks: Sequence[Any] = ()) -> Any:
+                         max_steps: Optional[int] = None, callbacks: Sequence[Any] = (),
+                         gradient_checkpointing: bool = False) -> Any:
     """TRL's ``RewardTrainer`` on pre-tokenized pairs, every default that matters set here."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -235,7 +236,8 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
         max_length=params.max_length,  # pairs are already cut to it, so none is filtered out
         center_rewards_coefficient=params.center_rewards_coefficient,
         disable_dropout=True,
-        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
+                                 gradient_checkpointing=gradient_checkpointing),
     )
     return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
                          processing_class=tokenizer, callbacks=list(callbacks),
@@ -271,6 +273,7 @@ def train_reward_model(
     test_pairs: Sequence[Any] = (),
     on_log: Optional[OnLog] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    gradient_checkpointing: bool = False,
 ) -> RewardResult:
     """Train a reward model on ``train_pairs`` (preference ``ChatRecord``s) from ``sft_dir`` (full weights) or the
     encoder (``params.base``); pairwise accuracy on ``val_pairs`` before and after (and ``test_pairs`` after).
@@ -296,6 +299,7 @@ def train_reward_model(
     checkpoints = out / "checkpoints"
     resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_reward_trainer(model, tokenizer, rows, params, checkpoints, seed=seed, max_steps=max_steps,
+                                   gradient_checkpointing=gradient_checkpointing,
                                    callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []),
                                               cb.CompleteCheckpointCallback(on_checkpoint)])
     trainable, total = count_params(trainer.model)

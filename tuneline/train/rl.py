@@ -92,6 +92,7 @@ def build_rl_trainer(
     seed: int,
     max_steps: Optional[int] = None,
     callbacks: Sequence[Any] = (),
+    gradient_checkpointing: bool = False,
 ) -> Any:
     """TRL's ``RLOOTrainer``/``GRPOTrainer`` on the merged SFT model with a fresh LoRA adapter (the reference is
     that adapter disabled: ``ref_model`` is None)."""
@@ -123,7 +124,8 @@ def build_rl_trainer(
         disable_dropout=True,  # rollout and update see the same network
         use_vllm=False,
         log_completions=False,
-        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16),
+        **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
+                                 gradient_checkpointing=gradient_checkpointing),
     )
     if algorithm == "rloo":
         from trl import RLOOConfig, RLOOTrainer
@@ -198,6 +200,7 @@ def train_rl(
     max_steps: Optional[int] = None,
     on_log: Optional[OnLog] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    gradient_checkpointing: bool = False,
 ) -> RlResult:
     """RLOO/GRPO on the prompts of ``train_records`` from the SFT model, rewarded by ``reward_fn`` (TRL's reward
     function signature), KL-tied (``params.beta``) to the SFT model; figures on ``val_records``' prompts before
@@ -226,7 +229,7 @@ def train_rl(
         raise ValueError(f"RL needs prompts of at most {params.max_prompt_length} tokens: {len(train_prompts)} train "
                          f"and {len(eval_prompts)} held-out fit (raise rl.max_prompt_length)")
     trainer = build_rl_trainer(algorithm, merged_dir, train_prompts, reward_fn, params, checkpoints, seed=seed,
-                               max_steps=max_steps,
+                               max_steps=max_steps, gradient_checkpointing=gradient_checkpointing,
                                callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []),
                                               cb.CompleteCheckpointCallback(on_checkpoint)])
     model = trainer.model

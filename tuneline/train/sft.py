@@ -201,6 +201,7 @@ def train_sft(
     multitask: Optional[Any] = None,
     tokens: Optional[TokenizerParams] = None,
     offload: Optional[OffloadParams] = None,
+    gradient_checkpointing: bool = False,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -226,7 +227,7 @@ def train_sft(
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
-    from tuneline.train.common import FlatCollator, PadCollator, tokenize_chat
+    from tuneline.train.common import FlatCollator, PadCollator, checkpointing_args, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
     distributed.check_world(params.num_processes, "tuneline.recipes.sft")
@@ -275,7 +276,7 @@ def train_sft(
         weight_decay=params.weight_decay,
         bf16=bf16,
         fp16=False,
-        # activation (gradient) checkpointing stays at its default, off: it costs ~25% per step here
+        **checkpointing_args(gradient_checkpointing),  # off by default: it costs ~25% per step here
         dataloader_num_workers=0,
         eval_strategy="steps" if has_val else "no",
         eval_steps=params.eval_steps,
