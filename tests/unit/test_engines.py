@@ -171,3 +171,21 @@ def test_gradient_checkpointing_trains_to_the_same_losses(tmp_path):
     assert [s for s, _ in plain.train_losses] == [s for s, _ in checkpointed.train_losses] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(plain.train_losses, checkpointed.train_losses):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks what a machine without CUDA does")
+def test_inference_placement_keeps_a_cpu_model_in_fp32_and_refuses_a_missing_gpu(tmp_path):
+    from tuneline.models.loading import load_causal_lm, place_for_inference, resolve_device
+    from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
+    from tuneline.params import TinyModelParams
+
+    tiny = TinyModelParams(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, max_position_embeddings=64, tokenizer_min_frequency=1)
+    tokenizer = train_tokenizer(["a b c d e f g"] * 4, tiny)
+    path = save_model(init_tiny_model(tokenizer, tiny, seed=0), tokenizer, tmp_path / "m")
+    model = load_causal_lm(path, device="auto")
+    first = next(model.parameters())
+    assert resolve_device("auto") == "cpu" and first.device.type == "cpu" and first.dtype == torch.float32
+    assert place_for_inference(model, "cpu") is model
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        load_causal_lm(path, device="cuda")

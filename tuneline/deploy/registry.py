@@ -326,7 +326,7 @@ def _pyfunc_model() -> Any:
 
             path = context.artifacts[ARTIFACT_KEY]  # a bundle with bottleneck adapters loads them too
             self.tokenizer = load_tokenizer(path)
-            self.model = load_causal_lm(path)
+            self.model = load_causal_lm(path, device="auto")  # a GPU when the serving host has one
 
         def predict(self, context, model_input, params=None):
             max_new_tokens = int((params or {}).get("max_new_tokens") or 64)
@@ -577,6 +577,7 @@ def load_registered(
     cache_dir: str | Path | None = None,
     dtype: Any = None,
     offload: Any = None,
+    device: Optional[str] = "auto",
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info) for ``NAME@ALIAS`` or ``NAME/VERSION`` (a bare NAME: newest version).
 
@@ -589,6 +590,6 @@ def load_registered(
     info = get_version(tracker, ref)
     path = download_version(tracker, info, cache_dir)
     tokenizer = load_tokenizer(path)  # a local directory: nothing is fetched
-    model = load_causal_lm(path, dtype=dtype, offload=offload)
+    model = load_causal_lm(path, dtype=dtype, offload=offload, device=device)
     info = dict(info, path=str(path))
     return model, tokenizer, info

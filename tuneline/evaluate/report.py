@@ -61,7 +61,7 @@ def _load(model_or_dir: Any) -> tuple[Any, Any, Optional[Path]]:
     path = Path(model_or_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    model = load_causal_lm(path)
+    model = load_causal_lm(path, device="auto")
     tokenizer = load_tokenizer(path)
     return model, tokenizer, path
 

@@ -128,13 +128,14 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 
 def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dtype: Any = None,
-                   offload: Any = None) -> Any:
+                   offload: Any = None, device: Optional[str] = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` from safetensors only, without remote code.
 
     ``dtype`` None loads float32 (what training wants); "auto" keeps the checkpoint's dtype; a
     torch dtype or its name ("bfloat16") loads that. ``offload`` (the recipe's
     :class:`~tuneline.params.OffloadParams`) with ``inference`` on places the model across devices and disk
-    (accelerate ``device_map``, ``max_memory``, ``offload_folder``).
+    (accelerate ``device_map``, ``max_memory``, ``offload_folder``). ``device`` (``auto``, ``cpu``, ``cuda``) places
+    it for inference (:func:`place_for_inference`); None leaves it on the CPU, where a trainer takes it from.
     """
     from transformers import AutoModelForCausalLM
 
@@ -160,7 +161,22 @@ def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dty
     if is_bottleneck_dir(name):  # a served bundle: the base's weights plus bottleneck adapters
         load_bottleneck(model, name)
     model.eval()
-    return model
+    return model if device is None else place_for_inference(model, device)
+
+
+def place_for_inference(model: Any, device: Optional[str] = "auto") -> Any:
+    """``model`` on ``device`` (:func:`resolve_device`: a GPU when one is visible) in the dtype it runs fastest there:
+    bf16 on a CUDA device with bf16, as loaded (fp32) on a CPU. A model accelerate already placed (``device_map``,
+    offload) or bitsandbytes quantized (placed at load, never cast) is left where it is."""
+    import torch
+
+    target = resolve_device(device)
+    placed = bool(getattr(model, "hf_device_map", None))
+    quantized = any(getattr(m, attr, False) for m in (model, getattr(model, "base_model", None))
+                    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"))
+    if placed or quantized or target == "cpu":
+        return model
+    return model.to(target, torch.bfloat16) if bf16_supported(target) else model.to(target)
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
@@ -193,13 +209,14 @@ def local_model_dir(ref: "ModelRef") -> Path:
     return path
 
 
-def load_model_ref(ref: "ModelRef", offload: Any = None) -> tuple[Any, Any]:
+def load_model_ref(ref: "ModelRef", offload: Any = None, device: Optional[str] = None) -> tuple[Any, Any]:
     """(model, tokenizer) for a reference: full weights, or the adapter (PEFT or bottleneck) on its base;
-    ``offload`` as in :func:`load_causal_lm`."""
+    ``offload`` and ``device`` as in :func:`load_causal_lm`."""
     from tuneline.train.sft import load_trained
 
     if ref.kind == "adapter":
         assert ref.base is not None
-        return load_trained(local_model_dir(ref.base), local_model_dir(ref), offload=offload)
+        model, tokenizer = load_trained(local_model_dir(ref.base), local_model_dir(ref), offload=offload)
+        return (model if device is None else place_for_inference(model, device)), tokenizer
     path = local_model_dir(ref)
-    return load_causal_lm(path, offload=offload), load_tokenizer(path)
+    return load_causal_lm(path, offload=offload, device=device), load_tokenizer(path)

@@ -33,7 +33,8 @@ def run(spec: EvalSpec, pipes: Any = None) -> Outcome:
     pref = [p for p in read_records(storage.fetch(spec.preference_uri))] if spec.preference_uri else []
     pref = [p for p in pref if p.kind == "preference"]
     checker = _checker(spec.checker, test)
-    loaders = {name: (lambda ref=ref: load_model_ref(ref, offload=spec.offload)) for name, ref in spec.models.items()}
+    loaders = {name: (lambda ref=ref: load_model_ref(ref, offload=spec.offload, device=spec.compute.device))
+               for name, ref in spec.models.items()}
     if spec.champion:
         loaders["champion"] = lambda: _load_champion(spec)
     reports: dict[str, Any] = {}
@@ -81,7 +82,8 @@ class _PolicyFigures:
         self.max_new_tokens = spec.params.max_new_tokens
         self.batch_size = spec.params.batch_size
         self.scorer = RewardScorer(local_model_dir(spec.reward_model)) if spec.reward_model is not None else None
-        self.reference = load_model_ref(spec.models[spec.reference])[0] if spec.reference else None
+        self.reference = (load_model_ref(spec.models[spec.reference], device=spec.compute.device)[0]
+                          if spec.reference else None)
 
     def __call__(self, model: Any, tokenizer: Any) -> Optional[dict[str, Any]]:
         from tuneline.evaluate.policy import kl_to_reference, mean_reward, rollouts
@@ -120,7 +122,8 @@ def _load_champion(spec: EvalSpec) -> tuple[Any, Any]:
 
     if spec.mlflow is None:
         raise ValueError("the spec names a champion but no tracking server (mlflow)")
-    model, tokenizer, _ = load_registered(Tracker(spec.mlflow.tracking_uri), str(spec.champion))
+    model, tokenizer, _ = load_registered(Tracker(spec.mlflow.tracking_uri), str(spec.champion),
+                                          device=spec.compute.device)
     return model, tokenizer
 
 
