@@ -189,3 +189,19 @@ def test_inference_placement_keeps_a_cpu_model_in_fp32_and_refuses_a_missing_gpu
     assert place_for_inference(model, "cpu") is model
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         load_causal_lm(path, device="cuda")
+
+
+@pytest.mark.long
+def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
+    """bench/gpu_check.py on the small model for 2 steps: every stage measures, QLoRA says why it skipped."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--devices", "cpu", "--size", "small",
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["step"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sft-lora", "sft-qlora", "dpo", "eval-generate", "serve-batched"}
+    assert rows["sft-lora"]["tokens_per_s"] > 0 and rows["dpo"]["steps"] == 2 and "skipped" in rows["sft-qlora"]
+    assert rows["eval-generate"]["placed_on"] == "cpu" and rows["serve-batched"]["requests"] == 48
