@@ -164,3 +164,46 @@ def test_dpo_recipe_cli_writes_result_and_teacher_ready_model(
     (tmp_path / "bad.json").write_text(json.dumps({**spec, "params": {"betta": 0.1}}))
     assert recipe.main(["--spec", str(tmp_path / "bad.json")]) == 1
     assert "unknown key params.betta" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dpo_after_qlora_trains_on_the_4bit_merged_model_without_an_fp32_copy(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    """A QLoRA SFT adapter merges into its base in the compute dtype (bf16 where native) and DPO loads that merged
+    model in 4-bit again: policy and reference are the quantized model with and without the fresh adapter."""
+    import bitsandbytes as bnb
+    import torch
+    from safetensors import safe_open
+
+    from tuneline.models.loading import bf16_supported
+    from tuneline.train.sft import train_sft
+
+    base, _ = sft_run
+    sft = train_sft(base, _sft_records(), _sft_records()[:4], SftParams(
+        method="qlora", learning_rate=5e-3, batch_size=8, eval_steps=3, save_steps=3, bf16=None,
+        lora=LoraParams(r=8, alpha=16, dropout=0.0), group_by_length=False), tmp_path / "sft", seed=0, max_steps=3)
+    params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=None,
+                       lora=LoraParams(r=8, alpha=16, dropout=0.0))
+    merged, info = dpo.merged_sft_base(sft.output_dir, base, "qlora", tmp_path / "probe")
+    compute = info["quantization"]["compute_dtype"]
+    assert compute == ("bfloat16" if bf16_supported("cpu") else "float32")
+    assert info["merged_into"].startswith(compute) and info["max_abs_diff"] <= info["tolerance"]
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16" if compute == "bfloat16" else "F32"}, dtypes
+
+    trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / "probe" / "ckpt", seed=0, max_steps=1,
+                                    quantization=info["quantization"])
+    linears = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)]
+    four_bit = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and trainer.ref_model is None and dpo._adapter_is_fresh(trainer.model)
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    del trainer
+
+    result = dpo.train_dpo(sft.output_dir, base, "qlora", _pairs(), _pairs(), params, tmp_path / "dpo", seed=0,
+                           max_steps=2)
+    assert result.steps == 2 and result.merge["quantization"] == info["quantization"]
+    model_dir = dpo.load_dpo_model(tmp_path / "dpo")
+    merge = json.loads((model_dir / dpo.MERGE_MARKER).read_text())
+    assert merge["method"] == "qlora" and merge["merged_into"].startswith(compute)

@@ -285,8 +285,11 @@ def build_dpo_trainer(
     max_steps: Optional[int] = None,
     callbacks: Sequence[Any] = (),
     gradient_checkpointing: bool = False,
+    quantization: Optional[dict[str, Any]] = None,
 ) -> Any:
-    """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``."""
+    """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``; with
+    ``quantization`` (a QLoRA SFT model) the merged model is loaded in 4-bit as QLoRA trained, so neither the
+    policy nor the reference is ever a full-precision copy in memory."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -295,7 +298,15 @@ def build_dpo_trainer(
     from tuneline.train.distributed import ddp_backend
 
     tokenizer = load_tokenizer(merged_base_dir)
-    model = load_causal_lm(merged_base_dir)
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        from tuneline.train.methods import load_base
+
+        model = prepare_model_for_kbit_training(load_base(merged_base_dir, quantization),
+                                                use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        model = load_causal_lm(merged_base_dir)
     model.config.use_cache = False
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = DPOConfig(
@@ -386,7 +397,7 @@ def train_dpo(
     resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_dpo_trainer(
         merged_dir, train_pairs, params, checkpoints, seed=seed, max_steps=max_steps,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, quantization=(merge_info or {}).get("quantization"),
         callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
     model, tokenizer = trainer.model, trainer.processing_class
@@ -406,7 +417,9 @@ def train_dpo(
     if distributed.is_main_process():
         trainer.model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-        write_method_file(adapter_dir, {"method": "lora"}, merged_dir)
+        quantization = (merge_info or {}).get("quantization")  # trained on the 4-bit merged SFT model
+        write_method_file(adapter_dir, {"method": "qlora", "quantization": quantization} if quantization
+                          else {"method": "lora"}, merged_dir)
 
     result = DpoResult(
         output_dir=str(adapter_dir),

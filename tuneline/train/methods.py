@@ -533,8 +533,8 @@ def read_method_file(out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]] = None,
-              vocab_size: Optional[int] = None, offload: Any = None) -> Any:
-    """The base model in fp32, or 4-bit as it was for QLoRA training (``quantization`` from the method file);
+              vocab_size: Optional[int] = None, offload: Any = None, dtype: Any = None) -> Any:
+    """The base model in fp32 (or ``dtype``), or 4-bit as it was for QLoRA training (``quantization`` from the method file);
     with ``vocab_size`` (tokens added at fine-tuning, from the method file) its embeddings grown to that size
     first, as training did, so the adapter's token rows fit. ``offload`` (the recipe's offload section) places an
     unquantized base across devices and disk for inference."""
@@ -557,8 +557,8 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
         )
         keep_4bit_layout(model)  # the same numerics as in training
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, attn_implementation=attn,
-                                                     **device_map_kwargs(offload))
+        model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype or torch.float32,
+                                                     attn_implementation=attn, **device_map_kwargs(offload))
     if vocab_size:
         resize_embeddings(model, int(vocab_size))
     return model

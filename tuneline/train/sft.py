@@ -482,8 +482,9 @@ def merge_adapter(
 
     The merged model's logits on a fixed sample are compared to the unmerged adapter's; raises
     ``RuntimeError`` when they differ by more than ``tolerance``. A QLoRA adapter is merged into
-    the full-precision base (merging into 4-bit weights would re-quantize them); the check then
-    compares against the adapter on that same base. Prompt-learning adapters (prefix, prompt,
+    the base in its compute dtype (bf16 on a GPU: half the bytes of an fp32 copy; merging into 4-bit weights
+    would re-quantize them), and DPO loads that merged model in 4-bit again (:func:`tuneline.train.dpo.train_dpo`);
+    the check compares against the adapter on that same base. Prompt-learning adapters (prefix, prompt,
     ptuning) have no weights to merge and raise ``ValueError``.
     """
     import torch
@@ -508,7 +509,11 @@ def merge_adapter(
     meta = read_method_file(adapter_dir)
     method = meta.get("method", peft_type.lower())
     vocab = (meta.get("added_tokens") or {}).get("vocab_size")
-    model = PeftModel.from_pretrained(load_base(base_model_path, vocab_size=vocab), adapter_dir).eval()
+    quantization = meta.get("quantization") if method == "qlora" else None
+    dtype = getattr(torch, quantization["compute_dtype"]) if quantization else torch.float32
+    if dtype != torch.float32:  # bf16 rounding of the merged sums: compare at bf16's resolution
+        tolerance = max(tolerance, 0.05)
+    model = PeftModel.from_pretrained(load_base(base_model_path, vocab_size=vocab, dtype=dtype), adapter_dir).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     sample = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -528,5 +533,7 @@ def merge_adapter(
         "peft_type": peft_type,
         "max_abs_diff": max_abs_diff,
         "tolerance": tolerance,
-        "merged_into": "fp32 base" + (" (adapter trained on the 4-bit base)" if method == "qlora" else ""),
+        "merged_into": f"{str(dtype).replace('torch.', '')} base" + (" (adapter trained on the 4-bit base)"
+                                                                      if method == "qlora" else ""),
+        "quantization": quantization,  # DPO reloads a QLoRA SFT model merged like this in 4-bit
     }
