@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -97,6 +100,13 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     assert {"records", "quarantine"} <= set(passport["content"]["prepared_dataset"])
     assert "membership" in passport["content"]["dataset_splits"]
     assert verify_passport(tracker, passport) == []
+    # ... and from a second clone of the code in another folder, sharing only the tracking store
+    clone = tmp_path / "second-clone"
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[2]), str(clone)], check=True)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "lineage", f"{name}@champion", "--verify"],
+                          cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "re-hashed; 0 broken" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
     registered = result.output_for_node("registered_model")
     assert registered.decision == "registered" and registered.version == 1
     card = tracker.client().download_artifacts(registered.mlflow_run_id, "README.md")
