@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def plot_curves(
@@ -44,6 +44,20 @@ def plot_curves(
             ax.legend()
         fig.tight_layout()
         fig.savefig(path, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (its folder made) without a timestamp, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
     finally:
         plt.close(fig)
     return path

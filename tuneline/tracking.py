@@ -137,8 +137,9 @@ class Tracker:
             client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         rows = [
@@ -151,8 +152,9 @@ class Tracker:
 
     def log_series(self, run_id: str, name: str, points: Iterable[tuple[int, float]]) -> None:
         """A curve as one metric with steps (e.g. a loss curve)."""
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         rows = [Metric(name, float(v), now, int(s)) for s, v in points if math.isfinite(float(v))]

@@ -359,7 +359,9 @@ def test_pruning_callback_reports_and_lets_startup_trials_run(tmp_path: Path) ->
     hpo.create_study("cb", storage, HpoParams(pruner_startup_trials=1, pruner_warmup_steps=0))
     study = hpo.load_study("cb", storage)
     trial = study.ask()
-    callback = hpo.OptunaPruningCallback("cb", storage, optuna_compat.trial_id(trial))
+    from tuneline.train.callbacks import OptunaPruningCallback
+
+    callback = OptunaPruningCallback("cb", storage, optuna_compat.trial_id(trial))
     assert isinstance(callback, TrainerCallback)
     control = SimpleNamespace(should_training_stop=False)
     for step, loss in ((5, 3.0), (10, 2.0)):

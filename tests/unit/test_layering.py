@@ -71,5 +71,7 @@ def test_asset_bodies_stay_short(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.decorator_list:
-            lines = node.end_lineno - node.lineno + 1
-            assert lines <= 60, f"{path.name}:{node.name} is {lines} lines"
+            docstring = isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+            first = node.body[1] if docstring and len(node.body) > 1 else node.body[0]
+            lines = node.end_lineno - first.lineno + 1  # the body below the signature and docstring
+            assert lines <= 40, f"{path.name}:{node.name} has a {lines}-line body (a screen is about 40)"

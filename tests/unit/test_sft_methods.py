@@ -510,9 +510,10 @@ def test_unknown_world_size_is_a_clear_error(base_dir, data, tmp_path):
 
 
 def test_fast_adapter_dropout_keeps_the_rate_and_the_expectation(base_dir):
-    from tuneline.train.methods import _fast_dropout_class, apply_method, fast_adapter_dropout
+    from tuneline.train.methods import apply_method, fast_adapter_dropout
+    from tuneline.train.modules import FastDropout
 
-    drop = _fast_dropout_class()(0.05)
+    drop = FastDropout(0.05)
     x = torch.ones(400_000)
     torch.manual_seed(0)
     y = drop(x)
@@ -532,12 +533,12 @@ def test_fast_adapter_dropout_keeps_the_rate_and_the_expectation(base_dir):
 
 
 def test_attention_mask_is_dropped_only_for_right_padded_batches():
-    from tuneline.train.sft import _needed_mask
+    from tuneline.train.sft import needed_mask
 
     right = torch.tensor([[1, 1, 1], [1, 1, 0]])
     left = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    assert _needed_mask(right) is None and _needed_mask(None) is None
-    assert _needed_mask(left) is left
+    assert needed_mask(right) is None and needed_mask(None) is None
+    assert needed_mask(left) is left
 
 
 def test_bf16_autocast_layout_keeps_the_autocast_loss_and_is_undone(base_dir):

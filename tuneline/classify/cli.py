@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tuneline.cli import add_subcommand, run_standalone
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("classify", help="evaluate a classifier on a labelled file", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return parser
+    """Register ``classify`` on the ``tuneline`` command's subparsers."""
+    return add_subcommand(subparsers, "classify", help="evaluate a classifier on a labelled file", doc=__doc__, configure=_configure)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +47,12 @@ def _model_dir(ref: str, tracking_uri: Optional[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from tuneline.classify.data import LabelError
     from tuneline.classify.evaluate import classify_file
     from tuneline.data.ingest import IngestError
     from tuneline.deploy.registry import RegistryError
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr carries the one-line error, nothing else
     hf_logging.set_verbosity_error()
@@ -76,10 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneline classify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return run(parser.parse_args(argv))
+    return run_standalone(argv, "classify", doc=__doc__, configure=_configure, run=run)
 
 
 if __name__ == "__main__":

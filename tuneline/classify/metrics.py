@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from tuneline.plots import save_figure
+
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], k: int) -> Any:
     """(k, k) counts: row = true class, column = predicted class."""
@@ -161,12 +163,7 @@ def plot_confusion(conf: Sequence[Sequence[int]], labels: Sequence[str], path: s
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: str | Path, *, title: str) -> Path:
@@ -186,12 +183,7 @@ def plot_reliability(bins: Sequence[dict[str, Any]], ece: float, path: str | Pat
     ax.set_ylim(0, 1)
     ax.set_title(f"{title} (ECE {ece:.3f})")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def summary_line(rep: dict[str, Any], name: Optional[str] = None) -> str:

@@ -15,14 +15,14 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
+from tuneline.deploy.http import RequestError, read_json_body
+
 FIELDS = ("text", "texts")
 DEFAULT_MAX_BATCH = 64
 
 
-class ClassifyRequestError(ValueError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class ClassifyRequestError(RequestError):
+    """A /classify request the server refuses (HTTP ``status``)."""
 
 
 def parse_classify_request(body: Any, max_batch: int) -> list[str]:
@@ -73,18 +73,7 @@ def add_classify_route(app: Any, model: Any, tokenizer: Any, info: Mapping[str, 
         start = time.perf_counter()
         texts: Optional[list[str]] = None
         try:
-            content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                raise ClassifyRequestError(415, f"send JSON (Content-Type: application/json), not {content_type!r}")
-            raw = bytearray()
-            async for chunk in request.stream():
-                raw.extend(chunk)
-                if len(raw) > max_body_bytes:
-                    raise ClassifyRequestError(413, f"request body above {max_body_bytes} bytes")
-            try:
-                body = json.loads(bytes(raw).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ClassifyRequestError(400, f"the body is not valid JSON: {exc}") from exc
+            body = await read_json_body(request, max_body_bytes, ClassifyRequestError)
             texts = parse_classify_request(body, max_batch)
             probs = await run_in_threadpool(_predict, texts)
         except ClassifyRequestError as exc:

@@ -8,7 +8,7 @@ import json
 from typing import Any, Optional
 
 from tuneline.params import Recipe
-from tuneline.refs import (ClassifierEnsembleRef, ClassifierRef, ModelRef, RegisteredRef, SplitsRef, TemplateArmRef)
+from tuneline.refs import ClassifierEnsembleRef, ClassifierRef, ModelRef, RegisteredRef, SplitsRef, TemplateArmRef
 from tuneline.specs import ClassifierSpec, Outcome, TemplateSpec
 
 

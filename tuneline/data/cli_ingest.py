@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tuneline.cli import OptionError, add_subcommand, run_standalone, tokenizer_option
 from tuneline.params import CONTAINER_FORMATS, SCHEMAS, ValidationParams
 
 SHOWN_ROWS = 50  # quarantined rows listed in the text report (--json lists all)
@@ -20,10 +21,7 @@ SHOWN_ROWS = 50  # quarantined rows listed in the text report (--json lists all)
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``ingest`` on the ``tuneline`` command's subparsers."""
-    parser = subparsers.add_parser("ingest", help="read and validate one data file", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return parser
+    return add_subcommand(subparsers, "ingest", help="read and validate one data file", doc=__doc__, configure=_configure)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     container, schema = ("auto", args.format) if args.format in SCHEMAS else (args.format, "auto")
     try:
-        tokenizer = _tokenizer(args.tokenizer)
+        tokenizer = tokenizer_option(args.tokenizer)
         max_tokens = args.max_tokens or (ValidationParams().max_tokens if tokenizer is not None else args.max_chars)
         params = ValidationParams(min_tokens=args.min_tokens, max_tokens=max_tokens, max_chars=args.max_chars,
                                   dedup=args.dedup, labels=_labels(args.labels))
         report = ingest_file(args.path, format=container, schema=schema, tokenizer=tokenizer, params=params)
-    except (IngestError, RecipeError, _OptionError) as exc:
+    except (IngestError, RecipeError, OptionError) as exc:
         print(f"tuneline ingest: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -70,10 +68,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _OptionError(ValueError):
-    """A command-line value that cannot be used (a missing labels file, a tokenizer that does not load)."""
-
-
 def _labels(value: Optional[str]) -> tuple[str, ...]:
     if not value:
         return ()
@@ -81,23 +75,11 @@ def _labels(value: Optional[str]) -> tuple[str, ...]:
         try:
             lines = Path(value[1:]).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise _OptionError(f"{value[1:]}: cannot read labels file ({exc.strerror or exc})") from None
+            raise OptionError(f"{value[1:]}: cannot read labels file ({exc.strerror or exc})") from None
         labels = [line.strip() for line in lines]
     else:
         labels = [label.strip() for label in value.split(",")]
     return tuple(label for label in labels if label)
-
-
-def _tokenizer(path: Optional[str]):
-    if not path:
-        return None
-    from tuneline.models.loading import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except Exception as exc:  # transformers raises OSError, ValueError, ... for an unusable directory
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _OptionError(f"{path}: cannot load tokenizer ({message})") from None
 
 
 def _text_report(path: str, report: dict) -> str:
@@ -117,10 +99,7 @@ def _text_report(path: str, report: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneline ingest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return run(parser.parse_args(argv))
+    return run_standalone(argv, "ingest", doc=__doc__, configure=_configure, run=run)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tuneline.deploy.http import RequestError
 from tuneline.deploy.inference_log import DuplicateFeedback, InferenceLog
 
 RATING_RANGE = (1, 5)
@@ -29,12 +30,8 @@ RATING_FIELDS = {"request_id", "rating"}
 PAIRWISE_FIELDS = {"chosen_request_id", "rejected_request_id"}
 
 
-class FeedbackError(ValueError):
+class FeedbackError(RequestError):
     """Feedback the server refuses: ``status`` is the HTTP status (never 5xx), the message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -152,26 +149,6 @@ def feedback_pairs(log: InferenceLog, *, since_id: int = 0, min_rating_gap: int 
         for version in {row["model_version_chosen"], row["model_version_rejected"]}:
             out.model_versions[str(version)] = out.model_versions.get(str(version), 0) + 1
     return out
-
-
-async def read_json_body(request: Any, max_bytes: int) -> Any:
-    """The decoded JSON body of a Starlette request, or :class:`FeedbackError`: 415 (not JSON), 413 (above
-    ``max_bytes``, declared or streamed), 400 (not valid JSON)."""
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise FeedbackError(415, f"send JSON (Content-Type: application/json), not {content_type!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-        raise FeedbackError(413, f"request body above {max_bytes} bytes")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw.extend(chunk)
-        if len(raw) > max_bytes:
-            raise FeedbackError(413, f"request body above {max_bytes} bytes")
-    try:
-        return json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FeedbackError(400, f"the body is not valid JSON: {exc}") from None
 
 
 def prepare_feedback(log: InferenceLog, work: Any, recipe: Any, tokenizer: Any = None) -> Any:

@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from tuneline.deploy.registry import get_version, parse_model_ref
 from tuneline.data.prepare import INPUTS_ARTIFACT
 from tuneline.data.split import REPLAY_ARTIFACT
+from tuneline.deploy.registry import get_version, parse_model_ref
 from tuneline.records import sha256_file
 from tuneline.tracking import (
     CONTENT_ARTIFACT,

@@ -19,9 +19,9 @@ CARD_FILE = "README.md"  # the model card, in Hugging Face's layout
 def publish_candidate(tracker: Tracker, recipe: Recipe, evaluation: EvaluationRef, *, run_id: str,
                       drift_reference_uri: str) -> tuple[RegisteredRef, Optional[str]]:
     """(what happened, the model card's Markdown when a version was registered)."""
+    from tuneline import storage
     from tuneline.deploy.card import model_card
     from tuneline.deploy.lineage import build_passport, passport_markdown
-    from tuneline import storage
     from tuneline.deploy.registry import CHALLENGER, ChampionMoved, promote, register_model
     from tuneline.monitoring.reference import attach_reference
 

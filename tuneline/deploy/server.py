@@ -26,12 +26,12 @@ registered model. fastapi, uvicorn, torch and transformers are imported inside t
 
 import argparse
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from tuneline.deploy.batching import Batcher, Follower, ModelSlot, ServedModel
+from tuneline.deploy.http import RequestError, read_json_body
 from tuneline.deploy.inference_log import InferenceLog
 from tuneline.params import ServeParams
 from tuneline.tracking import Tracker
@@ -41,14 +41,6 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = ("prompt", "messages", "max_new_tokens")
 MAX_MESSAGES = 64
-
-
-class RequestError(ValueError):
-    """A request the server refuses: ``status`` is the HTTP status, the message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def parse_generate_request(body: Any, params: ServeParams) -> tuple[list[dict[str, str]], int]:
@@ -203,21 +195,7 @@ def create_app(
             return JSONResponse(payload, status_code=status)
 
         try:
-            content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                raise RequestError(415, f"send JSON (Content-Type: application/json), not {content_type!r}")
-            declared = request.headers.get("content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > params.max_body_bytes):
-                raise RequestError(413, f"request body above {params.max_body_bytes} bytes")
-            raw = bytearray()
-            async for chunk in request.stream():
-                raw.extend(chunk)
-                if len(raw) > params.max_body_bytes:
-                    raise RequestError(413, f"request body above {params.max_body_bytes} bytes")
-            try:
-                body = json.loads(bytes(raw).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise RequestError(400, f"the body is not valid JSON: {exc}") from exc
+            body = await read_json_body(request, params.max_body_bytes)
             if isinstance(body, dict):
                 if isinstance(body.get("prompt"), str):
                     entry["prompt"] = body["prompt"]
@@ -263,10 +241,10 @@ def create_app(
     async def feedback(request: Request) -> Any:
         """A rating of one logged answer or a choice between two (``tuneline.deploy.feedback``); never a 5xx for
         bad input: 400/404/409/413/415/422 with ``{"detail"}``."""
-        from tuneline.deploy.feedback import FeedbackError, parse_feedback, read_json_body, record_feedback
+        from tuneline.deploy.feedback import FeedbackError, parse_feedback, record_feedback
 
         try:
-            parsed = parse_feedback(await read_json_body(request, params.max_feedback_bytes))
+            parsed = parse_feedback(await read_json_body(request, params.max_feedback_bytes, FeedbackError))
             return JSONResponse(await run_in_threadpool(record_feedback, log, parsed), status_code=201)
         except FeedbackError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=exc.status)

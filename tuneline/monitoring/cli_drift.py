@@ -14,15 +14,13 @@ import json
 import sys
 from typing import Optional
 
+from tuneline.cli import OptionError, add_subcommand, run_standalone, tokenizer_option
 from tuneline.params import DriftParams
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``drift`` on the ``tuneline`` command's subparsers."""
-    parser = subparsers.add_parser("drift", help="test whether current prompts drifted from a reference",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return parser
+    return add_subcommand(subparsers, "drift", help="test whether current prompts drifted from a reference", doc=__doc__, configure=_configure)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +40,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-class _OptionError(ValueError):
-    """A command-line value that cannot be used."""
-
-
 def run(args: argparse.Namespace) -> int:
     from tuneline.data.ingest import IngestError
     from tuneline.monitoring.drift import compute_drift, texts_from_file
@@ -58,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         current = texts_from_file(args.current)
         if len(reference) < 2 or len(current) < 2:
             short = args.reference if len(reference) < 2 else args.current
-            raise _OptionError(f"{short}: need at least 2 prompts to compare")
-        tokenizer = _tokenizer(args.tokenizer)
-    except (IngestError, RecipeError, _OptionError) as exc:
+            raise OptionError(f"{short}: need at least 2 prompts to compare")
+        tokenizer = tokenizer_option(args.tokenizer)
+    except (IngestError, RecipeError, OptionError) as exc:
         print(f"tuneline drift: {exc}", file=sys.stderr)
         return 2
     report = compute_drift(reference, current, params, tokenizer=tokenizer)
@@ -69,18 +63,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_text_report(args.reference, args.current, report))
     return 0
-
-
-def _tokenizer(path: Optional[str]):
-    if not path:
-        return None
-    from tuneline.models.loading import load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except Exception as exc:  # transformers raises OSError, ValueError, ... for an unusable directory
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _OptionError(f"{path}: cannot load tokenizer ({message})") from None
 
 
 def _text_report(reference: str, current: str, report) -> str:
@@ -99,10 +81,7 @@ def _text_report(reference: str, current: str, report) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneline drift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return run(parser.parse_args(argv))
+    return run_standalone(argv, "drift", doc=__doc__, configure=_configure, run=run)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 (a :class:`~tuneline.specs.HpoTrialSpec`), launched by a search worker (``tuneline.recipes.hpo_worker``),
 under torchrun when ``params.num_processes`` > 1 (rank 0 reports to Optuna; every rank follows the pruner).
 
-The trial trains with ``train_sft`` and :class:`~tuneline.train.hpo.OptunaPruningCallback`, which rebuilds
+The trial trains with ``train_sft`` and :class:`~tuneline.train.callbacks.OptunaPruningCallback`, which rebuilds
 the trial from the shared storage, reports every validation loss and stops training when the pruner says
 so. ``<out_uri>/result.json`` holds an :class:`~tuneline.specs.Outcome` whose metrics are ``state``
 ("complete" | "pruned"), ``value`` (best validation loss), ``pruned_at_step``, ``steps``, ``trial_id`` and
@@ -24,7 +24,8 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
     from tuneline.models.loading import local_model_dir
     from tuneline.records import read_records
-    from tuneline.train.hpo import OptunaPruningCallback, sft_params_from_trial
+    from tuneline.train.callbacks import OptunaPruningCallback
+    from tuneline.train.hpo import sft_params_from_trial
     from tuneline.train.sft import train_sft
 
     trial_id = spec.trial_id

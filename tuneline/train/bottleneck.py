@@ -77,28 +77,6 @@ class BottleneckConfig:
         return cls(**data)
 
 
-def _module_class() -> type:
-    import torch
-
-    class BottleneckAdapter(torch.nn.Module):
-        """``h + up(act(down(h)))``; ``up`` starts at zero, so a fresh adapter is the identity."""
-
-        def __init__(self, hidden: int, reduction_factor: int, activation: str) -> None:
-            super().__init__()
-            width = max(1, hidden // reduction_factor)
-            self.down = torch.nn.Linear(hidden, width)
-            self.act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU,
-                        "tanh": torch.nn.Tanh}[activation]()
-            self.up = torch.nn.Linear(width, hidden)
-            torch.nn.init.zeros_(self.up.weight)
-            torch.nn.init.zeros_(self.up.bias)
-
-        def forward(self, hidden):
-            return hidden + self.up(self.act(self.down(hidden)))
-
-    return BottleneckAdapter
-
-
 def _run_adapter(module: Any, args: Any, output: Any) -> Any:
     return getattr(module, CHILD)(output)
 
@@ -126,7 +104,7 @@ def add_bottleneck_adapters(model: Any, config: BottleneckConfig, *, freeze_base
     """
     import dataclasses
 
-    cls = _module_class()
+    from tuneline.train.modules import BottleneckAdapter as cls
     targets = list(config.targets) or find_targets(model, config.placement)
     modules = dict(model.named_modules())
     if freeze_base:

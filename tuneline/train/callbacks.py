@@ -1,4 +1,5 @@
-"""Trainer callbacks: AdaLoRA rank allocation, crash-safe checkpoints, metric forwarding, early stopping.
+"""Trainer callbacks: AdaLoRA rank allocation, crash-safe checkpoints, metric forwarding, early stopping, Optuna
+pruning.
 
 Imported by the trainers only (it imports transformers); the checkpoint helpers live in the light
 :mod:`tuneline.train.checkpoints`.
@@ -7,6 +8,7 @@ Imported by the trainers only (it imports transformers); the checkpoint helpers 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -204,3 +206,51 @@ def early_stopping_callback(patience: int, min_delta: float) -> Any:
     """transformers' ``EarlyStoppingCallback``; needs ``load_best_model_at_end=True``,
     ``metric_for_best_model="eval_loss"`` and step-wise evaluation in the TrainingArguments."""
     return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=min_delta)
+
+
+class OptunaPruningCallback(TrainerCallback):
+    """Report ``eval_loss`` to the Optuna trial at every evaluation; stop training when it is pruned.
+
+    Runs in the trial's own process: the trial is rebuilt from the storage (:func:`load_trial`) on first
+    use. After training, ``pruned`` tells whether the pruner stopped it, ``pruned_at_step`` when, and
+    ``reported`` holds every ``(step, eval_loss)`` sent. With several ranks, rank 0 reports and asks the
+    pruner (the evaluation loss is already averaged over ranks) and every rank follows its decision.
+    """
+
+    def __init__(self, study_name: str, storage_url: str, trial_id: int, metric: str = "eval_loss") -> None:
+        self.study_name = study_name
+        self.storage_url = storage_url
+        self.trial_id = int(trial_id)
+        self.metric = metric
+        self.pruned = False
+        self.pruned_at_step: Optional[int] = None
+        self.reported: list[tuple[int, float]] = []
+        self._trial: Any = None
+
+    @property
+    def trial(self) -> Any:
+        if self._trial is None:
+            from tuneline.train.hpo import load_trial
+
+            self._trial = load_trial(self.study_name, self.storage_url, self.trial_id)
+        return self._trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.metric not in metrics or self.pruned:
+            return control
+        from tuneline.train.distributed import broadcast_flag, is_main_process
+
+        step = int(state.global_step)
+        prune = False
+        if is_main_process():
+            value = float(metrics[self.metric])
+            if not math.isfinite(value):
+                value = float("inf")
+            self.trial.report(value, step)
+            self.reported.append((step, value))
+            prune = self.trial.should_prune()
+        if broadcast_flag(prune):
+            self.pruned = True
+            self.pruned_at_step = step
+            control.should_training_stop = True
+        return control

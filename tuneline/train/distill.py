@@ -277,7 +277,7 @@ def _gather_teacher(cache: dict[str, Any], seq_ids: Sequence[int]) -> tuple[Any,
     return cache["logp"][rows], cache["index"][rows]
 
 
-def _kd_terms(model: Any, batch: dict[str, Any], cache: dict[str, Any], temperature: float) -> tuple[Any, Any, int]:
+def kd_terms(model: Any, batch: dict[str, Any], cache: dict[str, Any], temperature: float) -> tuple[Any, Any, int]:
     """(mean KL over completion tokens, mean CE, token count) for one padded batch."""
     import torch
 
@@ -313,7 +313,7 @@ def kd_metrics(model: Any, features: list[dict], cache: dict[str, Any], temperat
             chunk = features[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             batch["kd_index"] = torch.tensor([f["kd_index"] for f in chunk])
-            kl, ce, tokens = _kd_terms(model, batch, cache, temperature)
+            kl, ce, tokens = kd_terms(model, batch, cache, temperature)
             kl_sum += float(kl) * tokens
             ce_sum += float(ce) * tokens
             n += tokens
@@ -323,36 +323,6 @@ def kd_metrics(model: Any, features: list[dict], cache: dict[str, Any], temperat
 
 # ---------------------------------------------------------------------------
 # training
-
-
-def _make_trainer_class() -> type:
-    from transformers import Trainer
-
-    class KDTrainer(Trainer):
-        """``Trainer`` whose loss is alpha_ce * CE + alpha_kl * T^2 * KL(teacher_T || student_T)."""
-
-        def __init__(self, *args: Any, teacher_cache: dict[str, Any], kd: DistillParams, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.teacher_cache = teacher_cache
-            self.kd = kd
-            self._terms: dict[str, list[float]] = {"kl": [], "ce": []}
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            kl, ce, _ = _kd_terms(model, inputs, self.teacher_cache, self.kd.temperature)
-            loss = self.kd.alpha_ce * ce + self.kd.alpha_kl * self.kd.temperature**2 * kl
-            if model.training:
-                self._terms["kl"].append(float(kl.detach()))
-                self._terms["ce"].append(float(ce.detach()))
-            return (loss, None) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-            if "loss" in logs and self._terms["kl"]:
-                for name, values in self._terms.items():
-                    logs[name] = sum(values) / len(values)
-                    values.clear()
-            super().log(logs, start_time)
-
-    return KDTrainer
 
 
 def _collator(pad_token_id: int) -> Callable[[list[dict]], dict[str, Any]]:
@@ -478,7 +448,9 @@ def distill_student(
         data_seed=seed,
         disable_tqdm=True,
     )
-    trainer = _make_trainer_class()(
+    from tuneline.train.trainers import KDTrainer
+
+    trainer = KDTrainer(
         model=student,
         args=args,
         train_dataset=train_features,

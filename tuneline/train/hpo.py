@@ -13,7 +13,7 @@ dead workers' trials run again.
   node lost) is failed once its heartbeat is ``grace_period`` old and run again as a new trial with the same
   parameters (``RetryHeartbeatStaleTrialCallback``); a live trial is never touched.
 * **Each trial in its own process** (``python -m tuneline.recipes.hpo_trial``, under torchrun for
-  ``sft.num_processes > 1``): it rebuilds the trial from the storage with :class:`OptunaPruningCallback`,
+  ``sft.num_processes > 1``): it rebuilds the trial from the storage with :class:`~tuneline.train.callbacks.OptunaPruningCallback`,
   reports every validation loss and stops training when the pruner says so.
 
 The pruner's settings and ``n_trials`` are stored on the study (``study.user_attrs``) so every worker and
@@ -238,72 +238,6 @@ def load_study(
 def load_trial(name: str, storage_url: str, trial_id: int) -> Any:
     """Rebuild a running trial in another process, with the pruner the study was created with."""
     return optuna_compat.rebuild_trial(load_study(name, storage_url), trial_id)
-
-
-def _build_pruning_callback_class() -> type:
-    from transformers import TrainerCallback
-
-    class OptunaPruningCallback(TrainerCallback):
-        """Report ``eval_loss`` to the Optuna trial at every evaluation; stop training when it is pruned.
-
-        Runs in the trial's own process: the trial is rebuilt from the storage (:func:`load_trial`) on first
-        use. After training, ``pruned`` tells whether the pruner stopped it, ``pruned_at_step`` when, and
-        ``reported`` holds every ``(step, eval_loss)`` sent. With several ranks, rank 0 reports and asks the
-        pruner (the evaluation loss is already averaged over ranks) and every rank follows its decision.
-        """
-
-        def __init__(self, study_name: str, storage_url: str, trial_id: int, metric: str = "eval_loss") -> None:
-            self.study_name = study_name
-            self.storage_url = storage_url
-            self.trial_id = int(trial_id)
-            self.metric = metric
-            self.pruned = False
-            self.pruned_at_step: Optional[int] = None
-            self.reported: list[tuple[int, float]] = []
-            self._trial: Any = None
-
-        @property
-        def trial(self) -> Any:
-            if self._trial is None:
-                self._trial = load_trial(self.study_name, self.storage_url, self.trial_id)
-            return self._trial
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if not metrics or self.metric not in metrics or self.pruned:
-                return control
-            from tuneline.train.distributed import broadcast_flag, is_main_process
-
-            step = int(state.global_step)
-            prune = False
-            if is_main_process():
-                value = float(metrics[self.metric])
-                if not math.isfinite(value):
-                    value = float("inf")
-                self.trial.report(value, step)
-                self.reported.append((step, value))
-                prune = self.trial.should_prune()
-            if broadcast_flag(prune):
-                self.pruned = True
-                self.pruned_at_step = step
-                control.should_training_stop = True
-            return control
-
-    OptunaPruningCallback.__module__ = __name__
-    OptunaPruningCallback.__qualname__ = "OptunaPruningCallback"
-    return OptunaPruningCallback
-
-
-_LAZY: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # ``OptunaPruningCallback`` subclasses transformers' TrainerCallback; building it on first access keeps
-    # ``import tuneline.train.hpo`` free of the ~6 s transformers import (the orchestrating process never needs it).
-    if name == "OptunaPruningCallback":
-        if name not in _LAZY:
-            _LAZY[name] = _build_pruning_callback_class()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -96,94 +96,13 @@ def use_padding_free(params: SftParams, train_data: Sequence[dict[str, Any]]) ->
     return mean >= PADDING_FREE_MIN_MEAN_TOKENS
 
 
-def _needed_mask(mask: Any) -> Any:
+def needed_mask(mask: Any) -> Any:
     """None for a right-padded batch: under causal attention its real tokens only ever see earlier real
     tokens, and padding positions carry no label, so the mask changes nothing the loss reads; without it
     SDPA runs its causal kernel instead of materializing a mask (measured: ~10% less time per step)."""
     if mask is None or mask.shape[1] < 2 or bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return None
     return mask
-
-
-def _make_trainer_class() -> type:
-    from transformers import Trainer
-
-    from tuneline.compat.transformers import SamplerHooks
-    from tuneline.train.common import LengthGroupedSampler
-
-    class SftTrainer(SamplerHooks, Trainer):
-        """``Trainer`` with optional length-grouped batches (a seeded, resumable train order, and evaluation
-        in length order), and a label-only head loss for methods whose forward adds nothing."""
-
-        group_by_length: bool = True
-
-        def train_sampler(self, dataset):
-            if not self.group_by_length:
-                return None  # the Trainer's seeded random order
-            lengths = [len(x["input_ids"]) for x in dataset]
-            # grouped by the global batch: every rank draws the same order and accelerate deals it out in
-            # per-rank batches, so N ranks see the same global batches as one process would
-            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return LengthGroupedSampler(lengths, global_batch, seed=self.args.seed)
-
-        # methods whose PeftModel forward adds nothing to the decoder + head (AdaLoRA adds its
-        # orthogonal regularizer to the loss, prompt learning prepends virtual tokens)
-        label_only_methods: tuple[str, ...] = ("lora", "qlora", "ia3", "adapter", "full", "freeze")
-        method: str = ""
-        examples_seen: int = 0  # train examples this rank computed a loss on
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            positions = inputs.get("position_ids")  # padding-free: one row, positions restart per example
-            self.examples_seen += int((positions == 0).sum()) if positions is not None else len(inputs["input_ids"])
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """Training loss with the LM head applied only where there are labels.
-
-            The stock causal-LM loss projects every position onto the vocabulary and then ignores
-            prompt and padding positions; here the decoder's hidden states are gathered at the
-            labelled positions first (25% fewer head rows on the alpaca-like bench data). Same
-            loss and normalization as the model's own (sum / ``num_items_in_batch``, or the mean).
-            Not with several ranks: the decoder is called on the unwrapped model, which bypasses the
-            DDP wrapper's forward, and with it the gradient all-reduce (measured: ranks drift apart).
-            """
-            if (return_outputs or not model.training or self.method not in self.label_only_methods
-                    or self.args.world_size > 1):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch.nn.functional as F
-
-            unwrapped = self.accelerator.unwrap_model(model)
-            lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            with self.accelerator.autocast():
-                hidden = lm.get_decoder()(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=_needed_mask(inputs.get("attention_mask")),
-                    position_ids=inputs.get("position_ids"),
-                    use_cache=False,
-                ).last_hidden_state
-                targets = inputs["labels"][:, 1:]
-                keep = targets != -100
-                logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-            else:
-                loss = loss / keep.sum().clamp(min=1)
-            return loss
-
-        def floating_point_ops(self, inputs):
-            """No FLOP estimate per step: it walks every parameter of the model each step (2.6 ms of a
-            ~75 ms LoRA step on the tiny Llama) for a statistic (``total_flos``) nothing here reads."""
-            return 0
-
-        def eval_sampler(self, dataset):
-            if not self.group_by_length or self.args.world_size > 1:
-                return None
-            return sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
-
-    return SftTrainer
 
 
 def train_sft(
@@ -325,7 +244,9 @@ def train_sft(
         callbacks.append(cb.MetricsCallback(on_log))
     callbacks.extend(extra_callbacks)
 
-    trainer = _make_trainer_class()(
+    from tuneline.train.trainers import SftTrainer
+
+    trainer = SftTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
