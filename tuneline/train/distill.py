@@ -163,12 +163,15 @@ def tokenizer_sha(model_dir: str | Path) -> str:
 
 
 def teacher_cache_key(
-    teacher_sha: str, record_ids: Sequence[str], max_length: int, temperature: float, top_k: int, tok_sha: str
+    teacher_sha: str, record_ids: Sequence[str], max_length: int, temperature: float, top_k: int, tok_sha: str,
+    dtype: str = "float32",
 ) -> str:
+    """The cache folder's name: everything the teacher's outputs depend on (a bf16 pass on a GPU is another key)."""
     return sha256_text(
         canonical_json(
             {
                 "format": CACHE_FORMAT,
+                **({} if dtype == "float32" else {"teacher_dtype": dtype}),
                 "teacher_weights_sha256": teacher_sha,
                 "tokenizer_sha256": tok_sha,
                 "record_ids": list(record_ids),
@@ -375,7 +378,7 @@ def distill_student(
     import torch
     from transformers import TrainingArguments
 
-    from tuneline.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+    from tuneline.models.loading import load_causal_lm, load_tokenizer, place_for_inference, resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
@@ -388,10 +391,11 @@ def distill_student(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_causal_lm(teacher_dir)
-    teacher.eval()
-    if torch.cuda.is_available():  # the one teacher pass runs where the student will train
-        teacher.to("cuda")
+    teacher = load_causal_lm(teacher_dir)  # fp32 on the CPU: the student copies its blocks from these weights
+    student, kept = build_student(teacher, params, seed=seed)
+    _, teacher_total = count_params(teacher)
+    teacher = place_for_inference(teacher, "auto")  # the one teacher pass: on the GPU in bf16 where there is one
+    teacher_dtype = str(next(teacher.parameters()).dtype).replace("torch.", "")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     k = min(int(top_k), int(teacher.config.vocab_size))
 
@@ -405,7 +409,8 @@ def distill_student(
     caches, hits, cache_paths = {}, [], {}
     with distributed.main_process_first():  # rank 0 runs the teacher; the other ranks read its cache
         for split, recs, feats in (("train", records, train_features), ("val", val_records, val_features)):
-            key = teacher_cache_key(t_sha, _record_ids(recs), params.max_length, params.temperature, k, tok_sha)
+            key = teacher_cache_key(t_sha, _record_ids(recs), params.max_length, params.temperature, k, tok_sha,
+                                    teacher_dtype)
             path = cache_dir / key
             caches[split], hit = teacher_outputs(
                 teacher, feats, path, temperature=params.temperature, top_k=k, pad_token_id=pad_id,
@@ -414,8 +419,6 @@ def distill_student(
             hits.append(hit)
             cache_paths[split] = str(path)
 
-    student, kept = build_student(teacher, params, seed=seed)
-    _, teacher_total = count_params(teacher)
     _, student_total = count_params(student)
     del teacher  # only its cached outputs are needed from here on
 

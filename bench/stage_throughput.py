@@ -1,0 +1,325 @@
+"""Per-stage throughput against what a user would write instead: continued pretraining, DPO and evaluation
+generation (SFT has its own, ``bench/sft_throughput.py``).
+
+One shared setup per stage (the demo data and corpus, a byte-level BPE tokenizer and a random Llama of the
+demo's shape: 4 x 256, vocab 4096), every contender in its own subprocess, runs interleaved (ours, peer, ours,
+peer, ...), the same model, data, batch, sequence length, steps, learning rate and seed for each; medians with
+min-max. The clock covers the training loop only (model loading, tokenization and saving are outside it).
+
+- ``pretrain``: ``tuneline.models.pretrain.pretrain_causal_lm`` against a bare ``transformers.Trainer`` causal-LM
+  run (the ``run_clm`` recipe: the corpus tokenized, concatenated and cut into blocks, default collator), both
+  at their best flags for this CPU (bf16 autocast where it is native, fp32 otherwise). Figures: real tokens/s
+  and the held-out loss after training on the same blocks.
+- ``dpo``: ``tuneline.train.dpo.train_dpo`` against bare TRL ``DPOTrainer`` (same LoRA, ``ref_model=None``,
+  TRL's wrong-on-CPU defaults set right: gradient checkpointing off, bf16 only where native). Figures:
+  pairs/s and the reward accuracy on held-out pairs.
+- ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
+  ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
+
+    python bench/stage_throughput.py --stages pretrain,dpo,generate --runs 3
+
+Writes bench/results/stage_throughput.json; prints the CPU name and flags with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._machine import cpu  # noqa: E402
+from bench.matmul_peak import matmul_params, measure, useful_mfu  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "stage_throughput.json"
+SEED = 42
+CONTENDERS = {"pretrain": ("ours", "hf-trainer"), "dpo": ("ours", "trl"), "generate": ("ours", "hf-generate")}
+SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
+             max_position_embeddings=512)
+PRETRAIN = dict(steps=60, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=6)
+DPO = dict(steps=20, batch_size=8, max_length=128, learning_rate=5e-4, beta=0.1, lora_r=16)
+GENERATE = dict(prompts=96, batch=32, max_new_tokens=32)
+
+
+# ---------------------------------------------------------------------------
+# shared setup (written once per bench run, read by every child)
+
+
+def prepare(work: Path) -> dict[str, Any]:
+    from tuneline.data.demo import alpaca_prompt, build_rows, generate_corpus
+    from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
+    from tuneline.params import DemoDataParams, TinyModelParams
+
+    demo = DemoDataParams(seed=7, examples_per_task=300, preference_pairs=400, corpus_paragraphs=3000)
+    rows, corpus = build_rows(demo), generate_corpus(demo)
+    tokenizer = train_tokenizer(corpus + [r["output"] for r in rows["sft"]], TinyModelParams(**SHAPE))
+    base = save_model(init_tiny_model(tokenizer, TinyModelParams(**SHAPE), seed=SEED), tokenizer, work / "base")
+    (work / "corpus.json").write_text(json.dumps(corpus))
+    pref = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows["preference"]]
+    (work / "pref.json").write_text(json.dumps(pref))
+    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows["sft"][: GENERATE["prompts"]]]
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    model = init_tiny_model(tokenizer, TinyModelParams(**SHAPE), seed=SEED)
+    return {"base": str(base), "n_params": sum(p.numel() for p in model.parameters()),
+            "n_matmul_params": matmul_params(model)}
+
+
+def _preference_records(work: Path) -> tuple[list[Any], list[Any]]:
+    from tuneline.records import ChatRecord
+
+    pref = json.loads((work / "pref.json").read_text())
+    records = [ChatRecord(kind="preference", source="bench", line=i, chosen=p["chosen"], rejected=p["rejected"],
+                          messages=[{"role": "user", "content": p["prompt"]}]) for i, p in enumerate(pref)]
+    return records[:-64], records[-64:]
+
+
+def _timing_callback(marks: dict[str, float]) -> Any:
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks["start"] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            marks["end"] = time.perf_counter()
+
+    return Timing()
+
+
+# ---------------------------------------------------------------------------
+# contenders (each runs in its own process)
+
+
+def pretrain_ours(work: Path, base: str) -> dict[str, Any]:
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+    from tuneline.models.pretrain import pretrain_causal_lm
+    from tuneline.params import PretrainParams
+
+    p = PRETRAIN
+    params = PretrainParams(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"],
+                            learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"], log_every=10)
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    result = pretrain_causal_lm(model, tokenizer, json.loads((work / "corpus.json").read_text()), params, seed=SEED,
+                                steps=p["steps"])
+    return {"seconds": result.seconds, "tokens": result.tokens_seen, "eval_loss": result.eval_loss_after,
+            "bf16": result.bf16}
+
+
+def pretrain_hf_trainer(work: Path, base: str) -> dict[str, Any]:
+    """The run_clm recipe: tokenize, concatenate, cut into blocks; Trainer with the LM collator."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, \
+        TrainingArguments
+
+    from tuneline.models.loading import bf16_supported
+    from tuneline.models.pretrain import evaluate_blocks, pack_corpus
+
+    p = PRETRAIN
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    blocks = pack_corpus(tokenizer, json.loads((work / "corpus.json").read_text()), p["seq_len"])
+    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(SEED))
+    n_eval = 64  # the same held-out share as ours (its MAX_EVAL_BLOCKS cap)
+    eval_blocks, train_blocks = blocks[order[:n_eval]], blocks[order[n_eval:]]
+    dataset = Dataset.from_dict({"input_ids": train_blocks.tolist()})
+    bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
+    marks: dict[str, float] = {}
+    args = TrainingArguments(output_dir=str(work / "hf-pretrain"), max_steps=p["steps"],
+                             per_device_train_batch_size=p["batch_size"], learning_rate=p["learning_rate"],
+                             warmup_steps=p["warmup_steps"], lr_scheduler_type="cosine", weight_decay=0.01,
+                             adam_beta2=0.95, bf16=bf16, save_strategy="no", report_to=[], logging_steps=10,
+                             disable_tqdm=True, seed=SEED, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[_timing_callback(marks)])
+    trainer.train()
+    tokens = p["steps"] * p["batch_size"] * p["seq_len"]
+    model.eval()
+    return {"seconds": marks["end"] - marks["start"], "tokens": tokens, "bf16": bf16,
+            "eval_loss": evaluate_blocks(model, eval_blocks, batch_size=p["batch_size"], bf16=bf16)}
+
+
+def dpo_ours(work: Path, base: str) -> dict[str, Any]:
+    from tuneline.params import DpoParams, LoraParams
+    from tuneline.train.dpo import train_dpo
+
+    d = DPO
+    train, val = _preference_records(work)
+    params = DpoParams(beta=d["beta"], learning_rate=d["learning_rate"], batch_size=d["batch_size"],
+                       max_length=d["max_length"], lora=LoraParams(r=d["lora_r"], alpha=2 * d["lora_r"], dropout=0.0))
+    logs: dict[str, Any] = {}
+    result = train_dpo(base, base, "full", train, val, params, work / "ours-dpo", seed=SEED, max_steps=d["steps"],
+                       on_log=lambda step, m: logs.update(m))
+    # the trainer's own train_runtime: the loop, without the before/after preference evaluation train_dpo adds
+    return {"seconds": logs["train_runtime"], "pairs": d["steps"] * d["batch_size"],
+            "reward_accuracy": result.after["reward_accuracy"], "bf16": result.bf16}
+
+
+def dpo_trl(work: Path, base: str) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneline.models.loading import bf16_supported
+    from tuneline.train.dpo import evaluate_preferences, to_conversational
+
+    d = DPO
+    train, val = _preference_records(work)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
+    marks: dict[str, float] = {}
+    config = DPOConfig(output_dir=str(work / "trl-dpo"), beta=d["beta"], learning_rate=d["learning_rate"],
+                       max_steps=d["steps"], per_device_train_batch_size=d["batch_size"], max_length=d["max_length"],
+                       lr_scheduler_type="cosine", warmup_steps=0, gradient_checkpointing=False,
+                       activation_checkpointing=False, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+                       save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=SEED)
+    lora = LoraConfig(r=d["lora_r"], lora_alpha=2 * d["lora_r"], lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, processing_class=tokenizer, peft_config=lora,
+                         train_dataset=Dataset.from_list(to_conversational(train)), callbacks=[_timing_callback(marks)])
+    trainer.train()
+    after = evaluate_preferences(trainer.model, tokenizer, val, d["beta"], max_length=d["max_length"],
+                                 batch_size=d["batch_size"])
+    return {"seconds": marks["end"] - marks["start"], "pairs": d["steps"] * d["batch_size"],
+            "reward_accuracy": after.reward_accuracy, "bf16": bf16}
+
+
+def _generation_setup(work: Path, base: str) -> tuple[Any, Any, list[list[int]]]:
+    from tuneline.models.generation import prompt_ids
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    prompts = json.loads((work / "prompts.json").read_text())
+    return model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+
+
+def generate_ours(work: Path, base: str) -> dict[str, Any]:
+    from tuneline.models.generation import generate_greedy
+
+    model, tokenizer, ids = _generation_setup(work, base)
+    start = time.perf_counter()
+    out = generate_greedy(model, tokenizer, ids, max_new_tokens=GENERATE["max_new_tokens"], batch_size=GENERATE["batch"],
+                          warm_up=False)
+    return {"seconds": time.perf_counter() - start, "new_tokens": sum(o["new_tokens"] for o in out)}
+
+
+def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
+    """``model.generate`` at its defaults (the model's generation config), batches of 32 in the given order."""
+    import torch
+
+    model, tokenizer, ids = _generation_setup(work, base)
+    pad = tokenizer.pad_token_id
+    new = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ids), GENERATE["batch"]):
+            batch = ids[i: i + GENERATE["batch"]]
+            longest = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch])
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=GENERATE["max_new_tokens"],
+                                 pad_token_id=pad)
+            for row in out[:, longest:].tolist():
+                eos = next((k for k, t in enumerate(row) if t == tokenizer.eos_token_id), None)
+                new += len(row) if eos is None else eos + 1
+    return {"seconds": time.perf_counter() - start, "new_tokens": new}
+
+
+CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
+            ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
+            ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate}
+
+
+# ---------------------------------------------------------------------------
+# the driver
+
+
+def tokens(stage: str, row: dict[str, Any]) -> float:
+    """Real tokens per second (DPO: each pair is a chosen and a rejected sequence of up to max_length tokens, so
+    its figure is an upper bound on the real tokens)."""
+    if stage == "dpo":
+        return row["pairs"] * 2 * DPO["max_length"] / row["seconds"]
+    return rate(stage, row)
+
+
+def rate(stage: str, row: dict[str, Any]) -> float:
+    unit = {"pretrain": "tokens", "dpo": "pairs", "generate": "new_tokens"}[stage]
+    return row[unit] / row["seconds"]
+
+
+def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict[str, float]) -> dict[str, Any]:
+    """Medians with min-max per contender, the ratio to the fastest peer, and the useful MFU (bench/matmul_peak.py:
+    6N FLOPs per trained token, 2N per generated one, against the measured peak of the dtype the stage ran in)."""
+    out: dict[str, Any] = {}
+    for contender in CONTENDERS[stage]:
+        mine = [r for r in rows if r["contender"] == contender and "error" not in r]
+        if not mine:
+            continue
+        rates = [rate(stage, r) for r in mine]
+        dtype = "bfloat16" if mine[0].get("bf16") else "float32"
+        out[contender] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(mine),
+                          "dtype": dtype, "mfu": useful_mfu(statistics.median([tokens(stage, r) for r in mine]),
+                                                            n_matmul, peaks[dtype], training=stage != "generate"),
+                          **{k: statistics.median([r[k] for r in mine]) for k in ("eval_loss", "reward_accuracy")
+                             if k in mine[0]}}
+    if "ours" in out and len(out) > 1:
+        peer = max((v["median"] for k, v in out.items() if k != "ours"), default=None)
+        out["ratio_to_fastest_peer"] = out["ours"]["median"] / peer if peer else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="pretrain,dpo,generate")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        stage, contender = args.child.split(":")
+        row = CHILDREN[(stage, contender)](Path(args.work), args.base)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="tuneline-stage-bench-"))
+    setup = prepare(work)
+    machine = cpu()
+    peaks = {"float32": measure("float32"), "bfloat16": measure("bfloat16")}
+    print(f"# {machine}\n# model: {setup['n_params'] / 1e6:.1f} M parameters; {args.runs} interleaved runs", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results: dict[str, Any] = {"machine": machine, "params": setup["n_params"], "runs": args.runs, "peak_gflops": peaks,
+                               "matmul_params": setup["n_matmul_params"],
+                               "workloads": {"pretrain": PRETRAIN, "dpo": DPO, "generate": GENERATE}, "stages": {}}
+    for stage in args.stages.split(","):
+        rows = []
+        for run in range(args.runs):
+            for contender in CONTENDERS[stage]:
+                proc = subprocess.run([sys.executable, __file__, "--child", f"{stage}:{contender}", "--work", str(work),
+                                       "--base", setup["base"]], capture_output=True, text=True, env=env, timeout=1800)
+                found = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+                row = {"contender": contender, "run": run,
+                       **(found[0] if found else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})}
+                print(json.dumps({"stage": stage, **row}), flush=True)
+                rows.append(row)
+        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, setup["n_matmul_params"], peaks)}
+        print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
