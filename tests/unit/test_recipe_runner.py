@@ -39,3 +39,51 @@ def test_only_rank_zero_logs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("RANK", "0")
     _runner.StepLogger(None, None)(1, {"loss": 1.0})
     assert '"loss": 1.0' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_trainer_dies_with_the_process_that_launched_it(tmp_path) -> None:
+    """Kill the launcher with SIGKILL (as a killed `tuneline run` or Dagster step is): its trainer goes too, so no
+    orphan keeps training beside the retry."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    trainer = ("from tuneline.recipes._runner import die_with_parent; die_with_parent(); "
+               "import time; time.sleep(120)")
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {trainer!r}]); "
+                "print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the child is past its prctl call
+    os.kill(child, 0)  # alive while its launcher is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it became ours (it was re-parented to init, which reaps it)
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the trainer outlived its launcher")
+
+
+def test_run_cli_asks_to_die_with_its_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from tuneline.specs import PretrainSpec
+
+    calls = []
+    monkeypatch.setattr(_runner, "die_with_parent", lambda: calls.append(True))
+    assert _runner.run_cli(["--spec", str(tmp_path / "missing.json")], spec_class=PretrainSpec,
+                           run=lambda spec, pipes: None) == 1
+    assert calls == [True]

@@ -215,6 +215,19 @@ def metadata(values: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies (``prctl(PR_SET_PDEATHSIG)``), so a
+    killed ``tuneline run`` or Dagster step leaves no orphan trainer writing beside its retry. Elsewhere a no-op.
+    Also usable as a ``preexec_fn`` (between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_cli(
     argv: Optional[list[str]],
     *,
@@ -226,6 +239,10 @@ def run_cli(
     parser = argparse.ArgumentParser(prog=f"python -m {spec_class.module}", description=spec_class.__doc__)
     parser.add_argument("--spec", required=True, help=f"JSON spec ({spec_class.__name__} in tuneline/specs.py)")
     args = parser.parse_args(argv)
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        return 1
     from tuneline.tracking import fail_fast_defaults
 
     fail_fast_defaults()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,6 @@ from typing import Any, Optional
 
 from tuneline.recipes import _runner
 from tuneline.specs import HpoTrialSpec, HpoWorkerSpec, MlflowTarget, Outcome
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the trial process gets SIGKILL when its worker dies, so a killed worker leaves no orphan training."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def trial_env(threads: int) -> dict[str, str]:
@@ -87,7 +78,7 @@ def run(spec: HpoWorkerSpec, pipes: Any = None) -> Outcome:
         cmd = launch_command(sys.executable, HpoTrialSpec.module, ["--spec", str(spec_path)], sft.num_processes)
         try:
             proc = subprocess.run(cmd, env=trial_env(threads),
-                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                  preexec_fn=_runner.die_with_parent)
         finally:
             shutil.rmtree(spec_dir, ignore_errors=True)
         result_uri = storage.join(trial.out_uri, _runner.RESULT_FILE)
