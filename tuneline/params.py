@@ -392,9 +392,12 @@ class DpoParams:
     save_steps: int = 50  # checkpoint every N steps (a retry resumes from the last complete one)
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
     num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
+    sft_weight: float = 0.0  # weight of the chosen answers' NLL beside the DPO loss (RPO); 0 = plain DPO
 
     def __post_init__(self) -> None:
         _check_processes("dpo", self.num_processes)
+        if self.sft_weight < 0:
+            raise RecipeError("dpo.sft_weight must be >= 0 (0 = plain DPO)")
         if self.beta <= 0 or self.learning_rate <= 0 or self.epochs <= 0:
             raise RecipeError("dpo: beta, learning_rate and epochs must be > 0")
         if self.batch_size < 1 or self.max_length < 8 or self.save_steps < 1:

@@ -207,3 +207,19 @@ def test_dpo_after_qlora_trains_on_the_4bit_merged_model_without_an_fp32_copy(
     model_dir = dpo.load_dpo_model(tmp_path / "dpo")
     merge = json.loads((model_dir / dpo.MERGE_MARKER).read_text())
     assert merge["method"] == "qlora" and merge["merged_into"].startswith(compute)
+
+
+def test_sft_weight_adds_the_chosen_nll_to_the_dpo_loss(tmp_path: Path, sft_run: tuple[Path, Path]) -> None:
+    """dpo.sft_weight > 0 trains DPO + weight x NLL of the chosen answers (RPO); 0 is plain DPO."""
+    from tuneline.params import RecipeError
+
+    base, adapter = sft_run
+    merged, _ = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
+    common = dict(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=False)
+    plain = dpo.build_dpo_trainer(merged, _pairs(), DpoParams(**common), tmp_path / "a", seed=0, max_steps=1)
+    assert list(plain.args.loss_type) == ["sigmoid"]
+    rpo = dpo.build_dpo_trainer(merged, _pairs(), DpoParams(sft_weight=2.0, **common), tmp_path / "b", seed=0,
+                                max_steps=1)
+    assert list(rpo.args.loss_type) == ["sigmoid", "sft"] and list(rpo.args.loss_weights) == [1.0, 2.0]
+    with pytest.raises(RecipeError, match="sft_weight"):
+        DpoParams(sft_weight=-1.0)

@@ -321,6 +321,8 @@ def build_dpo_trainer(
         max_length=params.max_length,
         ddp_backend=ddp_backend(),  # every rank opts into gloo on CPU, else each trains alone
         precompute_ref_log_probs=False,
+        # RPO: the chosen answers' NLL beside the DPO loss keeps their likelihood from falling with the rejected
+        **(dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, params.sft_weight]) if params.sft_weight else {}),
         **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
                                  gradient_checkpointing=gradient_checkpointing),
     )
