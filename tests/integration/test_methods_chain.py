@@ -92,3 +92,39 @@ def test_multitask_prompt_trains_in_the_sft_stage_and_its_publication_is_refused
     assert math.isfinite(reports["sft"]["loss"]) and reports["sft"]["loss"] < reports["base"]["loss"]
     with pytest.raises(ValueError, match="virtual tokens"):
         servable_model_dir(sft, tmp_path / "publish")
+
+
+@pytest.mark.slow
+@pytest.mark.long  # make test-long; make test covers QLoRA -> DPO in tests/unit/test_dpo.py
+def test_qlora_recipe_shape_runs_the_chain_with_dpo_on_the_4bit_model(state: Path, tmp_path: Path) -> None:
+    """The GPU recipes' path with the tiny model standing in, on CPU: QLoRA SFT with gradient checkpointing, DPO on
+    the merged SFT model loaded in 4-bit again (never an fp32 copy), evaluation, the gate, registration of the
+    merged model and serving it from the registry."""
+    from pipelines import definitions
+    from resources import build_resources
+    from resources.recipe import RecipeResource
+    from tuneline.deploy.registry import load_registered
+    from tuneline.models.generation import chat_generate
+
+    spec = recipe("qlora")
+    spec.update(dpo={"max_steps": 6, "batch_size": 8, "max_length": 128},
+                compute={"device": "auto", "gradient_checkpointing": True},
+                gate={**spec["gate"], "candidate": "teacher", "max_parent_regression": 1.0})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    resources = build_resources("local")
+    resources["recipe"] = RecipeResource(path=str(path))
+    result = dg.materialize([*definitions.ASSETS, *definitions.CHECKS], resources=resources, raise_on_error=False)
+    assert result.success
+    sft, dpo = result.output_for_node("sft_adapter"), result.output_for_node("dpo_adapter")
+    assert sft.kind == "adapter" and sft.method == "qlora"
+    assert dpo.stage == "dpo_adapter" and dpo.metrics["trained_in_4bit"] is True
+    evaluation = result.output_for_node("evaluation_report")
+    assert {"base", "sft", "dpo"} <= set(evaluation.summary) and evaluation.gate.candidate_stage == "dpo_adapter"
+    registered = result.output_for_node("registered_model")
+    if registered.decision == "registered":
+        model, tokenizer, _ = load_registered(resources["mlflow"].tracker(), "tuneline-ci-qlora@champion")
+        out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=4)
+        assert isinstance(out["text"], str)
+    else:
+        assert registered.reason, registered

@@ -41,7 +41,8 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
              f"sft={storage.redact(spec.sft.uri)} ({spec.sft.method})")
     result = train_dpo(sft_dir, base_dir, spec.sft.method, train, val, params, work.path,
                        seed=spec.seed, max_steps=spec.max_steps, on_log=log,
-                       on_checkpoint=work.sync if work.remote else None, gradient_checkpointing=spec.compute.trainer_checkpointing())
+                       on_checkpoint=work.sync if work.remote else None,
+                       gradient_checkpointing=spec.compute.trainer_checkpointing())
     if not _runner.is_main_process():  # rank 0 alone merges, writes and reports
         return None
     run_id = spec.mlflow.run_id if spec.mlflow else None
@@ -67,6 +68,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
         "train_pairs": result.train_pairs, "val_pairs": result.val_pairs,
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
+        "trained_in_4bit": bool((result.merge or {}).get("quantization")),  # QLoRA SFT: DPO on the 4-bit merge
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
         **{f"{k}_before": before[k] for k in PAIR_METRICS},
         **{f"{k}_after": after[k] for k in PAIR_METRICS},
