@@ -179,14 +179,14 @@ def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_d
 
     from tuneline.train.common import FlatCollator, PadCollator, tokenize_chat
     from tuneline.train.methods import apply_method
-    from tuneline.train.sft import _make_trainer_class
+    from tuneline.train.trainers import SftTrainer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     features = tokenize_chat(tok, reverse_records(6, seed=3), 64)
     assert len({len(f["input_ids"]) for f in features}) > 1  # the padded batch really holds padding
     model, _ = apply_method(base_dir, params_for(method, bf16=False), seed=0)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
-    trainer = _make_trainer_class()(model=model, args=args, train_dataset=features)
+    trainer = SftTrainer(model=model, args=args, train_dataset=features)
     model.train()
     results = {}
     for layout, collator in (("padded", PadCollator(tok.pad_token_id)), ("flat", FlatCollator())):
