@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,7 +46,7 @@ CONTENDERS = {"pretrain": ("ours", "hf-trainer"), "dpo": ("ours", "trl"), "gener
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
              max_position_embeddings=512)
 PRETRAIN = dict(steps=60, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=6)
-DPO = dict(steps=20, batch_size=8, max_length=128, learning_rate=5e-4, beta=0.1, lora_r=16)
+DPO = dict(steps=60, batch_size=8, max_length=128, learning_rate=5e-4, beta=0.1, lora_r=16)
 GENERATE = dict(prompts=96, batch=32, max_new_tokens=32)
 
 
@@ -157,7 +157,8 @@ def dpo_ours(work: Path, base: str) -> dict[str, Any]:
     params = DpoParams(beta=d["beta"], learning_rate=d["learning_rate"], batch_size=d["batch_size"],
                        max_length=d["max_length"], lora=LoraParams(r=d["lora_r"], alpha=2 * d["lora_r"], dropout=0.0))
     logs: dict[str, Any] = {}
-    result = train_dpo(base, base, "full", train, val, params, work / "ours-dpo", seed=SEED, max_steps=d["steps"],
+    out = Path(tempfile.mkdtemp(prefix="ours-dpo-", dir=work))  # a fresh folder: a used one would be resumed
+    result = train_dpo(base, base, "full", train, val, params, out, seed=SEED, max_steps=d["steps"],
                        on_log=lambda step, m: logs.update(m))
     # the trainer's own train_runtime: the loop, without the before/after preference evaluation train_dpo adds
     return {"seconds": logs["train_runtime"], "pairs": d["steps"] * d["batch_size"],
@@ -246,12 +247,10 @@ CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pre
 # the driver
 
 
-def tokens(stage: str, row: dict[str, Any]) -> float:
-    """Real tokens per second (DPO: each pair is a chosen and a rejected sequence of up to max_length tokens, so
-    its figure is an upper bound on the real tokens)."""
-    if stage == "dpo":
-        return row["pairs"] * 2 * DPO["max_length"] / row["seconds"]
-    return rate(stage, row)
+def tokens(stage: str, row: dict[str, Any]) -> Optional[float]:
+    """Real tokens per second; None for DPO, whose rows do not count their real tokens (and whose step also runs
+    the reference forward pass, so 6N per token would not be its cost)."""
+    return None if stage == "dpo" else rate(stage, row)
 
 
 def rate(stage: str, row: dict[str, Any]) -> float:
@@ -270,8 +269,9 @@ def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict
         rates = [rate(stage, r) for r in mine]
         dtype = "bfloat16" if mine[0].get("bf16") else "float32"
         out[contender] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(mine),
-                          "dtype": dtype, "mfu": useful_mfu(statistics.median([tokens(stage, r) for r in mine]),
-                                                            n_matmul, peaks[dtype], training=stage != "generate"),
+                          "dtype": dtype, "mfu": None if stage == "dpo" else useful_mfu(
+                              statistics.median([tokens(stage, r) for r in mine]), n_matmul, peaks[dtype],
+                              training=stage != "generate"),
                           **{k: statistics.median([r[k] for r in mine]) for k in ("eval_loss", "reward_accuracy")
                              if k in mine[0]}}
     if "ours" in out and len(out) > 1:
@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, setup["n_matmul_params"], peaks)}
         print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if RESULTS.exists():  # a run of some stages keeps the other stages' last figures
+        previous = json.loads(RESULTS.read_text())
+        results["stages"] = {**previous.get("stages", {}), **results["stages"]}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
