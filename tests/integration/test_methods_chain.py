@@ -122,9 +122,7 @@ def test_qlora_recipe_shape_runs_the_chain_with_dpo_on_the_4bit_model(state: Pat
     evaluation = result.output_for_node("evaluation_report")
     assert {"base", "sft", "dpo"} <= set(evaluation.summary) and evaluation.gate.candidate_stage == "dpo_adapter"
     registered = result.output_for_node("registered_model")
-    if registered.decision == "registered":
-        model, tokenizer, _ = load_registered(resources["mlflow"].tracker(), "tuneline-ci-qlora@champion")
-        out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=4)
-        assert isinstance(out["text"], str)
-    else:
-        assert registered.reason, registered
+    assert registered.decision == "registered", evaluation.gate.reasons
+    model, tokenizer, _ = load_registered(resources["mlflow"].tracker(), "tuneline-ci-qlora@champion")
+    out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=4)
+    assert isinstance(out["text"], str)
