@@ -182,8 +182,10 @@ def summary_figures(value: Any) -> dict[str, list[str]]:
     if evaluation:
         out["evaluation_report (test split)"] = evaluation.table.splitlines()
         gate = evaluation.gate
-        out["promotion gate"] = [f"{'PASSED' if gate.passed else 'REFUSED'}: {gate.candidate} vs "
-                                 f"{', '.join(gate.baselines)}"] + [f"- {r}" for r in gate.reasons]
+        parent = (gate.evidence.get("parent") or {}).get("name")
+        against = ", ".join([*gate.baselines, *([f"its parent {parent}"] if parent else [])])
+        out["promotion gate"] = [f"{'PASSED' if gate.passed else 'REFUSED'}: {gate.candidate} vs {against}"] + [
+            f"- {r}" for r in gate.reasons]
     registered = value("registered_model")
     if registered:
         if registered.decision == "registered":
