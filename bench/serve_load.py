@@ -195,10 +195,10 @@ def rollback_drill(port: int, recipe: Any, follow_limit_s: float) -> dict[str, A
         w.start()
     try:
         time.sleep(2)
-        back = rollback(tracker, name)
-        to_previous_s = follow(back["version"])
+        back = rollback(tracker, name)  # {name, alias, from_version, to_version}
+        to_previous_s = follow(back["to_version"])
         time.sleep(2)
-        promote(tracker, name, before["version"], expected=back["version"])
+        promote(tracker, name, before["version"], expected=back["to_version"])
         to_restored_s = follow(before["version"])
         time.sleep(2)
     finally:
@@ -206,7 +206,7 @@ def rollback_drill(port: int, recipe: Any, follow_limit_s: float) -> dict[str, A
         for w in workers:
             w.join()
     return {
-        "champion": before["version"], "rolled_back_to": back["version"],
+        "champion": before["version"], "rolled_back_to": back["to_version"],
         "seconds_until_served": {"rollback": to_previous_s, "restore": to_restored_s},
         "requests": len(results),
         "failed": sum(1 for status, _, _ in results if status != 200),
