@@ -33,7 +33,7 @@ from tuneline.evaluate.metrics import (
     percentile,
     rouge_l,
 )
-from tuneline.models.generation import generate_greedy, input_ids, pad_id, prompt_ids
+from tuneline.models.generation import batches, generate_greedy, input_ids, pad_id, prompt_ids
 from tuneline.params import EvaluationParams, to_plain
 from tuneline.records import ChatRecord
 
@@ -96,10 +96,6 @@ def _answer_ids(tokenizer: Any, text: str) -> list[int]:
     """Serving-path ids of a response: its text tokenized without specials, then eos."""
     ids = input_ids(tokenizer(text, add_special_tokens=False))
     return ids + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
-
-
-def _batches(order: Sequence[int], size: int) -> list[list[int]]:
-    return [list(order[i : i + size]) for i in range(0, len(order), size)]
 
 
 def _ci(values: Sequence[float], params: EvaluationParams) -> Optional[dict[str, Any]]:
@@ -167,7 +163,7 @@ def _teacher_forced(model: Any, tokenizer: Any, records: list[ChatRecord], param
     total_nll, total_tokens, total_seq_tokens = 0.0, 0, 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in _batches(order, params.batch_size):
+        for batch in batches(order, params.batch_size):
             seqs = [features[i]["input_ids"] for i in batch]
             ids, mask, labels = _right_pad(seqs, pad_id(tokenizer), [features[i]["labels"] for i in batch])
             sums, counts = _token_logprobs(model, ids, mask, labels)
@@ -210,7 +206,7 @@ def _preference(model: Any, tokenizer: Any, records: list[ChatRecord], params: E
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in _batches(order, params.batch_size):
+        for batch in batches(order, params.batch_size):
             ids, mask, lab = _right_pad([seqs[i] for i in batch], pad_id(tokenizer), [labels[i] for i in batch])
             sums, _ = _token_logprobs(model, ids, mask, lab)
             for j, i in enumerate(batch):

@@ -21,6 +21,11 @@ def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[in
                                                    add_generation_prompt=True))
 
 
+def batches(order: Sequence[int], size: int) -> list[list[int]]:
+    """``order`` cut into consecutive batches of ``size`` (the last one shorter)."""
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+
 def pad_id(tokenizer: Any) -> int:
     """The pad token id, else the eos id."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -81,7 +86,7 @@ def generate_greedy(
                     max_new_tokens=2, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad
                 ),
             )
-        for batch in [order[i : i + batch_size] for i in range(0, len(order), batch_size)]:
+        for batch in batches(order, batch_size):
             longest = max(len(prompts[i]) for i in batch)
             ids = torch.full((len(batch), longest), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
