@@ -137,9 +137,14 @@ def _output(result: Any, name: str) -> Any:
         return None
 
 
-def summary_figures(value: Any) -> dict[str, list[str]]:
-    """Key figures of a run, from ``value(asset name)`` (the asset's reference, or None)."""
+def summary_figures(output: Any) -> dict[str, list[str]]:
+    """Key figures of a run, from ``output(asset name)`` (the asset's reference, or None). A stage the recipe
+    turned off passed its input on (a reference another stage made): it has no figures of its own."""
     out: dict[str, list[str]] = {}
+
+    def value(name: str) -> Any:
+        ref = output(name)
+        return ref if getattr(ref, "stage", name) == name else None
 
     base = value("base_model")
     if base:

@@ -807,6 +807,9 @@ class TrackingParams:
 
     experiment: Optional[str] = None  # experiment name; default "tuneline/<recipe name>"
     registered_model: Optional[str] = None  # registry name; default "tuneline-<recipe name>"
+    # an adapter candidate (LoRA family, IA3, bottleneck) is registered as its adapter plus a reference to its
+    # base, logged once per content hash ("reference"), or as one self-contained merged/bundled copy ("merged")
+    adapters: Literal["reference", "merged"] = "reference"
 
 
 @dataclass(frozen=True)
@@ -1076,17 +1079,50 @@ def build(cls: type, data: Any, key: str = "") -> Any:
         raise RecipeError(f"{key}.{msg}" if key and not msg.startswith(key) else msg) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load and check a YAML recipe; errors name the file and the key."""
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: recipe: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base``: mappings merge key by key, any other value (lists too) replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's keys with its ``extends:`` chain applied: ``extends: demo.yaml`` (a path relative to the
+    file) takes every key of that recipe and this file's keys over it, so a variant states only what differs."""
+    path = Path(path)
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: is the path of one recipe file, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise RecipeError(f"{path}: extends: {parent} makes a cycle")
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: extends: {parent_path} does not exist")
+    return _merged(recipe_data(parent_path, _seen + (path.resolve(),)), data)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and check a YAML recipe (with its ``extends:`` chain); errors name the file and the key."""
+    path = Path(path)
+    data = recipe_data(path)
     try:
         return build(Recipe, data)
     except RecipeError as exc:

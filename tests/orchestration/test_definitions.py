@@ -56,3 +56,18 @@ def test_resources_profiles(monkeypatch) -> None:
     with pytest.raises(SettingsError, match="TUNELINE_PROFILE='staging'"):
         build_resources("staging")
     assert isinstance(local["recipe"], dg.ConfigurableResource)
+
+
+def test_run_summary_leaves_out_the_stages_the_recipe_turned_off() -> None:
+    """A stage turned off passes its input on: the summary must not read the SFT model's figures as its own
+    (make run with sft.method: adapter ended with KeyError 'steps' after every step had succeeded)."""
+    from pipelines.cli import summary_figures
+    from tuneline.refs import ModelRef
+
+    sft = ModelRef(uri="file:///x", sha256="0" * 64, kind="full", method="full", stage="sft_adapter",
+                   metrics={"method": "full", "global_step": 5, "best_step": 5, "stopped_early": False,
+                            "best_val_loss": 1.0, "tokens_per_second": 10.0})
+    outputs = {"sft_adapter": sft, "dpo_adapter": sft, "reward_model": sft, "rl_policy": sft, "distilled_student": sft}
+    assert list(summary_figures(outputs.get)) == ["sft_adapter"]
+    assert summary_figures(outputs.get)["sft_adapter"] == ["full: 5 steps (best 5, stopped early False), best val "
+                                                          "loss 1.0000, 10 real tok/s"]

@@ -58,6 +58,46 @@ def test_load_recipe_names_the_file(tmp_path: Path) -> None:
         load_recipe(bad)
 
 
+def test_extends_takes_the_parent_and_overrides_key_by_key(tmp_path: Path) -> None:
+    import yaml
+
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(
+        {**MINIMAL, "sft": {"method": "lora", "learning_rate": 0.01, "lora": {"r": 8, "alpha": 16}}}))
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": "../parent.yaml", "name": "c", "sft": {"lora": {"r": 4}}}))
+    recipe = load_recipe(child)
+    assert recipe.name == "c" and recipe.sft.method == "lora" and recipe.sft.learning_rate == 0.01
+    assert (recipe.sft.lora.r, recipe.sft.lora.alpha) == (4, 16)  # merged inside sections, not replaced
+    assert recipe.data.demo is not None  # untouched sections come from the parent
+
+
+def test_the_demo_variants_differ_from_the_demo_only_where_they_say() -> None:
+    demo = load_recipe(ROOT / "configs" / "demo.yaml").flat()
+    expected = {
+        "demo-rl.yaml": {"name", "alignment.method"},
+        "demo-adapter.yaml": {"name", "sft.method", "sft.learning_rate", "sft.adapter.reduction_factor",
+                              "hpo.space.learning_rate", "dpo.enabled", "reward.enabled", "rl.enabled",
+                              "distill.enabled", "gate.candidate"},
+    }
+    for name, keys in expected.items():
+        variant = load_recipe(ROOT / "configs" / name).flat()
+        assert {k for k in demo if demo[k] != variant.get(k)} == keys, name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("extends: missing.yaml\nname: x\n", "missing.yaml does not exist"),
+    ("extends: self.yaml\nname: x\n", "makes a cycle"),
+    ("extends: [a.yaml]\n", "extends: is the path of one recipe file"),
+])
+def test_bad_extends_names_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "self.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=re.escape(message)) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value)
+
+
 def test_overrides_and_step_cap() -> None:
     recipe = build(Recipe, MINIMAL).with_overrides(seed=5, max_steps=10, sample_fraction=0.5)
     assert (recipe.seed, recipe.max_steps, recipe.data.sample_fraction) == (5, 10, 0.5)
