@@ -38,7 +38,8 @@ def registered_model(
         "decision": ref.decision, "reason": ref.reason or "passed the gate", "registered_model": ref.name,
         "version": ref.version or 0, "champion_version": ref.champion_version or 0,
         "previous_champion": ref.champion_previous_version or 0, "model_uri": ref.model_uri or "none",
-        "weights_sha256": ref.weights_sha256 or "", "broken_links": ref.broken_links,
+        "weights_sha256": ref.weights_sha256 or "", "base_weights_sha256": ref.base_weights_sha256 or "none",
+        "broken_links": ref.broken_links,
         "model_card": dg.MetadataValue.md(card or f"refused: {ref.reason}"),
         **mlflow_link(run_id, mlflow.tracking_uri),
     })

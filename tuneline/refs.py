@@ -258,6 +258,7 @@ class RegisteredRef(Ref):
     version: Optional[int] = None
     model_uri: Optional[str] = None
     weights_sha256: Optional[str] = None
+    base_weights_sha256: Optional[str] = None  # an adapter registered by reference: the base it sits on
     champion_previous_version: Optional[int] = None
     champion_version: Optional[int] = None  # the champion after this step
     broken_links: int = 0

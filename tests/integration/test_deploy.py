@@ -295,6 +295,79 @@ def test_register_refuses_a_directory_without_safetensors_or_with_pickles(tracke
         register_model(tracker, "chat-d", bad, run_id=_run(tracker, "d"), passport_md=None, tags={})
 
 
+def _lora_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(base_dir, device="cpu"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # a trained adapter, not the zero start
+            p.data.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    load_tokenizer(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_adapters_register_by_reference_to_one_logged_base(tracker, model_dirs, tmp_path, monkeypatch) -> None:
+    """Two adapter versions on one base: the base is logged once, each version holds only its adapter and the
+    base's reference; loading merges onto the fetched, hash-checked base (the adapter's own logits); a changed
+    base in the store is refused."""
+    import mlflow.pyfunc
+    import torch
+    from peft import PeftModel
+
+    from tuneline.deploy.registry import (
+        BASE_REF_FILE,
+        TAG_BASE_MODEL,
+        TAG_BASE_WEIGHTS,
+        RegistryError,
+        get_version,
+        load_registered,
+        register_model,
+    )
+    from tuneline.models.loading import load_causal_lm, weights_sha256
+
+    base = model_dirs[0]
+    adapters = [_lora_adapter(base, tmp_path / f"adapter{i}", seed=i) for i in (0, 1)]
+    out = [register_model(tracker, "chat-ref", a, run_id=_run(tracker, f"ref{i}"), base_dir=base,
+                          base_tags={"tuneline.base_source": "tiny"}) for i, a in enumerate(adapters)]
+    assert [o["version"] for o in out] == [1, 2] and {o["base_weights_sha256"] for o in out} == {weights_sha256(base)}
+    tags = [get_version(tracker, "chat-ref", v)["tags"] for v in (1, 2)]
+    assert tags[0][TAG_BASE_MODEL] == tags[1][TAG_BASE_MODEL] and tags[0][TAG_BASE_WEIGHTS] == weights_sha256(base)
+    client = tracker.client()
+    experiment = client.get_run(out[0]["run_id"]).info.experiment_id
+    bases = client.search_logged_models(experiment_ids=[experiment],
+                                        filter_string=f"tags.`{TAG_BASE_WEIGHTS}` = '{weights_sha256(base)}'")
+    assert len(bases) == 1  # logged once for both versions
+
+    sample = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    for i, adapter in enumerate(adapters):
+        model, tokenizer, info = load_registered(tracker, f"chat-ref/{i + 1}", cache_dir=tmp_path / "cache",
+                                                 device="cpu")
+        stored = Path(info["path"]).parent.parent  # the cached version: the adapter and its reference only
+        artifact = next(stored.rglob(BASE_REF_FILE)).parent
+        assert not (artifact / "model.safetensors").exists() and (artifact / "adapter_model.safetensors").is_file()
+        reference = PeftModel.from_pretrained(load_causal_lm(base, device="cpu"), adapter).eval()
+        with torch.no_grad():
+            diff = (model(input_ids=sample).logits - reference(input_ids=sample).logits).abs().max()
+        assert float(diff) < 1e-4 and tokenizer.chat_template
+    assert len(list((tmp_path / "cache" / "_bases").iterdir())) == 1  # one cached base for both versions
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # the pyfunc fetches its base too
+    pyfunc = mlflow.pyfunc.load_model(info["source"])
+    assert 1 <= pyfunc.predict([{"prompt": "hello"}], params={"max_new_tokens": 3})[0]["new_tokens"] <= 3
+
+    stored_base = Path(bases[0].artifact_location.removeprefix("file://")) / "model.safetensors"
+    stored_base.write_bytes(stored_base.read_bytes()[:-8] + b"\0" * 8)  # the base changed in the store
+    with pytest.raises(RegistryError, match="does not match the reference"):
+        load_registered(tracker, "chat-ref/1", cache_dir=tmp_path / "fresh-cache", device="cpu")
+
+
 @pytest.mark.slow
 def test_generation_stops_at_an_end_of_turn_token(model_dirs) -> None:
     from tuneline.models.generation import chat_generate

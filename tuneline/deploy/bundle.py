@@ -24,22 +24,36 @@ BUNDLE_TOLERANCE = 1e-4
 def servable_model_dir(candidate: Any, work_dir: str | Path, *, tolerance: float = BUNDLE_TOLERANCE) -> tuple[Path, str]:
     """(directory to register, how it was made: "full", "merged" or "bundle") for a :class:`ModelRef`."""
     from tuneline.models.loading import local_model_dir
-    from tuneline.train.bottleneck import is_bottleneck_dir
-    from tuneline.train.methods import read_method_file
 
     if candidate.kind == "full":
         return local_model_dir(candidate), "full"
     if candidate.base is None:
         raise ValueError(f"{candidate.uri}: an adapter reference without its base")
-    adapter_dir, base_dir = local_model_dir(candidate), local_model_dir(candidate.base)
+    return adapter_on_base(local_model_dir(candidate.base), local_model_dir(candidate), work_dir,
+                           what=f"the candidate {candidate.stage}", tolerance=tolerance)
+
+
+def check_servable_adapter(adapter_dir: str | Path, what: str = "") -> None:
+    """Raise ValueError for an adapter no from_pretrained directory can hold (prompt learning: virtual tokens)."""
+    from tuneline.train.methods import read_method_file
+
+    method = read_method_file(adapter_dir).get("method")
+    if method in ("prefix", "prompt", "ptuning", "multitask_prompt"):
+        raise ValueError(f"{what or adapter_dir} is a {method} adapter: its virtual tokens cannot be merged "
+                         "into weights or served from a from_pretrained directory; use a LoRA-family, adapter or "
+                         "full sft.method for a registered model")
+
+
+def adapter_on_base(base_dir: str | Path, adapter_dir: str | Path, work_dir: str | Path, *, what: str = "",
+                    tolerance: float = BUNDLE_TOLERANCE) -> tuple[Path, str]:
+    """A from_pretrained directory in ``work_dir`` from an adapter and its base: (path, "bundle") for bottleneck
+    adapters, (path, "merged") for a LoRA-family/IA3 adapter (the merge checked against the adapter's logits)."""
+    from tuneline.train.bottleneck import is_bottleneck_dir
+
     work = Path(work_dir)
     if is_bottleneck_dir(adapter_dir):
         return bottleneck_bundle(base_dir, adapter_dir, work / "bundle", tolerance=tolerance), "bundle"
-    method = read_method_file(adapter_dir).get("method")
-    if method in ("prefix", "prompt", "ptuning", "multitask_prompt"):
-        raise ValueError(f"the candidate {candidate.stage} is a {method} adapter: its virtual tokens cannot be merged "
-                         "into weights or served from a from_pretrained directory; use a LoRA-family, adapter or "
-                         "full sft.method for a registered model")
+    check_servable_adapter(adapter_dir, what)
     from tuneline.train.sft import merge_adapter
 
     merge_adapter(base_dir, adapter_dir, work / "merged")

@@ -29,21 +29,17 @@ def publish_candidate(tracker: Tracker, recipe: Recipe, evaluation: EvaluationRe
     gate = evaluation.gate
     if not gate.passed:
         return _refused(tracker, name, run_id, "; ".join(gate.reasons), gate.to_dict()), None
-    import tempfile
-
-    from tuneline.deploy.bundle import servable_model_dir
-
     candidate = evaluation.candidate
-    # full weights as they are; a LoRA-family adapter merged; bottleneck adapters bundled with their base
+    tags = {"tuneline.candidate_stage": gate.candidate_stage, "tuneline.gate.passed": True,
+            "tuneline.candidate_run_id": candidate.mlflow_run_id, "tuneline.candidate_method": candidate.method}
     try:
-        model_dir, made = servable_model_dir(candidate, tempfile.mkdtemp(prefix="tuneline-publish-"))
+        model_dir, made, base = _registrable(candidate, recipe.tracking.adapters)
     except ValueError as exc:  # e.g. prompt learning: nothing a from_pretrained directory can hold
         return _refused(tracker, name, run_id, f"not servable: {exc}", {"gate": gate.to_dict()}), None
     registered = register_model(
         tracker, name, model_dir, run_id=run_id, aliases=(CHALLENGER,),
-        tags={"tuneline.candidate_stage": gate.candidate_stage, "tuneline.gate.passed": True,
-              "tuneline.candidate_run_id": candidate.mlflow_run_id, "tuneline.candidate_kind": made,
-              "tuneline.candidate_method": candidate.method},
+        tags={**tags, "tuneline.candidate_kind": made},
+        base_dir=base, base_tags=_base_origin(candidate) if base is not None else None,
     )
     version = int(registered["version"])
     attach_reference(tracker, name, version, run_id, storage.fetch(drift_reference_uri), model_dir)
@@ -64,9 +60,44 @@ def publish_candidate(tracker: Tracker, recipe: Recipe, evaluation: EvaluationRe
     client.set_model_version_tag(name, str(version), "tuneline.model_card", f"runs:/{run_id}/{CARD_FILE}")
     ref = RegisteredRef(decision="registered", name=name, version=version, model_uri=registered["model_uri"],
                         weights_sha256=registered["weights_sha256"], champion_version=version,
+                        base_weights_sha256=registered["base_weights_sha256"],
                         champion_previous_version=moved["previous_version"],
                         broken_links=len(passport["broken_links"]), mlflow_run_id=run_id)
     return ref, card
+
+
+def _registrable(candidate: Any, adapters: str) -> tuple[Any, str, Any]:
+    """(directory to register, how it was made, the base directory when it is registered by reference).
+
+    Full weights as they are. An adapter (LoRA family, IA3, bottleneck) with ``tracking.adapters: reference``:
+    the adapter itself on a reference to its base; with ``merged``: merged (LoRA family) or bundled (bottleneck)
+    into one self-contained directory. Prompt-learning adapters raise ValueError (nothing servable)."""
+    import tempfile
+
+    from tuneline.deploy.bundle import check_servable_adapter, servable_model_dir
+    from tuneline.models.loading import local_model_dir
+
+    if candidate.kind == "adapter" and adapters == "reference":
+        adapter_dir = local_model_dir(candidate)
+        check_servable_adapter(adapter_dir, f"the candidate {candidate.stage}")
+        return adapter_dir, "adapter-by-reference", local_model_dir(candidate.base)
+    model_dir, made = servable_model_dir(candidate, tempfile.mkdtemp(prefix="tuneline-publish-"))
+    return model_dir, made, None
+
+
+def _base_origin(candidate: Any) -> dict[str, str]:
+    """Where the candidate's base came from, for the audit: its stage and run, and the hub id or path and
+    revision of the model at the root of its chain."""
+    base = candidate.base
+    origin = {"tuneline.base_stage": base.stage, "tuneline.base_run_id": base.mlflow_run_id or ""}
+    root = base
+    while root.base is not None:
+        root = root.base
+    if root.source:
+        origin["tuneline.base_source"] = root.source
+    if root.revision:
+        origin["tuneline.base_revision"] = root.revision
+    return origin
 
 
 def _refused(tracker: Tracker, name: str, run_id: str, reason: str, evidence: dict[str, Any],

@@ -39,11 +39,15 @@ TAG_PREVIOUS_CHAMPION = "tuneline.previous_champion"
 TAG_PROMOTED_AT = "tuneline.promoted_at"
 TAG_ROLLED_BACK_AT = "tuneline.rolled_back_at"
 TAG_LAST_ROLLBACK = "tuneline.last_rollback"  # on the registered model: "FROM -> TO"
+TAG_BASE_WEIGHTS = "tuneline.base_weights_sha256"  # a by-reference version's base (also on the base's logged model)
+TAG_BASE_MODEL = "tuneline.base_logged_model_id"
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ARTIFACT_KEY = "model_dir"  # the pyfunc artifact holding the from_pretrained directory
 PASSPORT_FILE = "passport.md"
+BASE_REF_FILE = "base_ref.json"  # in a by-reference version's model_dir: the logged base its adapter sits on
+SERVABLE_MARKER = "servable.json"  # written last into a by-reference version's merged/bundled cache
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -325,6 +329,11 @@ def _pyfunc_model() -> Any:
             from tuneline.models.loading import load_causal_lm, load_tokenizer
 
             path = context.artifacts[ARTIFACT_KEY]  # a bundle with bottleneck adapters loads them too
+            if (Path(path) / BASE_REF_FILE).is_file():  # an adapter registered by reference: fetch its base
+                import os
+
+                path = servable_from_reference(Path(path), Path(path).parent / "servable",
+                                               Path(path).parent / "_bases", os.environ.get("MLFLOW_TRACKING_URI"))
             self.tokenizer = load_tokenizer(path)
             self.model = load_causal_lm(path, device="auto")  # a GPU when the serving host has one
 
@@ -384,6 +393,90 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return path
 
 
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The directory, after checking it holds an adapter (PEFT or bottleneck) in safetensors, a tokenizer and no
+    pickles."""
+    path = Path(adapter_dir)
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path} holds no .safetensors adapter weights")
+    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in _FORBIDDEN_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{path} holds pickle-format files {pickles}: only safetensors are registered")
+    if not any((path / n).is_file() for n in ("adapter_config.json", "bottleneck_config.json")):
+        raise FileNotFoundError(f"{path} has no adapter_config.json or bottleneck_config.json: not an adapter")
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer_config.json")
+    return path
+
+
+def log_base(client: Any, experiment_id: str, name: str, base_dir: Path, sha: str,
+             tags: Optional[Mapping[str, str]] = None) -> Any:
+    """The base's weights as a logged model of the experiment, logged once per content hash: every adapter
+    version on the same base refers to this one copy."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(experiment_ids=[experiment_id],
+                                        filter_string=f"tags.`{TAG_BASE_WEIGHTS}` = '{sha}'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY and m.tags.get(TAG_BASE_WEIGHTS) == sha]
+    if ready:
+        return ready[0]
+    logged = client.create_logged_model(experiment_id=experiment_id, name=f"{name}-base", model_type="base-weights",
+                                        tags={TAG_BASE_WEIGHTS: sha, **(tags or {})})
+    try:
+        client.log_model_artifacts(logged.model_id, str(base_dir))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return client.get_logged_model(logged.model_id)
+
+
+def _model_root(tmp: Path, marker: str) -> Path:
+    """The directory holding ``marker`` in a download: ``tmp`` itself or its one subfolder."""
+    return tmp if (tmp / marker).is_file() else next(tmp.glob(f"*/{marker}"), tmp / marker).parent
+
+
+def servable_from_reference(adapter_dir: Path, cache_dir: Path, bases_dir: Path, tracking_uri: Optional[str]) -> Path:
+    """A from_pretrained directory for an adapter registered by reference: its base fetched from the logged
+    model ``BASE_REF_FILE`` names (cached by sha256 and checked against it), the adapter merged (LoRA family)
+    or bundled (bottleneck) onto it, in ``cache_dir``, reused while the adapter and base hashes match; bases are
+    cached in ``bases_dir`` by sha256, one copy for every version on the same base."""
+    import mlflow.artifacts
+
+    from tuneline.deploy.bundle import adapter_on_base
+    from tuneline.models.loading import weights_sha256
+
+    ref = json.loads((adapter_dir / BASE_REF_FILE).read_text(encoding="utf-8"))
+    stamp = {"adapter_sha256": weights_sha256(adapter_dir), "base_sha256": ref["weights_sha256"]}
+    marker = cache_dir / SERVABLE_MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp:
+        return cache_dir / "model"
+    base = bases_dir / ref["weights_sha256"]
+    if not (base.is_dir() and any(base.glob("*.safetensors")) and weights_sha256(base) == ref["weights_sha256"]):
+        shutil.rmtree(base, ignore_errors=True)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=base.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=ref["artifact_location"], dst_path=str(tmp),
+                                                tracking_uri=tracking_uri)
+            got = _model_root(tmp, "config.json")
+            actual = weights_sha256(got)
+            if actual != ref["weights_sha256"]:
+                raise RegistryError(f"base {ref['logged_model_id']}: downloaded weights sha256 {actual} does not "
+                                    f"match the reference {ref['weights_sha256']}")
+            got.rename(base)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".servable-", dir=cache_dir.parent))
+    made, _ = adapter_on_base(base, adapter_dir, work, what=f"the adapter in {adapter_dir}")
+    cache_dir.mkdir(parents=True)
+    made.rename(cache_dir / "model")
+    shutil.rmtree(work, ignore_errors=True)
+    marker.write_text(json.dumps(stamp), encoding="utf-8")
+    return cache_dir / "model"
+
+
 def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -410,12 +503,17 @@ def register_model(
     tags: Optional[Mapping[str, Any]] = None,
     aliases: Iterable[str] = (CHALLENGER,),
     default_max_new_tokens: int = 64,
+    base_dir: str | Path | None = None,
+    base_tags: Optional[Mapping[str, str]] = None,
 ) -> dict[str, Any]:
     """Log ``model_dir`` as a pyfunc model of run ``run_id``, register it as a new version of ``name``.
 
     The version is tagged with the source run id, the weights sha256, the logged model id and
     ``tags``; ``aliases`` point at it; ``passport_md`` (when given) becomes the run's ``passport.md``.
-    Returns ``{name, version, run_id, model_uri, aliases, model_id, weights_sha256, source}``.
+    With ``base_dir``, ``model_dir`` is an adapter registered by reference: the base is logged once per
+    content hash (:func:`log_base`, ``base_tags`` on it), the version holds the adapter and ``BASE_REF_FILE``,
+    and is tagged with the base's sha256 and logged model id.
+    Returns ``{name, version, run_id, model_uri, aliases, model_id, weights_sha256, source, base_weights_sha256}``.
     """
     import cloudpickle
     import mlflow.pyfunc
@@ -430,10 +528,17 @@ def register_model(
     for alias in aliases:
         if not _ALIAS_RE.match(alias) or alias.isdigit():
             raise ValueError(f"bad alias {alias!r}")
-    path = check_model_dir(model_dir)
+    path = check_adapter_dir(model_dir) if base_dir is not None else check_model_dir(model_dir)
     sha = weights_sha256(path)
     client = tracker.client()
     run = client.get_run(run_id)
+    base_ref: Optional[dict[str, str]] = None
+    if base_dir is not None:
+        base_path = check_model_dir(base_dir)
+        base_sha = weights_sha256(base_path)
+        base = log_base(client, run.info.experiment_id, name, base_path, base_sha, base_tags)
+        base_ref = {"logged_model_id": base.model_id, "artifact_location": base.artifact_location,
+                    "weights_sha256": base_sha, **{k: str(v) for k, v in (base_tags or {}).items()}}
 
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id,
@@ -447,6 +552,11 @@ def register_model(
         module = sys.modules[__name__]
         with tempfile.TemporaryDirectory(prefix="tuneline-pyfunc-") as tmp:
             local = Path(tmp) / "model"
+            if base_ref is not None:  # the adapter's files and which base they sit on
+                staged = Path(tmp) / "adapter"
+                shutil.copytree(path, staged)
+                (staged / BASE_REF_FILE).write_text(json.dumps(base_ref, indent=2), encoding="utf-8")
+                path = staged
             mlflow_model = Model(
                 artifact_path=logged.artifact_location,
                 model_uuid=logged.model_id,
@@ -461,7 +571,7 @@ def register_model(
                     artifacts={ARTIFACT_KEY: str(path.resolve())},
                     signature=_signature(default_max_new_tokens),
                     pip_requirements=pip_requirements(),
-                    metadata={TAG_WEIGHTS: sha, "source_run_id": run_id},
+                    metadata={TAG_WEIGHTS: sha, "source_run_id": run_id, "base": base_ref},
                     mlflow_model=mlflow_model,
                 )
             finally:
@@ -483,6 +593,8 @@ def register_model(
             TAG_LOGGED_MODEL: logged.model_id,
         }
     )
+    if base_ref is not None:
+        version_tags.update({TAG_BASE_WEIGHTS: base_ref["weights_sha256"], TAG_BASE_MODEL: base_ref["logged_model_id"]})
     if passport_md is not None:
         version_tags[TAG_PASSPORT] = f"runs:/{run_id}/{PASSPORT_FILE}"
     _ensure_registered_model(client, name)
@@ -505,6 +617,7 @@ def register_model(
         "model_id": logged.model_id,
         "weights_sha256": sha,
         "source": mv.source,
+        "base_weights_sha256": base_ref["weights_sha256"] if base_ref else None,
     }
 
 
@@ -529,7 +642,9 @@ def download_version(tracker: Tracker, info: Mapping[str, Any], cache_dir: str |
     """The version's ``from_pretrained`` directory on local disk, downloaded once and checked.
 
     Cached under ``cache_dir`` (default ``$TUNELINE_HOME/registry``)/NAME/VERSION; a cached copy is
-    reused only when its weights still match the version's sha256 tag.
+    reused only when its weights still match the version's sha256 tag. A version registered by reference
+    (an adapter and ``BASE_REF_FILE``) returns the adapter merged or bundled onto its base, the base fetched
+    once per sha256 into ``cache_dir/_bases`` and checked against the reference.
     """
     import mlflow.artifacts
 
@@ -543,7 +658,7 @@ def download_version(tracker: Tracker, info: Mapping[str, Any], cache_dir: str |
         model_path = _pyfunc_artifact_dir(dest)
         if expected and model_path.is_dir() and any(model_path.glob("*.safetensors")):
             if weights_sha256(model_path) == expected:
-                return model_path
+                return _servable(tracker, dest, model_path)
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{info['version']}-", dir=dest.parent))
@@ -551,7 +666,7 @@ def download_version(tracker: Tracker, info: Mapping[str, Any], cache_dir: str |
         mlflow.artifacts.download_artifacts(
             artifact_uri=info["source"], dst_path=str(tmp), tracking_uri=tracker.tracking_uri
         )
-        got = tmp if (tmp / "MLmodel").is_file() else next(tmp.glob("*/MLmodel"), tmp / "MLmodel").parent
+        got = _model_root(tmp, "MLmodel")
         model_path = _pyfunc_artifact_dir(got)
         actual = weights_sha256(model_path)
         if expected and actual != expected:
@@ -567,7 +682,15 @@ def download_version(tracker: Tracker, info: Mapping[str, Any], cache_dir: str |
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return _pyfunc_artifact_dir(dest)
+    return _servable(tracker, dest, _pyfunc_artifact_dir(dest))
+
+
+def _servable(tracker: Tracker, dest: Path, model_path: Path) -> Path:
+    """The version's from_pretrained directory: ``model_path`` itself, or for an adapter registered by reference
+    the adapter on its fetched base (in ``dest/servable``)."""
+    if not (model_path / BASE_REF_FILE).is_file():
+        return model_path
+    return servable_from_reference(model_path, dest / "servable", dest.parent.parent / "_bases", tracker.tracking_uri)
 
 
 def load_registered(
