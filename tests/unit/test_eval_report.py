@@ -254,3 +254,20 @@ def test_evaluate_model_rejects_wrong_records(model, tokenizer, records) -> None
         evaluate_model((model, tokenizer), prefs, [], PARAMS, name="x")
     with pytest.raises(ValueError, match="no test records"):
         evaluate_model((model, tokenizer), [], prefs, PARAMS, name="x")
+
+
+def test_kl_to_reference_cuts_a_prompt_learning_policys_virtual_tokens(model) -> None:
+    """A prompt-tuned policy returns logits for its virtual tokens too: KL to the reference (its adapter disabled)
+    compares the input positions only (make run with sft.method: multitask_prompt failed here on a shape error)."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+
+    from tuneline.evaluate.policy import kl_to_reference
+
+    policy = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():  # a trained prompt, not the start
+        policy.prompt_encoder["default"].embedding.weight.normal_(0.0, 1.0)
+    prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    kl = kl_to_reference(policy, prompts, completions, pad_id=0)
+    assert math.isfinite(kl) and kl > 0  # the prompt changes the policy
+    assert kl_to_reference(model, prompts, completions, pad_id=0, reference=model) == pytest.approx(0.0, abs=1e-6)

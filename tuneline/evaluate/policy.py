@@ -64,9 +64,12 @@ def kl_to_reference(model: Any, prompt_ids_list: Sequence[Sequence[int]], comple
     was_training = model.training
     model.eval()
 
+    from tuneline.evaluate.report import virtual_tokens_sliced
+
     def logprobs(m: Any, ids: Any, mask: Any, context: Any) -> Any:
-        with context:
-            return torch.log_softmax(m(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        with context:  # a prompt-learning policy's logits start with its virtual tokens': cut off
+            logits = virtual_tokens_sliced(m(input_ids=ids, attention_mask=mask).logits, ids)
+            return torch.log_softmax(logits.float(), dim=-1)
 
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
