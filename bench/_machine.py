@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -15,4 +16,6 @@ def cpu() -> str:
         return "unknown CPU"
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    return f"{model}; flags: " + " ".join(f for f in FLAGS if f in flags)
+    held = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if os.environ.get(k)]  # kernels held below what the CPU has (an AVX2-only CPU emulated)
+    return f"{model}; flags: " + " ".join(f for f in FLAGS if f in flags) + (f"; held: {' '.join(held)}" if held else "")

@@ -253,6 +253,19 @@ def test_resolve_bf16_never_returns_fp16_and_honours_explicit_flags():
         assert resolve_bf16(None) is bf16_supported("cpu")
 
 
+def test_no_native_bf16_when_torch_runs_avx2_kernels():
+    """torch held to AVX2 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2 on this one) has no native bf16, whatever
+    /proc/cpuinfo lists: bf16 would be emulated there, several times slower than fp32."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from tuneline.models.loading import bf16_supported; print(bf16_supported('cpu'))"
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
 def test_checkpoint_markers_and_last_valid_checkpoint(tmp_path):
     from tuneline.train.checkpoints import COMPLETE_MARKER, last_valid_checkpoint, mark_complete
 

@@ -48,6 +48,8 @@ def bf16_supported(device: Any = "cpu") -> bool:
     capability = str(torch.backends.cpu.get_cpu_capability()).upper()
     if "AMX" in capability or "BF16" in capability:
         return True
+    if "AVX512" not in capability:  # an AVX2-only CPU, or torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2)
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
