@@ -3,12 +3,13 @@ and must end with the figures and the weights of an uninterrupted run.
 
     .venv/bin/python bench/kill_drill.py --seeds 5 [--stages pretrain,sft,dpo,distill] [--out bench/results/kill_drill.json]
 
-For each stage: one uninterrupted run, then per seed a run killed after a random delay drawn (from the seed) in
-[0.3, 0.9] of the uninterrupted run's duration, and a rerun of the same spec. A rerun resumes from the last
-complete, intact checkpoint (or starts over when the kill came before the first one). Reported per kill: the
-moment, the checkpoint resumed from, whether the final figures are equal and the weights bitwise equal. The
-short version of this drill is tests/integration/test_resume.py (one kill per stage, right after the first
-checkpoint). Prints the CPU model and flags with the results.
+For each stage: one uninterrupted run, then per seed a run killed at a random step, and a rerun of the same spec.
+The step is drawn from the seed: the trainer is SIGKILLed a random 0-0.2 s after a random one of its checkpoints
+(not the last) is complete, so it dies in the middle of the steps after it; the rerun must resume from that
+checkpoint or a later one. Reported per kill: the checkpoint waited for, the moment, the checkpoint resumed from,
+whether the final figures are equal and the weights bitwise equal. The short version of this drill is
+tests/integration/test_resume.py (one kill per stage, right after the first checkpoint). Prints the CPU model
+and flags with the results.
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def spec_for(stage: str, w: dict, out: Path) -> dict:
             "params": {"student_layers": 1, "batch_size": 8, "bf16": False, "save_steps": 10, "max_length": 48}}
 
 
+CHECKPOINTS = {"pretrain": (20, 40, 60, 80, 100), "sft": (10, 20, 30, 40, 50), "dpo": (8, 16, 24, 32),
+               "distill": (10, 20, 30, 40, 50)}  # every checkpoint but the last, from spec_for's settings
+
+
+def newest_checkpoint(out: Path) -> int:
+    """The step of the newest complete checkpoint under ``out`` (0 when there is none yet)."""
+    from tuneline.train.checkpoints import COMPLETE_MARKER, checkpoint_step
+
+    return max((checkpoint_step(m.parent) for m in out.rglob(f"checkpoint-*/{COMPLETE_MARKER}")), default=0)
+
+
 def launch(stage: str, spec: dict, path: Path) -> subprocess.Popen:
     path.write_text(json.dumps(spec))
     return subprocess.Popen([sys.executable, "-m", f"tuneline.recipes.{stage}", "--spec", str(path)], cwd=ROOT,
@@ -107,12 +119,17 @@ def drill(stage: str, w: dict, seeds: int, scratch: Path) -> dict:
     for seed in range(seeds):
         out = scratch / f"{stage}-kill-{seed}"
         spec = spec_for(stage, w, out)
-        delay = random.Random(f"{stage}:{seed}").uniform(0.3, 0.9) * duration
+        draw = random.Random(f"{stage}:{seed}")
+        target, extra = draw.choice(CHECKPOINTS[stage]), draw.uniform(0.0, 0.2)
         proc = launch(stage, spec, scratch / f"{stage}-kill-{seed}.json")
-        time.sleep(delay)
+        launched = time.monotonic()
+        while proc.poll() is None and newest_checkpoint(out) < target:
+            time.sleep(0.02)
+        time.sleep(extra)
         finished_first = proc.poll() is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed_after, killed_at = time.monotonic() - launched, newest_checkpoint(out)
         rerun = launch(stage, spec, scratch / f"{stage}-kill-{seed}.json")
         _, err = rerun.communicate()
         ok = rerun.returncode == 0
@@ -120,12 +137,16 @@ def drill(stage: str, w: dict, seeds: int, scratch: Path) -> dict:
         metrics = got.get("metrics", {})
         resumed = metrics.get("resumed_from_step", metrics.get("pretrain_resumed_from_step"))
         figures_equal = ok and all(metrics.get(k) == reference["metrics"].get(k) for k in FIGURES[stage])
-        kills.append({"seed": seed, "killed_after_s": round(delay, 2), "had_finished": finished_first,
-                      "rerun_ok": ok, "resumed_from_step": resumed, "figures_equal": figures_equal,
+        kills.append({"seed": seed, "after_checkpoint": target, "newest_checkpoint_at_kill": killed_at,
+                      "killed_after_s": round(killed_after, 2), "had_finished": finished_first,
+                      "rerun_ok": ok, "resumed_from_step": resumed,
+                      "resumed_as_expected": ok and not finished_first and resumed == killed_at,
+                      "figures_equal": figures_equal,
                       "weights_bitwise_equal": ok and got["model"]["sha256"] == reference["model"]["sha256"],
                       "error": None if ok else err[-500:]})
     return {"stage": stage, "uninterrupted_s": round(duration, 1), "kills": kills,
-            "all_equal": all(k["figures_equal"] and k["weights_bitwise_equal"] for k in kills)}
+            "all_equal": all(k["figures_equal"] and k["weights_bitwise_equal"] for k in kills),
+            "all_resumed": all(k["resumed_as_expected"] for k in kills)}
 
 
 def main() -> int:
@@ -144,8 +165,9 @@ def main() -> int:
     for r in results:
         resumed = [k["resumed_from_step"] for k in r["kills"]]
         print(f"{r['stage']:9s} uninterrupted {r['uninterrupted_s']:6.1f} s; {len(r['kills'])} kills, resumed from "
-              f"{resumed}; same figures and bitwise weights: {r['all_equal']}")
-    return 0 if all(r["all_equal"] for r in results) else 1
+              f"{resumed}, each from the newest checkpoint at the kill: {r['all_resumed']}; same figures and "
+              f"bitwise weights: {r['all_equal']}")
+    return 0 if all(r["all_equal"] and r["all_resumed"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -110,8 +110,8 @@ def test_killed_stage_resumes_to_the_same_result(stage: str, world: dict, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "straight" / "result.json").read_text())
     b = json.loads((tmp_path / "killed" / "result.json").read_text())
-    if stage == "pretrain":
-        assert b["metrics"]["pretrain_resumed_from_step"] > 0
+    resumed_key = "pretrain_resumed_from_step" if stage == "pretrain" else "resumed_from_step"
+    assert b["metrics"][resumed_key] > 0 and a["metrics"][resumed_key] == 0  # it resumed; the straight run did not
     for key in FIGURES[stage]:
         assert b["metrics"][key] == a["metrics"][key], (key, a["metrics"][key], b["metrics"][key])
     assert b["model"]["sha256"] == a["model"]["sha256"]  # bitwise the same weights

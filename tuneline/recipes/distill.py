@@ -47,7 +47,7 @@ def run(spec: DistillSpec, pipes: Any = None) -> Outcome:
                       stage=spec.asset_key or "distilled_student",
                       mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None)
     metrics = {
-        "steps": result.steps, "seconds": result.seconds,
+        "steps": result.steps, "seconds": result.seconds, "resumed_from_step": result.resumed_from_step,
         "teacher_params": result.teacher_params, "student_params": result.student_params,
         "param_ratio": result.param_ratio, "student_layers": str(result.student_layers),
         "val_kl_before": result.val_kl_before, "val_kl_after": result.val_kl_after,

@@ -64,7 +64,8 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
                           base=base_ref, mlflow_run_id=run_id)
     before, after = result.before, result.after
     metrics = {
-        "steps": result.steps, "seconds": result.seconds, "beta": params.beta,
+        "steps": result.steps, "seconds": result.seconds, "resumed_from_step": result.resumed_from_step,
+        "beta": params.beta,
         "train_pairs": result.train_pairs, "val_pairs": result.val_pairs,
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,

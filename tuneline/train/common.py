@@ -24,6 +24,7 @@ class TrainedStats:
     losses: list[dict[str, float]] = field(default_factory=list)  # the trainer's log, one dict per logging step
     steps: int = 0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # the checkpoint a rerun continued from (0: started fresh)
     trainable_params: int = 0
     total_params: int = 0
     bf16: bool = False

@@ -68,6 +68,7 @@ class DistillResult:
     val_sequences: int = 0
     steps: int = 0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # the checkpoint a rerun continued from (0: started fresh)
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -502,6 +503,7 @@ def distill_student(
         val_sequences=len(val_features),
         steps=int(output.global_step),
         seconds=round(time.perf_counter() - started, 3),
+        resumed_from_step=ck.checkpoint_step(resume) if resume is not None else 0,
         params=dataclasses.asdict(params),
     )
     if distributed.is_main_process():

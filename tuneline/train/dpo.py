@@ -435,6 +435,7 @@ def train_dpo(
         losses=curve,
         steps=int(output.global_step),
         seconds=round(time.perf_counter() - started, 3),
+        resumed_from_step=ck.checkpoint_step(resume) if resume is not None else 0,
         train_pairs=len(train_pairs),
         val_pairs=len(val_pairs),
         trainable_params=int(trainable),
