@@ -448,8 +448,12 @@ def servable_from_reference(adapter_dir: Path, cache_dir: Path, bases_dir: Path,
 
     ref = json.loads((adapter_dir / BASE_REF_FILE).read_text(encoding="utf-8"))
     stamp = {"adapter_sha256": weights_sha256(adapter_dir), "base_sha256": ref["weights_sha256"]}
-    marker = cache_dir / SERVABLE_MARKER
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp:
+
+    def ready() -> bool:
+        marker = cache_dir / SERVABLE_MARKER
+        return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp
+
+    if ready():
         return cache_dir / "model"
     base = bases_dir / ref["weights_sha256"]
     if not (base.is_dir() and any(base.glob("*.safetensors")) and weights_sha256(base) == ref["weights_sha256"]):
@@ -464,17 +468,32 @@ def servable_from_reference(adapter_dir: Path, cache_dir: Path, bases_dir: Path,
             if actual != ref["weights_sha256"]:
                 raise RegistryError(f"base {ref['logged_model_id']}: downloaded weights sha256 {actual} does not "
                                     f"match the reference {ref['weights_sha256']}")
-            got.rename(base)
+            _publish_dir(got, base)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".servable-", dir=cache_dir.parent))
-    made, _ = adapter_on_base(base, adapter_dir, work, what=f"the adapter in {adapter_dir}")
-    cache_dir.mkdir(parents=True)
-    made.rename(cache_dir / "model")
-    shutil.rmtree(work, ignore_errors=True)
-    marker.write_text(json.dumps(stamp), encoding="utf-8")
+    try:  # built aside and renamed into place: a concurrent loader sees all of it or none
+        made, _ = adapter_on_base(base, adapter_dir, work / "build", what=f"the adapter in {adapter_dir}")
+        staged = work / "servable"
+        staged.mkdir()
+        made.rename(staged / "model")
+        (staged / SERVABLE_MARKER).write_text(json.dumps(stamp), encoding="utf-8")
+        if not ready():
+            shutil.rmtree(cache_dir, ignore_errors=True)  # a stale copy (another adapter or base)
+            _publish_dir(staged, cache_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return cache_dir / "model"
+
+
+def _publish_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest``; when another process got there first, its copy stands."""
+    try:
+        src.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
