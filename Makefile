@@ -34,7 +34,7 @@ run: install
 	$(BIN)/tuneline run --recipe $(RECIPE)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the whole-graph drills make test leaves out (each has a short version in make test)
 test-long: install
