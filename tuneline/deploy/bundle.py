@@ -35,10 +35,11 @@ def servable_model_dir(candidate: Any, work_dir: str | Path, *, tolerance: float
 
 def check_servable_adapter(adapter_dir: str | Path, what: str = "") -> None:
     """Raise ValueError for an adapter no from_pretrained directory can hold (prompt learning: virtual tokens)."""
+    from tuneline.params import PROMPT_LEARNING
     from tuneline.train.methods import read_method_file
 
     method = read_method_file(adapter_dir).get("method")
-    if method in ("prefix", "prompt", "ptuning", "multitask_prompt"):
+    if method in PROMPT_LEARNING:
         raise ValueError(f"{what or adapter_dir} is a {method} adapter: its virtual tokens cannot be merged "
                          "into weights or served from a from_pretrained directory; use a LoRA-family, adapter or "
                          "full sft.method for a registered model")

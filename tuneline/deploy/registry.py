@@ -379,7 +379,18 @@ def pip_requirements() -> list[str]:
 
 def check_model_dir(model_dir: str | Path) -> Path:
     """The directory, after checking it holds safetensors weights, a config, a tokenizer and no pickles."""
-    path = Path(model_dir)
+    return _checked_dir(model_dir, ("config.json",), "not a from_pretrained directory")
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The directory, after checking it holds an adapter (PEFT or bottleneck) in safetensors, a tokenizer and no
+    pickles."""
+    return _checked_dir(adapter_dir, ("adapter_config.json", "bottleneck_config.json"), "not an adapter")
+
+
+def _checked_dir(directory: str | Path, configs: tuple[str, ...], what_else: str) -> Path:
+    """``directory`` holds safetensors weights, no pickle-format file, one of ``configs`` and a tokenizer config."""
+    path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not any(path.glob("*.safetensors")):
@@ -387,25 +398,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
     pickles = sorted(p.name for p in path.rglob("*") if p.suffix in _FORBIDDEN_SUFFIXES)
     if pickles:
         raise ValueError(f"{path} holds pickle-format files {pickles}: only safetensors are registered")
-    for required in ("config.json", "tokenizer_config.json"):
-        if not (path / required).is_file():
-            raise FileNotFoundError(f"{path} has no {required}: not a from_pretrained directory")
-    return path
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """The directory, after checking it holds an adapter (PEFT or bottleneck) in safetensors, a tokenizer and no
-    pickles."""
-    path = Path(adapter_dir)
-    if not path.is_dir() or not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path} holds no .safetensors adapter weights")
-    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in _FORBIDDEN_SUFFIXES)
-    if pickles:
-        raise ValueError(f"{path} holds pickle-format files {pickles}: only safetensors are registered")
-    if not any((path / n).is_file() for n in ("adapter_config.json", "bottleneck_config.json")):
-        raise FileNotFoundError(f"{path} has no adapter_config.json or bottleneck_config.json: not an adapter")
+    if not any((path / name).is_file() for name in configs):
+        raise FileNotFoundError(f"{path} has no {' or '.join(configs)}: {what_else}")
     if not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer_config.json")
+        raise FileNotFoundError(f"{path} has no tokenizer_config.json: {what_else}")
     return path
 
 

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tuneline.params import PEFT_METHODS, TOKEN_METHODS, SftParams
+from tuneline.params import PEFT_METHODS, PROMPT_LEARNING, TOKEN_METHODS, SftParams
 
 QUANT_MULTIPLE = 32  # bitsandbytes 4-bit on CPU needs each quantized Linear's out size to be a multiple of this
 METHOD_FILE = "tuneline_method.json"  # written next to a saved adapter/model: how to load it back
 ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
-PROMPT_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")
 UNTAGGED_TASK = "untagged"  # multitask prompt tuning: the family of records that name none
 
 
@@ -402,7 +401,7 @@ def apply_method(
             info.update(r=params.lora.r, alpha=params.lora.alpha, dropout=params.lora.dropout)
         if method == "adalora":
             info.update(init_r=config.init_r, target_r=config.target_r, **schedule)
-        if method in PROMPT_METHODS:
+        if method in PROMPT_LEARNING:
             info["num_virtual_tokens"] = params.num_virtual_tokens
     elif method == "adapter":
         from tuneline.train.bottleneck import BottleneckConfig, add_bottleneck_adapters

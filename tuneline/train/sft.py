@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from tuneline.params import OffloadParams, SftParams, TokenizerParams
+from tuneline.params import PROMPT_LEARNING, OffloadParams, SftParams, TokenizerParams
 
 MODEL_SUBDIR = "model"  # final adapter/model + tokenizer under out_dir
 CHECKPOINTS_SUBDIR = "checkpoints"  # checkpoint-N folders under out_dir
 # adapter methods whose checkpoints hold only adapter weights, so the frozen base may be stored in
 # bf16 while training (qlora's base is already 4-bit)
 FROZEN_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning", "multitask_prompt")
-PROMPT_LEARNING_METHODS = ("prefix", "prompt", "ptuning", "multitask_prompt")  # virtual tokens in front: padded only
 SOURCE_SUBDIR = "source"  # multitask prompt tuning: the source stage's own run under out_dir
 SOURCE_DONE = "source_done.json"  # written when the source stage is complete (a retry skips it)
 
@@ -88,7 +87,7 @@ def use_padding_free(params: SftParams, train_data: Sequence[dict[str, Any]]) ->
     on the 23-token demo rows, 11% faster on alpaca's 93-token rows; docs/benchmarks.md). Never for
     prefix, prompt and P-tuning, whose virtual tokens go in front of each row.
     """
-    if params.method in PROMPT_LEARNING_METHODS:
+    if params.method in PROMPT_LEARNING:  # virtual tokens in front: padded only
         return False
     if params.padding_free is not None:
         return params.padding_free
