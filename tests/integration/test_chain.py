@@ -126,14 +126,16 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     assert isinstance(out["text"], str) and info["version"] == 1
 
     # a worse recipe: the gate refuses, nothing is registered, the champion stays. It and the retrain below
-    # turn the reward model, RL and distillation off: those stages pass their input on and the graph runs to the end
-    off = {"reward": {"enabled": False}, "rl": {"enabled": False}, "distill": {"enabled": False}}
-    worse = {**CHAIN, **off, "hpo": {"enabled": False},
+    # turn the search, DPO, the reward model, RL and distillation off (the gate's candidate is then the SFT model):
+    # those stages pass their input on and the graph runs to the end
+    off = {"hpo": {"enabled": False}, "dpo": {"enabled": False}, "reward": {"enabled": False},
+           "rl": {"enabled": False}, "distill": {"enabled": False}, "gate": {**CHAIN["gate"], "candidate": "sft"}}
+    worse = {**CHAIN, **off,
              "sft": {**CHAIN["sft"], "max_steps": 2, "eval_steps": 2, "save_steps": 2, "learning_rate": 0.00001}}
     result2, _ = run_chain(worse, tmp_path / "worse.yaml")
     assert result2.success  # a refusal is a decision, not a failed run
-    assert [result2.output_for_node(a).stage for a in ("reward_model", "rl_policy", "distilled_student")] == [
-        "sft_adapter", "sft_adapter", "dpo_adapter"]  # passed on, not trained
+    assert [result2.output_for_node(a).stage for a in ("dpo_adapter", "reward_model", "rl_policy",
+                                                       "distilled_student")] == ["sft_adapter"] * 4  # passed on
     gate = result2.output_for_node("evaluation_report").gate
     assert not gate.passed and "champion" in gate.baselines
     refused = result2.output_for_node("registered_model")
@@ -150,7 +152,7 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     new_file = incoming / "labelled.jsonl"
     new_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     retrain = {**CHAIN, **off, "drift": {"incoming_dir": str(incoming), "replay_ratio": 0.8},
-               "gate": {**CHAIN["gate"], "min_margin": 0.0}}
+               "gate": {**off["gate"], "min_margin": 0.0}}
     result3, _ = run_chain(retrain, tmp_path / "retrain.yaml", retrain=True)
     replay = result3.output_for_node("dataset_splits").replay
     assert replay["new"] > 0 and replay["replayed"] > 0, replay
