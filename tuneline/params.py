@@ -908,10 +908,6 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     """Combinations of keys that cannot run, each a one-line message naming the keys and the fix: found when
     the recipe loads, not hours into a run."""
     problems = []
-    if recipe.sft.method == "adapter" and recipe.dpo.enabled:
-        problems.append("sft.method: adapter with dpo.enabled: true cannot run: DPO starts from the SFT model merged "
-                        "into full weights, and a bottleneck adapter (a non-linear module) cannot be merged; set "
-                        "dpo.enabled: false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
     if recipe.tokenizer.changes() and recipe.sft.method not in TOKEN_METHODS:
         problems.append(f"tokenizer adds tokens but sft.method: {recipe.sft.method} cannot train their embedding rows "
                         f"(new rows would stay at their mean-resized start); use sft.method one of "

@@ -132,6 +132,66 @@ def test_dpo_raises_reward_accuracy_with_a_fresh_adapter_and_no_reference_copy(
 
 
 @pytest.mark.slow
+def test_after_bottleneck_sft_dpo_reward_and_distillation_start_from_the_bundle_and_keep_its_adapters(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    """A bottleneck adapter cannot be merged: DPO, the reward model and the student start from a bundle (base +
+    adapters); the fresh LoRA leaves the adapters and the projections they follow alone, so it merges exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+    from tuneline.params import AdapterParams, DistillParams, RewardParams
+    from tuneline.train.bottleneck import CHILD, WEIGHTS_FILE, is_bundle
+    from tuneline.train.distill import build_student
+    from tuneline.train.reward import RewardScorer, pairwise_accuracy, train_reward_model
+    from tuneline.train.sft import train_sft
+
+    base, _ = sft_run
+    params = SftParams(method="adapter", learning_rate=5e-3, batch_size=8, eval_steps=4, save_steps=4, bf16=False,
+                       adapter=AdapterParams(reduction_factor=4), group_by_length=False)
+    sft = Path(train_sft(base, _sft_records(), _sft_records()[:4], params, tmp_path / "sft", seed=0,
+                         max_steps=4).output_dir)
+    sft_adapters = load_file(str(sft / WEIGHTS_FILE))
+    pairs = _pairs()
+    dpo_params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=False,
+                           lora=LoraParams(r=8, alpha=16, dropout=0.0))
+
+    # the trainer's LoRA covers the base's other projections only
+    bundle, info = dpo.merged_sft_base(sft, base, "adapter", tmp_path / "probe")
+    assert is_bundle(bundle) and info["bundle"]
+    trainer = dpo.build_dpo_trainer(bundle, pairs, dpo_params, tmp_path / "probe" / "ckpt", seed=0, max_steps=1)
+    lora_on = {n.rsplit(".lora_A", 1)[0] for n, _ in trainer.model.named_parameters() if ".lora_A." in n}
+    assert lora_on and not any(n.endswith(("o_proj", "down_proj")) or f".{CHILD}." in n for n in lora_on), lora_on
+    assert any(n.endswith("q_proj") for n in lora_on) and dpo._adapter_is_fresh(trainer.model)
+    del trainer
+
+    result = dpo.train_dpo(sft, base, "adapter", pairs, pairs, dpo_params, tmp_path / "dpo", seed=0, max_steps=6)
+    assert result.fresh_adapter and result.after["reward_margin"] > 0.0
+    model_dir = dpo.load_dpo_model(tmp_path / "dpo")  # merge_adapter checks the merged logits against the adapter's
+    assert is_bundle(model_dir)
+    assert all(torch.equal(v, sft_adapters[k]) for k, v in load_file(str(model_dir / WEIGHTS_FILE)).items())
+    policy, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    again = dpo.evaluate_preferences(policy, tokenizer, pairs, dpo_params.beta, ref=load_causal_lm(bundle),
+                                     max_length=64)
+    assert again.reward_accuracy == result.after["reward_accuracy"]
+
+    # the reward model from the bundle keeps the adapters and is saved as a bundle that scores the same
+    reward = train_reward_model(bundle, pairs, pairs, RewardParams(method="lora", max_steps=2, batch_size=8,
+                                                                   max_length=64, bf16=False), tmp_path / "rm", seed=0)
+    assert is_bundle(reward.output_dir)
+    scorer = RewardScorer(reward.output_dir)
+    assert pairwise_accuracy(scorer.model, scorer.tokenizer, pairs, 64) == reward.after
+
+    # the student copies the kept blocks with their adapters
+    student, keep = build_student(policy, DistillParams(student_layers=1), seed=0)
+    copied = {k: v for k, v in student.state_dict().items() if f".{CHILD}." in k}
+    assert len(keep) == 1 and copied
+    teacher = policy.state_dict()
+    assert all(torch.equal(v, teacher[k.replace("layers.0.", f"layers.{keep[0]}.")]) for k, v in copied.items())
+
+
+@pytest.mark.slow
 def test_dpo_recipe_cli_writes_result_and_teacher_ready_model(
     tmp_path: Path, sft_run: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:

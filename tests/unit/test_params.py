@@ -77,8 +77,7 @@ def test_the_demo_variants_differ_from_the_demo_only_where_they_say() -> None:
     expected = {
         "demo-rl.yaml": {"name", "alignment.method"},
         "demo-adapter.yaml": {"name", "sft.method", "sft.learning_rate", "sft.adapter.reduction_factor",
-                              "hpo.space.learning_rate", "dpo.enabled", "reward.enabled", "rl.enabled",
-                              "distill.enabled", "gate.candidate"},
+                              "hpo.space.learning_rate"},
     }
     for name, keys in expected.items():
         variant = load_recipe(ROOT / "configs" / name).flat()
@@ -130,6 +129,16 @@ def test_impossible_combinations_fail_at_load_naming_the_keys(changes: dict, nee
         data[key] = {**data.get(key, {}), **value} if key != "data" else value
     with pytest.raises(RecipeError, match=re.escape(needle)):
         build(Recipe, data)
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora", "ia3"])
+def test_the_demo_recipe_takes_a_bottleneck_or_lora_family_sft_method_with_every_later_stage_on(method: str) -> None:
+    """Bottleneck adapters are bundled with their base for DPO, the reward model, RL and distillation (not merged),
+    so switching only sft.method keeps every stage."""
+    data = load_recipe(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").to_dict()
+    data["sft"]["method"] = method
+    switched = build(Recipe, data)
+    assert switched.sft.method == method and switched.dpo.enabled and switched.rl.enabled and switched.distill.enabled
 
 
 def test_a_bad_recipe_is_one_line_on_stderr_and_exit_2(tmp_path) -> None:

@@ -158,10 +158,9 @@ def load_causal_lm(name_or_path: str | Path, revision: Optional[str] = None, dty
         if Path(name).expanduser().is_dir():
             raise
         raise _not_available("model", name, revision, exc) from exc
-    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
+    from tuneline.train.bottleneck import attach_if_bundle
 
-    if is_bottleneck_dir(name):  # a served bundle: the base's weights plus bottleneck adapters
-        load_bottleneck(model, name)
+    model = attach_if_bundle(model, name)  # a bundle: the base's weights plus bottleneck adapters
     model.eval()
     return model if device is None else place_for_inference(model, device)
 

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
 CHILD = "bottleneck"  # name of the adapter module under the projection it follows
+CONFIG_ATTR = "tuneline_bottleneck_config"  # the model's adapters' config, set by add_bottleneck_adapters
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
@@ -120,7 +121,9 @@ def add_bottleneck_adapters(model: Any, config: BottleneckConfig, *, freeze_base
         adapter.to(device=linear.weight.device, dtype=linear.weight.dtype)
         linear.add_module(CHILD, adapter)
         linear.register_forward_hook(_run_adapter)
-    return dataclasses.replace(config, targets=tuple(targets))
+    config = dataclasses.replace(config, targets=tuple(targets))
+    setattr(model, CONFIG_ATTR, config)  # save_model writes it back beside the weights
+    return config
 
 
 def adapter_state_dict(model: Any) -> dict[str, Any]:
@@ -143,17 +146,24 @@ def save_bottleneck(model: Any, config: BottleneckConfig, out_dir: str | Path) -
 
 
 def is_bottleneck_dir(path: str | Path) -> bool:
-    return Path(path, CONFIG_FILE).is_file()
+    """True for a directory of bottleneck adapters alone (a stage's adapter, to load on its base)."""
+    return Path(path, CONFIG_FILE).is_file() and not Path(path, "config.json").is_file()
 
 
-def load_bottleneck(model: Any, adapter_dir: str | Path) -> Any:
+def is_bundle(path: str | Path) -> bool:
+    """True for a bundle: a model's weights and config with bottleneck adapters beside them (one model)."""
+    return Path(path, CONFIG_FILE).is_file() and Path(path, "config.json").is_file()
+
+
+def load_bottleneck(model: Any, adapter_dir: str | Path, *, freeze_base: bool = True) -> Any:
     """Put the adapters saved in ``adapter_dir`` onto ``model`` (a fresh base), strictly: every saved weight
-    lands on an adapter and every adapter gets a saved weight. Returns the model (frozen)."""
+    lands on an adapter and every adapter gets a saved weight. Returns the model (its base frozen unless
+    ``freeze_base`` is False)."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     config = BottleneckConfig.from_file(adapter_dir / CONFIG_FILE)
-    add_bottleneck_adapters(model, config)
+    add_bottleneck_adapters(model, config, freeze_base=freeze_base)
     saved = load_file(str(adapter_dir / WEIGHTS_FILE))
     expected = adapter_state_dict(model)
     if set(saved) != set(expected):
@@ -162,3 +172,37 @@ def load_bottleneck(model: Any, adapter_dir: str | Path) -> Any:
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(saved, strict=False)
     return model
+
+
+# ---------------------------------------------------------------------------
+# a bundle (base weights + adapters in one directory) as the start of a later stage
+
+def attach_if_bundle(model: Any, model_dir: str | Path) -> Any:
+    """``model`` (just loaded from ``model_dir`` with ``from_pretrained``, which reads only the base's weights)
+    with the directory's bottleneck adapters put back when it is a bundle; as it is otherwise. Nothing is frozen:
+    a bundle loads as one model, like any ``from_pretrained`` directory."""
+    return load_bottleneck(model, model_dir, freeze_base=False) if is_bundle(model_dir) else model
+
+
+def lora_exclusions(model: Any) -> list[str]:
+    """Module names a LoRA on top of a model with bottleneck adapters must leave alone: the projections the
+    adapters follow (a LoRA there adds its delta after the adapter, so merging it into the weight, which runs
+    before the adapter, would change the function) and the adapters' own layers (they stay as trained)."""
+    hosts = [name for name, module in model.named_modules() if hasattr(module, CHILD)]
+    return hosts + [f"{CHILD}.down", f"{CHILD}.up"] if hosts else []
+
+
+def save_model(model: Any, out_dir: str | Path, **kwargs: Any) -> Path:
+    """``model.save_pretrained``; a model carrying bottleneck adapters is saved as a bundle: the base's weights
+    without the adapters (so ``from_pretrained`` reads them cleanly) and the adapters beside them."""
+    out = Path(out_dir)
+    config = getattr(model, CONFIG_ATTR, None)
+    adapters = adapter_state_dict(model)
+    if not adapters:
+        model.save_pretrained(out, **kwargs)
+        return out
+    if config is None:
+        raise ValueError("save_model: the model has bottleneck adapters but no config (add_bottleneck_adapters sets it)")
+    base = {k: v for k, v in model.state_dict().items() if k not in adapters}
+    model.save_pretrained(out, state_dict=base, **kwargs)
+    return save_bottleneck(model, config, out)

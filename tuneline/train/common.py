@@ -283,3 +283,20 @@ def checkpointing_args(enabled: bool) -> dict[str, Any]:
     needs no ``enable_input_require_grads`` under a frozen base, so LoRA and the other adapters work)."""
     return dict(gradient_checkpointing=bool(enabled), activation_checkpointing=bool(enabled),
                 activation_checkpointing_kwargs={"use_reentrant": False} if enabled else None)
+
+
+def fresh_lora_config(lora: Any, task_type: str, model: Any) -> Any:
+    """The ``peft.LoraConfig`` DPO, RL and the reward model put on the model they start from (``lora``: the
+    stage's :class:`~tuneline.params.LoraParams`; ``task_type``: ``CAUSAL_LM`` or ``SEQ_CLS``). On a model
+    with bottleneck adapters (a bundle) it leaves the adapters and the projections they follow alone, so the
+    trained LoRA merges into the same function."""
+    import peft
+
+    from tuneline.train.bottleneck import lora_exclusions
+
+    targets = tuple(lora.target_modules)
+    exclude = lora_exclusions(model)
+    return peft.LoraConfig(task_type=getattr(peft.TaskType, task_type), r=lora.r, lora_alpha=lora.alpha,
+                           lora_dropout=lora.dropout, bias="none",
+                           target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+                           **({"exclude_modules": exclude} if exclude else {}))

@@ -88,7 +88,18 @@ def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
     return sorted({round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)})
 
 
-_LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
+_LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)(\.|$)")
+
+
+def _renumbered(name: str, new_index: dict[int, int]) -> Optional[str]:
+    """A teacher parameter or module name in the student (its block renumbered), or None for a block not kept."""
+    match = _LAYER_KEY.search(name)
+    if match is None:
+        return name
+    if int(match.group(2)) not in new_index:
+        return None
+    start, end = match.span(2)
+    return name[:start] + str(new_index[int(match.group(2))]) + name[end:]
 
 
 def build_student(teacher: Any, params: DistillParams, *, seed: int) -> tuple[Any, Optional[list[int]]]:
@@ -97,6 +108,8 @@ def build_student(teacher: Any, params: DistillParams, *, seed: int) -> tuple[An
 
     import torch
     from transformers import AutoModelForCausalLM, set_seed
+
+    from tuneline.train.bottleneck import CONFIG_ATTR, add_bottleneck_adapters
 
     tconf = teacher.config
     n_teacher = int(tconf.num_hidden_layers)
@@ -110,14 +123,12 @@ def build_student(teacher: Any, params: DistillParams, *, seed: int) -> tuple[An
             config.layer_types = [tconf.layer_types[i] for i in keep]
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         new_index = {old: new for new, old in enumerate(keep)}
-        state = {}
-        for key, value in teacher.state_dict().items():
-            match = _LAYER_KEY.search(key)
-            if match is None:
-                state[key] = value
-            elif int(match.group(2)) in new_index:
-                start, end = match.span(2)
-                state[key[:start] + str(new_index[int(match.group(2))]) + key[end:]] = value
+        adapters = getattr(teacher, CONFIG_ATTR, None)
+        if adapters is not None:  # a bundle teacher: the copied blocks keep their bottleneck adapters
+            add_bottleneck_adapters(student, dataclasses.replace(adapters, targets=tuple(
+                t for t in (_renumbered(t, new_index) for t in adapters.targets) if t is not None)), freeze_base=False)
+        state = {new: value for key, value in teacher.state_dict().items()
+                 if (new := _renumbered(key, new_index)) is not None}
         missing, unexpected = student.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:
@@ -383,6 +394,7 @@ def distill_student(
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
+    from tuneline.train.bottleneck import save_model
     from tuneline.train.common import loss_curve
     from tuneline.train.methods import count_params
 
@@ -472,7 +484,7 @@ def distill_student(
 
     model_dir = out_dir / STUDENT_SUBDIR
     if distributed.is_main_process():
-        student.save_pretrained(model_dir)
+        save_model(student, model_dir)  # a student with bottleneck adapters is saved as a bundle
         tokenizer.save_pretrained(model_dir)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 

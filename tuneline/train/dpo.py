@@ -4,7 +4,9 @@ Reads top to bottom:
 
 1. **Merged base.** The SFT adapter (lora, qlora, adalora, ia3) is merged into full weights in
    ``out_dir/merged`` (``merge_adapter``); a full or freeze SFT model is already full weights and is used
-   as it is. Prompt-learning SFT adapters (prefix, prompt, ptuning) have no weights to merge: not supported.
+   as it is. Bottleneck adapters (``adapter``) cannot be merged: the base and the adapters are bundled in
+   ``out_dir/merged`` and load together, and the fresh LoRA below leaves the adapters and the projections they
+   follow alone. Prompt-learning SFT adapters (prefix, prompt, ptuning) have no weights to merge: not supported.
 2. **Fresh adapter.** TRL's ``DPOTrainer`` gets that model, ``ref_model=None`` and a new ``LoraConfig``:
    it wraps the model in a fresh LoRA adapter (B = 0, so the policy starts equal to the reference) and
    computes the reference log-probs with the adapter disabled. One set of full weights in memory.
@@ -34,6 +36,7 @@ from tuneline.train.common import TrainedStats
 
 MERGEABLE_METHODS = ("lora", "qlora", "adalora", "ia3")
 FULL_WEIGHT_METHODS = ("full", "freeze")
+BOTTLENECK_METHOD = "adapter"  # bundled with its base, not merged (merged_sft_base)
 MERGED_SUBDIR = "merged"  # the SFT model as full weights (adapter methods only)
 ADAPTER_SUBDIR = "adapter"  # the DPO adapter + tokenizer
 MODEL_SUBDIR = "model"  # load_dpo_model: DPO adapter merged onto the merged SFT base
@@ -232,13 +235,27 @@ def evaluate_preferences(
 def merged_sft_base(
     sft_model_dir: str | Path, base_model_path: str | Path, sft_method: str, out_dir: str | Path
 ) -> tuple[Path, Optional[dict[str, Any]]]:
-    """The SFT model as full weights: merged into ``out_dir/merged`` for adapter methods, or as it is.
+    """The SFT model as full weights: merged into ``out_dir/merged`` for LoRA-family methods, or as it is. A
+    bottleneck adapter (``adapter``: a non-linear module, nothing to merge) becomes a bundle in ``out_dir/merged``
+    instead: the base's weights with the adapters beside them, loaded back together (``load_causal_lm``), and the
+    later stage's fresh LoRA leaves the adapters alone (:func:`~tuneline.train.common.fresh_lora_config`).
 
     A completed merge (its marker file present) is reused, so a retried run does not merge again.
     """
     from tuneline.train.sft import merge_adapter
 
     sft_model_dir = Path(sft_model_dir)
+    if sft_method == BOTTLENECK_METHOD:
+        from tuneline.deploy.bundle import bottleneck_bundle
+
+        merged = Path(out_dir) / MERGED_SUBDIR
+        marker = merged / MERGE_MARKER
+        if marker.is_file():
+            return merged, json.loads(marker.read_text(encoding="utf-8"))
+        bottleneck_bundle(base_model_path, sft_model_dir, merged)  # checked against the adapter on its base
+        info = {"output_dir": str(merged), "method": sft_method, "bundle": True, "quantization": None}
+        marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return merged, info
     if sft_method in FULL_WEIGHT_METHODS:
         if (sft_model_dir / "adapter_config.json").is_file():
             raise ValueError(f"sft_method={sft_method!r} but {sft_model_dir} holds an adapter")
@@ -261,19 +278,6 @@ def merged_sft_base(
 # TRL, wrapped: version churn stays here
 
 
-def _lora_config(params: DpoParams) -> Any:
-    import peft
-
-    targets = tuple(params.lora.target_modules)
-    return peft.LoraConfig(
-        task_type=peft.TaskType.CAUSAL_LM,
-        r=params.lora.r,
-        lora_alpha=params.lora.alpha,
-        lora_dropout=params.lora.dropout,
-        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
-        bias="none",
-    )
-
 
 def build_dpo_trainer(
     merged_base_dir: str | Path,
@@ -294,7 +298,7 @@ def build_dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     from tuneline.models.loading import load_causal_lm, load_tokenizer
-    from tuneline.train.common import checkpointed_run_args
+    from tuneline.train.common import checkpointed_run_args, fresh_lora_config
     from tuneline.train.distributed import ddp_backend
 
     tokenizer = load_tokenizer(merged_base_dir)
@@ -332,7 +336,7 @@ def build_dpo_trainer(
         args=config,
         train_dataset=Dataset.from_list(to_conversational(train_pairs)),
         processing_class=tokenizer,
-        peft_config=_lora_config(params),
+        peft_config=fresh_lora_config(params.lora, "CAUSAL_LM", model),
         callbacks=list(callbacks),
     )
     if trainer.ref_model is not None:  # a TRL change that would silently double memory

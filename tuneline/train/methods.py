@@ -511,6 +511,7 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tuneline.models.offload import device_map_kwargs
+    from tuneline.train.bottleneck import attach_if_bundle
     from tuneline.train.common import attention_implementation
     from tuneline.train.tokens import resize_embeddings
 
@@ -530,4 +531,4 @@ def load_base(base_model_path: str | Path, quantization: Optional[dict[str, Any]
                                                      attn_implementation=attn, **device_map_kwargs(offload))
     if vocab_size:
         resize_embeddings(model, int(vocab_size))
-    return model
+    return attach_if_bundle(model, base_model_path)  # a later stage's base can be SFT's bottleneck bundle

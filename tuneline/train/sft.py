@@ -369,7 +369,7 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path, offload: A
 
     from tuneline.models.loading import load_tokenizer
     from tuneline.models.offload import device_map_kwargs
-    from tuneline.train.bottleneck import is_bottleneck_dir, load_bottleneck
+    from tuneline.train.bottleneck import attach_if_bundle, is_bottleneck_dir, load_bottleneck
     from tuneline.train.common import attention_implementation
     from tuneline.train.methods import load_base, read_method_file
 
@@ -389,8 +389,8 @@ def load_trained(base_model_path: str | Path, output_dir: str | Path, offload: A
         if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
             bind_task_ids(model, 0)  # the target stage's one task
     else:
-        model = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation=attention_implementation(),
-                                                     **device_map_kwargs(offload))
+        model = attach_if_bundle(AutoModelForCausalLM.from_pretrained(
+            output_dir, attn_implementation=attention_implementation(), **device_map_kwargs(offload)), output_dir)
     model.eval()
     return model, tokenizer
 
@@ -411,7 +411,7 @@ def merge_adapter(
     from peft import PeftConfig, PeftModel
 
     from tuneline.models.loading import load_tokenizer
-    from tuneline.train.bottleneck import is_bottleneck_dir
+    from tuneline.train.bottleneck import is_bottleneck_dir, save_model
     from tuneline.train.methods import load_base, read_method_file
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -445,7 +445,7 @@ def merge_adapter(
         raise RuntimeError(f"merged logits differ from the adapter's by {max_abs_diff:.3g} > tolerance {tolerance}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    merged_model.save_pretrained(out_dir)
+    save_model(merged_model, out_dir)  # a bundle stays a bundle: the merged base weights, the adapters beside them
     load_tokenizer(adapter_dir).save_pretrained(out_dir)
     return {
         "output_dir": str(out_dir),
