@@ -1,6 +1,8 @@
 """The new SFT methods through the real chain (Dagster in memory, trainers out of process). Bottleneck adapters
-run the whole graph with the stages that cannot follow them turned off (DPO, RL and distillation pass their input
-on): evaluated, gated, registered as a bundle (base + adapters) and served from the registry. Multitask prompt
+run the whole graph with DPO on the bundle of base and adapters (RL and distillation off here, to keep the test
+short; tests/unit/test_dpo.py starts the reward model and a student from such a bundle, and `make run
+RECIPE=configs/demo-adapter.yaml` runs every stage): evaluated, gated, registered (the DPO adapter by reference to
+the bundle) and served from the registry. Multitask prompt
 tuning trains in ``sft_adapter`` and is evaluated the way ``evaluation_report`` loads models; publishing it is
 refused (virtual tokens: nothing a from_pretrained directory can hold)."""
 
@@ -32,7 +34,7 @@ def recipe(method: str) -> dict:
 
 
 @pytest.mark.slow
-def test_bottleneck_adapter_runs_the_whole_graph_with_the_other_stages_off(state: Path, tmp_path: Path) -> None:
+def test_bottleneck_adapter_runs_the_whole_graph_with_dpo_on_the_bundle(state: Path, tmp_path: Path) -> None:
     from pipelines import definitions
     from resources import build_resources
     from resources.recipe import RecipeResource
@@ -40,23 +42,26 @@ def test_bottleneck_adapter_runs_the_whole_graph_with_the_other_stages_off(state
     from tuneline.models.generation import chat_generate
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe("adapter")))
+    path.write_text(yaml.safe_dump({**recipe("adapter"), "dpo": CHAIN["dpo"],
+                                    "gate": {**recipe("adapter")["gate"], "candidate": "teacher"}}))
     resources = build_resources("local")
     resources["recipe"] = RecipeResource(path=str(path))
     result = dg.materialize([*definitions.ASSETS, *definitions.CHECKS], resources=resources, raise_on_error=False)
     assert result.success
     sft = result.output_for_node("sft_adapter")
     assert sft.kind == "adapter" and sft.method == "adapter" and sft.base is not None
-    for off in ("dpo_adapter", "distilled_student", "reward_model", "rl_policy"):  # passed their input on
+    dpo = result.output_for_node("dpo_adapter")
+    assert dpo.stage == "dpo_adapter" and dpo.method == "dpo"
+    for off in ("distilled_student", "reward_model", "rl_policy"):  # passed their input on
         assert result.output_for_node(off).stage != off
     evaluation = result.output_for_node("evaluation_report")
-    assert set(evaluation.summary) == {"base", "sft"} and evaluation.gate.candidate == "sft"
-    assert math.isfinite(evaluation.summary["sft"]["loss"])
+    assert set(evaluation.summary) == {"base", "sft", "dpo"} and evaluation.gate.candidate == "dpo"
+    assert math.isfinite(evaluation.summary["dpo"]["loss"])
     assert evaluation.summary["sft"]["loss"] < evaluation.summary["base"]["loss"], evaluation.table
     registered = result.output_for_node("registered_model")
     assert registered.decision == "registered", evaluation.gate.reasons
     model, tokenizer, _ = load_registered(resources["mlflow"].tracker(), "tuneline-ci-adapter@champion")
-    assert any(n.endswith(".bottleneck.up.weight") for n, _ in model.named_parameters())
+    assert any(n.endswith(".bottleneck.up.weight") for n, _ in model.named_parameters())  # the DPO model keeps them
     out = chat_generate(model, tokenizer, [{"role": "user", "content": "What is 2 plus 3?"}], max_new_tokens=4)
     assert isinstance(out["text"], str)
 
