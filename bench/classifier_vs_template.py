@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -107,9 +107,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--arms", default="probe,classifier,template,ensemble", help="which approaches to run")
     ap.add_argument("--results", default=str(RESULTS), help="where this run's JSON goes")
     ap.add_argument("--merge", nargs="*", default=[], help="earlier results JSON whose runs join the table and plot")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: rewrite the table and the plot from --results and --merge")
     args = ap.parse_args(argv)
     arms = set(args.arms.split(","))
     out_json = Path(args.results)
+    if args.table_only:
+        merged = merge_results(json.loads(out_json.read_text(encoding="utf-8")), out_json.name, args.merge)
+        plot(merged)
+        TABLE.write_text(table(merged), encoding="utf-8")
+        return 0
 
     import numpy as np
 
@@ -238,15 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif "ensemble" in arms:
             results["skipped"].append(f"{name} ensemble")
     save()
-    merged = json.loads(json.dumps(results))
-    for extra in args.merge:
-        other = json.loads(Path(extra).read_text(encoding="utf-8"))
-        for name, entry in other["datasets"].items():
-            if name in merged["datasets"]:
-                merged["datasets"][name]["runs"] += entry["runs"]
-            else:
-                merged["datasets"][name] = entry
-        merged["skipped"] += [f"{x} (in {Path(extra).name})" for x in other["skipped"]]
+    merged = merge_results(results, out_json.name, args.merge)
     plot(merged)
     TABLE.write_text(table(merged), encoding="utf-8")
     print(f"done in {results['seconds']:.0f} s; skipped: {results['skipped'] or 'nothing'}")
@@ -261,18 +260,44 @@ def _cpu_flags() -> list[str]:
     return sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text})
 
 
+def merge_results(results: dict[str, Any], name: str, extra_files: Sequence[str]) -> dict[str, Any]:
+    """This run's results with the runs of earlier results files; every run names the file it came from, and a
+    run skipped in one file but measured in another is no longer listed as skipped."""
+    merged = json.loads(json.dumps(results))
+    for entry in merged["datasets"].values():
+        for run in entry["runs"]:
+            run.setdefault("source", name)
+    merged["skipped"] = [f"{x} (in {name})" for x in merged["skipped"]]
+    for extra in extra_files:
+        other = json.loads(Path(extra).read_text(encoding="utf-8"))
+        for dataset, entry in other["datasets"].items():
+            for run in entry["runs"]:
+                run.setdefault("source", Path(extra).name)
+            if dataset in merged["datasets"]:
+                merged["datasets"][dataset]["runs"] += entry["runs"]
+            else:
+                merged["datasets"][dataset] = entry
+        merged["skipped"] += [f"{x} (in {Path(extra).name})" for x in other["skipped"]]
+    measured = {f"{d} {r['approach']}{suffix}" for d, e in merged["datasets"].items() for r in e["runs"]
+                for suffix in ("", f" per class {r['per_class']}")}
+    measured |= {f"{d} template arm" for d, e in merged["datasets"].items()
+                 if any(r["approach"].startswith("template/") for r in e["runs"])}
+    merged["skipped"] = [x for x in merged["skipped"] if x.split(" (in ")[0] not in measured]
+    return merged
+
+
 def table(results: dict[str, Any]) -> str:
     lines = []
     for name, entry in results["datasets"].items():
         lines += [f"### {name} (train {entry['n_train']}, test {entry['n_test']}, {entry['n_labels']} labels)", "",
-                  "| approach | per class | train rows | accuracy | macro-F1 [95% CI] | ECE | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| approach | per class | train rows | accuracy | macro-F1 [95% CI] | ECE | seconds | results file |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in entry["runs"]:
             rows = r.get("test_rows")
             lines.append(f"| {r['approach']}{f' ({rows} test rows)' if rows else ''} | {r['per_class']} | "
                          f"{r['train_examples']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} "
                          f"[{r['macro_f1_low']:.3f}, {r['macro_f1_high']:.3f}] | {r['ece']:.3f} | "
-                         f"{r.get('seconds', 0):.0f} |")
+                         f"{r.get('seconds', 0):.0f} | {r.get('source', '')} |")
         lines.append("")
     if results["skipped"]:
         lines.append("Skipped (time budget): " + "; ".join(results["skipped"]))
