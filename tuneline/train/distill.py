@@ -125,8 +125,9 @@ def build_student(teacher: Any, params: DistillParams, *, seed: int) -> tuple[An
         new_index = {old: new for new, old in enumerate(keep)}
         adapters = getattr(teacher, CONFIG_ATTR, None)
         if adapters is not None:  # a bundle teacher: the copied blocks keep their bottleneck adapters
-            add_bottleneck_adapters(student, dataclasses.replace(adapters, targets=tuple(
-                t for t in (_renumbered(t, new_index) for t in adapters.targets) if t is not None)), freeze_base=False)
+            kept = [_renumbered(name, new_index) for name in adapters.targets]
+            add_bottleneck_adapters(student, dataclasses.replace(adapters, targets=tuple(n for n in kept if n)),
+                                    freeze_base=False)
         state = {new: value for key, value in teacher.state_dict().items()
                  if (new := _renumbered(key, new_index)) is not None}
         missing, unexpected = student.load_state_dict(state, strict=False)

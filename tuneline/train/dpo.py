@@ -245,38 +245,33 @@ def merged_sft_base(
     from tuneline.train.sft import merge_adapter
 
     sft_model_dir = Path(sft_model_dir)
-    if sft_method == BOTTLENECK_METHOD:
-        from tuneline.deploy.bundle import bottleneck_bundle
-
-        merged = Path(out_dir) / MERGED_SUBDIR
-        marker = merged / MERGE_MARKER
-        if marker.is_file():
-            return merged, json.loads(marker.read_text(encoding="utf-8"))
-        bottleneck_bundle(base_model_path, sft_model_dir, merged)  # checked against the adapter on its base
-        info = {"output_dir": str(merged), "method": sft_method, "bundle": True, "quantization": None}
-        marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        return merged, info
     if sft_method in FULL_WEIGHT_METHODS:
         if (sft_model_dir / "adapter_config.json").is_file():
             raise ValueError(f"sft_method={sft_method!r} but {sft_model_dir} holds an adapter")
         return sft_model_dir, None
-    if sft_method not in MERGEABLE_METHODS:
+    if sft_method not in MERGEABLE_METHODS + (BOTTLENECK_METHOD,):
         raise ValueError(
             f"DPO after a {sft_method!r} SFT adapter is not supported: its virtual tokens are not weights that "
-            f"can be merged into a base for a fresh DPO adapter (use one of {', '.join(MERGEABLE_METHODS + FULL_WEIGHT_METHODS)})"
+            f"can be merged into a base for a fresh DPO adapter (use one of "
+            f"{', '.join(MERGEABLE_METHODS + (BOTTLENECK_METHOD,) + FULL_WEIGHT_METHODS)})"
         )
     merged = Path(out_dir) / MERGED_SUBDIR
     marker = merged / MERGE_MARKER
     if marker.is_file():
         return merged, json.loads(marker.read_text(encoding="utf-8"))
-    info = merge_adapter(base_model_path, sft_model_dir, merged)
+    if sft_method == BOTTLENECK_METHOD:
+        from tuneline.deploy.bundle import bottleneck_bundle
+
+        bottleneck_bundle(base_model_path, sft_model_dir, merged)  # checked against the adapter on its base
+        info = {"output_dir": str(merged), "method": sft_method, "bundle": True, "quantization": None}
+    else:
+        info = merge_adapter(base_model_path, sft_model_dir, merged)
     marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return merged, info
 
 
 # ---------------------------------------------------------------------------
 # TRL, wrapped: version churn stays here
-
 
 
 def build_dpo_trainer(

