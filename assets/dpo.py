@@ -26,7 +26,8 @@ def dpo_adapter(
     feedback_preferences: FeedbackRef,
 ) -> dg.Output:
     """DPO on the preference split (and the accepted feedback pairs, ``feedback.use``), starting from the SFT model
-    (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory."""
+    (merged) with a fresh adapter, so the adapter disabled is the reference: no second full copy in memory. After
+    prompt learning it trains the SFT's virtual tokens on, against their frozen copy."""
     r = recipe.load()
     if not r.dpo.enabled:
         return skip_stage(sft_adapter, "dpo.enabled is false: no DPO model (the gate takes the SFT model)")

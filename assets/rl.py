@@ -25,7 +25,8 @@ def rl_policy(
     reward_model: ModelRef,
 ) -> dg.Output:
     """Online RL (RLOO or GRPO, ``recipe.rl_algorithm()``) from the SFT model against the reward model, with a KL
-    penalty to the SFT model (a fresh adapter, disabled for the reference); no critic: the baseline is the other
+    penalty to the SFT model (a fresh adapter, disabled for the reference; after prompt learning the SFT's virtual
+    tokens trained on, against their frozen copy); no critic: the baseline is the other
     completions of each prompt. Its policy joins the evaluation table; ``alignment.method`` says whether the gate
     takes it."""
     r = recipe.load()

@@ -912,10 +912,11 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
         problems.append(f"tokenizer adds tokens but sft.method: {recipe.sft.method} cannot train their embedding rows "
                         f"(new rows would stay at their mean-resized start); use sft.method one of "
                         f"{', '.join(TOKEN_METHODS)}, or drop tokenizer.add_special_tokens/add_tokens/pad_token")
-    if recipe.sft.method in PROMPT_LEARNING and recipe.dpo.enabled:
-        problems.append(f"sft.method: {recipe.sft.method} with dpo.enabled: true cannot run: DPO starts from "
-                        "the SFT weights and prompt learning trains virtual tokens, not weights; set dpo.enabled: "
-                        "false (and gate.candidate: sft) or use a LoRA-family or full sft.method")
+    if recipe.sft.method == "prefix" and recipe.compute.trainer_checkpointing() and (recipe.dpo.enabled
+                                                                                   or recipe.rl.enabled):
+        problems.append("sft.method: prefix with compute.gradient_checkpointing: true cannot continue the prefix in "
+                        "DPO or RL (the recomputed attention loses the prefix's key/value length); set "
+                        "compute.gradient_checkpointing: false, or dpo.enabled and rl.enabled: false")
     if recipe.gate.candidate == "student" and not recipe.distill.enabled:
         problems.append("gate.candidate: student needs distill.enabled: true (nothing else makes a student)")
     method = recipe.alignment.method
@@ -931,11 +932,6 @@ def cross_field_problems(recipe: "Recipe") -> list[str]:
     if method in RL_ALGORITHMS and recipe.rl.algorithm not in (None, method):
         problems.append(f"alignment.method: {method} but rl.algorithm: {recipe.rl.algorithm}; drop rl.algorithm "
                         "(it follows alignment.method) or make them agree")
-    if recipe.sft.method in PROMPT_LEARNING and (recipe.rl.enabled or (recipe.reward.enabled
-                                                                       and recipe.reward.base == "sft")):
-        problems.append(f"sft.method: {recipe.sft.method} with rl/reward from the SFT model cannot run: both start "
-                        "from the SFT weights and prompt learning trains virtual tokens; set rl.enabled: false and "
-                        "reward.base: encoder, or use a LoRA-family or full sft.method")
     if recipe.distill.enabled and not recipe.dpo.enabled:
         problems.append("distill.enabled: true needs dpo.enabled: true (the student learns from the DPO model); "
                         "set distill.enabled: false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,13 @@ def test_pairs_become_trl_conversational_rows() -> None:
         dpo.to_conversational(_sft_records()[:1])
 
 
-def test_full_weight_sft_model_is_its_own_base(tmp_path: Path) -> None:
+def test_full_weight_sft_model_is_its_own_base_and_a_prompt_adapters_is_its_base(tmp_path: Path) -> None:
     merged, info = dpo.merged_sft_base(tmp_path / "sft_full", "unused-base", "full", tmp_path / "dpo")
     assert merged == tmp_path / "sft_full" and info is None
-    with pytest.raises(ValueError, match="not supported"):
-        dpo.merged_sft_base(tmp_path / "sft", "base", "prefix", tmp_path / "dpo")
+    weights, info = dpo.merged_sft_base(tmp_path / "sft", tmp_path / "base", "prefix", tmp_path / "dpo")
+    assert weights == tmp_path / "base" and info["prompt_learning"]  # virtual tokens: the weights are the base's
+    with pytest.raises(ValueError, match="unknown sft_method 'loha'"):
+        dpo.merged_sft_base(tmp_path / "sft", "base", "loha", tmp_path / "dpo")
 
 
 @pytest.mark.slow
@@ -144,7 +147,11 @@ def test_after_bottleneck_sft_dpo_reward_and_distillation_start_from_the_bundle_
     from tuneline.params import AdapterParams, DistillParams, RewardParams
     from tuneline.train.bottleneck import CHILD, WEIGHTS_FILE, is_bundle
     from tuneline.train.distill import build_student
-    from tuneline.train.reward import RewardScorer, pairwise_accuracy, train_reward_model
+    from tuneline.train.reward import (
+        RewardScorer,
+        pairwise_accuracy,
+        train_reward_model,
+    )
     from tuneline.train.sft import train_sft
 
     base, _ = sft_run
@@ -189,6 +196,66 @@ def test_after_bottleneck_sft_dpo_reward_and_distillation_start_from_the_bundle_
     assert len(keep) == 1 and copied
     teacher = policy.state_dict()
     assert all(torch.equal(v, teacher[k.replace("layers.0.", f"layers.{keep[0]}.")]) for k, v in copied.items())
+
+
+@pytest.mark.slow
+def test_after_prompt_learning_sft_dpo_rl_and_distillation_continue_its_virtual_tokens(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    """Virtual tokens are no weights: DPO and RL train the SFT's own (multitask) prompt on against its frozen copy,
+    so the policy starts as the SFT model; the result is the same kind of adapter on the same, untouched base; the
+    student learns from the prompted teacher."""
+    import torch
+
+    from tuneline.params import DistillParams, MultitaskPromptParams, RlParams
+    from tuneline.train import rl
+    from tuneline.train.distill import distill_student
+    from tuneline.train.methods import read_method_file
+    from tuneline.train.sft import load_trained, train_sft
+
+    base, _ = sft_run
+    params = SftParams(method="multitask_prompt", learning_rate=3e-2, batch_size=8, eval_steps=4, save_steps=4,
+                       bf16=False, num_virtual_tokens=4, group_by_length=False,
+                       multitask_prompt=MultitaskPromptParams(source_steps=4))
+    sft = Path(train_sft(base, _sft_records(), _sft_records()[:4], params, tmp_path / "sft", seed=0,
+                         max_steps=4).output_dir)
+    base_weights = {k: v.clone() for k, v in load_trained(base, sft)[0].get_base_model().state_dict().items()}
+    pairs = _pairs()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def logits(model_dir: Path) -> torch.Tensor:
+        model, _ = load_trained(base, model_dir)
+        assert all(torch.equal(v, base_weights[k]) for k, v in model.get_base_model().state_dict().items())
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    result = dpo.train_dpo(sft, base, "multitask_prompt", pairs, pairs,
+                           DpoParams(beta=0.1, learning_rate=3e-2, batch_size=8, max_length=64, bf16=False),
+                           tmp_path / "dpo", seed=0, max_steps=6)
+    assert result.continued_adapter and result.ref_model_is_none and Path(result.merged_base_dir) == Path(base)
+    assert result.before["reward_margin"] == 0.0 and result.after["reward_margin"] > 0.0  # reference: the SFT prompt
+    out = Path(result.output_dir)
+    assert read_method_file(out)["method"] == "multitask_prompt" and not (out / "ref").exists()
+    assert not torch.allclose(logits(out), logits(sft))  # the prompt moved; the base did not (checked in logits())
+    policy, tokenizer = load_trained(base, out)
+    again = dpo.evaluate_preferences(policy, tokenizer, pairs, 0.1, ref=load_trained(base, sft)[0], max_length=64)
+    assert again.reward_margin == pytest.approx(result.after["reward_margin"], rel=1e-4)  # saved as trained
+
+    def even_share(prompts, completions, completion_ids=None, **kwargs):
+        return [sum(1 for t in c if t % 2 == 0) / max(1, len(c)) for c in completion_ids]
+
+    rl_result = rl.train_rl("rloo", sft, base, "multitask_prompt", pairs, pairs, even_share,
+                            RlParams(learning_rate=3e-2, max_steps=2, batch_size=8, num_generations=4,
+                                     max_completion_length=4, bf16=False, beta=0.01, eval_prompts=4),
+                            tmp_path / "rl", seed=0)
+    assert rl_result.continued_adapter and rl_result.before["kl"] == 0.0  # the reference is the SFT prompt
+    assert read_method_file(rl_result.output_dir)["method"] == "multitask_prompt"
+    assert not torch.allclose(logits(Path(rl_result.output_dir)), logits(sft))
+
+    student = distill_student(out, _sft_records(), _sft_records()[:4],
+                              DistillParams(student_layers=1, max_steps=2, batch_size=4, max_length=64, bf16=False),
+                              tmp_path / "distill", seed=0, cache_dir=tmp_path / "cache", teacher_base_dir=base)
+    assert student.steps == 2 and math.isfinite(student.val_kl_after) and len(student.student_layers) == 1
 
 
 @pytest.mark.slow

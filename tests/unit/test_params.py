@@ -105,7 +105,8 @@ def test_overrides_and_step_cap() -> None:
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"sft": {"method": "prefix"}}, "sft.method: prefix with dpo.enabled: true cannot run"),
+    ({"sft": {"method": "prefix"}, "compute": {"gradient_checkpointing": True}},
+     "sft.method: prefix with compute.gradient_checkpointing: true cannot continue the prefix"),
     ({"gate": {"candidate": "student"}, "distill": {"enabled": False}}, "gate.candidate: student needs distill"),
     ({"dpo": {"enabled": False}, "distill": {"enabled": False}}, "gate.candidate: teacher (the DPO model) needs"),
     ({"data": {"sources": [{"path": "x.jsonl"}]}}, "task_accuracy needs an answer checker"),
@@ -117,8 +118,6 @@ def test_overrides_and_step_cap() -> None:
     ({"alignment": {"method": "grpo"}, "rl": {"algorithm": "rloo"}}, "alignment.method: grpo but rl.algorithm: rloo"),
     ({"reward": {"enabled": False}}, "rl.enabled: true needs reward.enabled: true"),
     ({"alignment": {"method": "ppo"}}, "alignment.method: 'ppo' is not one of 'dpo', 'rloo', 'grpo'"),
-    ({"sft": {"method": "prompt"}, "dpo": {"enabled": False}, "distill": {"enabled": False},
-      "gate": {"candidate": "sft"}}, "sft.method: prompt with rl/reward from the SFT model cannot run"),
     ({"rl": {"batch_size": 6, "num_generations": 4}}, "rl.batch_size (6) must be a multiple of rl.num_generations"),
 ])
 def test_impossible_combinations_fail_at_load_naming_the_keys(changes: dict, needle: str) -> None:
@@ -131,10 +130,10 @@ def test_impossible_combinations_fail_at_load_naming_the_keys(changes: dict, nee
         build(Recipe, data)
 
 
-@pytest.mark.parametrize("method", ["adapter", "lora", "ia3"])
-def test_the_demo_recipe_takes_a_bottleneck_or_lora_family_sft_method_with_every_later_stage_on(method: str) -> None:
-    """Bottleneck adapters are bundled with their base for DPO, the reward model, RL and distillation (not merged),
-    so switching only sft.method keeps every stage."""
+@pytest.mark.parametrize("method", ["adapter", "multitask_prompt", "prompt", "lora", "ia3"])
+def test_the_demo_recipe_takes_every_adapter_sft_method_with_every_later_stage_on(method: str) -> None:
+    """Bottleneck adapters are bundled with their base for DPO, the reward model, RL and distillation (not merged);
+    prompt-learning adapters are continued by DPO and RL; so switching only sft.method keeps every stage."""
     data = load_recipe(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").to_dict()
     data["sft"]["method"] = method
     switched = build(Recipe, data)

@@ -51,8 +51,9 @@ def kl_to_reference(model: Any, prompt_ids_list: Sequence[Sequence[int]], comple
                     reference: Optional[Any] = None, pad_id: int = 0, batch_size: int = 16) -> float:
     """Mean over completion tokens of KL(policy(.|prefix) || reference(.|prefix)), exact over the vocabulary.
 
-    ``reference=None``: the policy with its adapter disabled (``model.disable_adapter()``); a model without an
-    adapter is then its own reference (KL 0). Completions that are empty count no tokens.
+    ``reference=None``: the policy with its adapter disabled (``model.disable_adapter()``), or its frozen ``ref``
+    copy when it continues an adapter; a model without an adapter is then its own reference (KL 0). Completions
+    that are empty count no tokens.
     """
     import torch
 
@@ -65,6 +66,7 @@ def kl_to_reference(model: Any, prompt_ids_list: Sequence[Sequence[int]], comple
     model.eval()
 
     from tuneline.evaluate.report import virtual_tokens_sliced
+    from tuneline.train.common import reference_context
 
     def logprobs(m: Any, ids: Any, mask: Any, context: Any) -> Any:
         with context:  # a prompt-learning policy's logits start with its virtual tokens': cut off
@@ -86,7 +88,7 @@ def kl_to_reference(model: Any, prompt_ids_list: Sequence[Sequence[int]], comple
             ids, mask, keep = ids.to(device), mask.to(device), keep.to(device)
             policy = logprobs(model, ids, mask, contextlib.nullcontext())
             if reference is None:
-                ref = logprobs(model, ids, mask, model.disable_adapter())
+                ref = logprobs(model, ids, mask, reference_context(model))
             else:
                 ref = logprobs(reference, ids, mask, contextlib.nullcontext())
             per_position = (policy.exp() * (policy - ref)).sum(-1)

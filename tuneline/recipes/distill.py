@@ -1,7 +1,8 @@
 """Distillation out of process: ``python -m tuneline.recipes.distill --spec SPEC.json``
 (a :class:`~tuneline.specs.DistillSpec`).
 
-The teacher (full weights, e.g. the DPO stage's merged model) and the splits are read from their URIs.
+The teacher (full weights, e.g. the DPO stage's merged model, or a prompt-learning adapter run on its base) and
+the splits are read from their URIs.
 The teacher's outputs are cached under ``cache_uri``, so a retry reuses them (``teacher_cache_hit``). Under
 Dagster Pipes every log streams as ``pipes.log.info`` and the run ends with ``report_asset_materialization``;
 with ``mlflow`` set, per-step metrics go to that run. ``<out_uri>/result.json`` holds the
@@ -22,12 +23,17 @@ def run(spec: DistillSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
     from tuneline.models.loading import local_model_dir
     from tuneline.models.provision import model_ref
+    from tuneline.params import PROMPT_LEARNING
     from tuneline.records import read_records
     from tuneline.train.distill import STUDENT_SUBDIR, TOP_K, distill_student
+    from tuneline.train.methods import read_method_file
 
-    if spec.teacher.kind != "full":
-        raise ValueError(f"distillation needs a full-weights teacher; {spec.teacher.stage} gave an adapter "
-                         "(set the DPO stage to merge its adapter)")
+    teacher_base = None
+    if spec.teacher.kind != "full":  # a prompt-learning adapter runs with its base; others must be merged first
+        teacher_base = local_model_dir(spec.teacher.base)
+        if read_method_file(local_model_dir(spec.teacher)).get("method") not in PROMPT_LEARNING:
+            raise ValueError(f"distillation needs a full-weights teacher; {spec.teacher.stage} gave an adapter "
+                             "(set the DPO stage to merge its adapter)")
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
     params = spec.params
@@ -37,7 +43,7 @@ def run(spec: DistillSpec, pipes: Any = None) -> Outcome:
     result = distill_student(
         local_model_dir(spec.teacher), train, val, params, work.path, seed=spec.seed,
         max_steps=spec.max_steps, cache_dir=cache.path, on_log=log, top_k=spec.top_k or TOP_K,
-        on_checkpoint=work.sync if work.remote else None,
+        on_checkpoint=work.sync if work.remote else None, teacher_base_dir=teacher_base,
     )
     if not _runner.is_main_process():  # rank 0 alone writes and reports
         return None

@@ -5,8 +5,9 @@ Under Dagster Pipes every TRL log streams as ``pipes.log.info`` and the run ends
 ``report_asset_materialization``; otherwise progress is printed. With ``mlflow`` set, per-step metrics go to
 that run. With ``merge`` (the default) the DPO adapter is also merged onto the merged SFT base
 (``load_dpo_model``), ready to be the distillation teacher and the gate's candidate: the outcome's model is
-then that full-weights directory, else the DPO adapter on the merged SFT base. Any error exits non-zero with
-the traceback on stderr.
+then that full-weights directory, else the DPO adapter on the merged SFT base. After prompt learning the
+outcome is the continued prompt adapter on the SFT's own base (virtual tokens: nothing to merge). Any error exits
+non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     from tuneline.models.loading import local_model_dir
     from tuneline.models.provision import model_ref
     from tuneline.records import read_records
-    from tuneline.train.dpo import ADAPTER_SUBDIR, MERGED_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
+    from tuneline.train.dpo import (
+        ADAPTER_SUBDIR,
+        MERGED_SUBDIR,
+        MODEL_SUBDIR,
+        load_dpo_model,
+        train_dpo,
+    )
 
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
@@ -48,13 +55,15 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     run_id = spec.mlflow.run_id if spec.mlflow else None
     stage = spec.asset_key or "dpo_adapter"
     merged_base = Path(result.merged_base_dir)
-    if merged_base == sft_dir:
+    if result.continued_adapter:  # the prompt adapter trained on sits on the SFT adapter's base
+        base_ref = spec.sft.base
+    elif merged_base == sft_dir:
         base_ref = spec.sft
     else:
         work.sync(MERGED_SUBDIR)
         base_ref = model_ref(merged_base, work.uri_of(MERGED_SUBDIR), method=f"{spec.sft.method}-merged",
                              stage=stage, mlflow_run_id=run_id)
-    if spec.merge:
+    if spec.merge and not result.continued_adapter:
         merged = load_dpo_model(work.path)
         work.sync(MODEL_SUBDIR)
         model = model_ref(merged, work.uri_of(MODEL_SUBDIR), method="dpo", stage=stage, mlflow_run_id=run_id)
@@ -69,6 +78,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
         "train_pairs": result.train_pairs, "val_pairs": result.val_pairs,
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
+        "continued_adapter": result.continued_adapter,
         "trained_in_4bit": bool((result.merge or {}).get("quantization")),  # QLoRA SFT: DPO on the 4-bit merge
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
         **{f"{k}_before": before[k] for k in PAIR_METRICS},

@@ -37,7 +37,10 @@ def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
         if spec.sft is None:
             raise ValueError("reward.base: sft but the spec names no SFT model")
         base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else None
-        sft_dir, _ = merged_sft_base(local_model_dir(spec.sft), base_dir, spec.sft.method, work.path)
+        sft_dir, merged = merged_sft_base(local_model_dir(spec.sft), base_dir, spec.sft.method, work.path)
+        if (merged or {}).get("prompt_learning"):
+            log.emit(f"reward: the SFT model is a {spec.sft.method} adapter (virtual tokens, no weights): the reward "
+                     "model starts from the weights it shares with its base")
     log.emit(f"reward: base={params.base} method={params.method} lr={params.learning_rate} train={len(train)} "
              f"val={len(val)} test={len(test)}")
     result = train_reward_model(sft_dir, train, val, params, work.path, seed=spec.seed, max_steps=spec.max_steps,

@@ -5,9 +5,9 @@ their URIs. ``spec.algorithm`` (rloo or grpo) picks TRL's trainer; the reward mo
 :class:`~tuneline.train.reward.RewardScorer`, is its reward function; the KL reference is the SFT model (the fresh
 policy adapter disabled). TRL logs (loss, reward, kl, completion length) stream to Pipes (or stdout) and MLflow.
 The outcome's model is the policy adapter merged onto the SFT base (full weights: the gate's candidate when
-``alignment.method`` is rloo/grpo); its figures are the held-out mean reward, KL to the reference and generated
-tokens/s before and after. A rerun of the same spec resumes from the last complete checkpoint. Any error exits
-non-zero with the traceback on stderr.
+``alignment.method`` is rloo/grpo; after prompt learning, the continued prompt adapter on the SFT's base); its
+figures are the held-out mean reward, KL to the reference and generated tokens/s before and after. A rerun of
+the same spec resumes from the last complete checkpoint. Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     from tuneline.models.provision import model_ref
     from tuneline.records import read_records
     from tuneline.train.reward import RewardScorer
-    from tuneline.train.rl import MODEL_SUBDIR, load_rl_model, train_rl
+    from tuneline.train.rl import ADAPTER_SUBDIR, MODEL_SUBDIR, load_rl_model, train_rl
 
     log = _runner.StepLogger(pipes, spec.mlflow)
     params = spec.params
@@ -41,13 +41,20 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     result = train_rl(spec.algorithm, sft_dir, base_dir, spec.sft.method, train, val, scorer, params, work.path,
                       seed=spec.seed, max_steps=spec.max_steps, on_log=log,
                       on_checkpoint=work.sync if work.remote else None, gradient_checkpointing=spec.compute.trainer_checkpointing())
-    merged = load_rl_model(work.path)
-    work.sync(MODEL_SUBDIR)
-    model = model_ref(merged, work.uri_of(MODEL_SUBDIR), method=spec.algorithm, stage=spec.asset_key or "rl_policy",
-                      mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None)
+    stage, run_id = spec.asset_key or "rl_policy", spec.mlflow.run_id if spec.mlflow else None
+    if result.continued_adapter:  # prompt learning: the policy's virtual tokens on the SFT adapter's base
+        work.sync(ADAPTER_SUBDIR)
+        model = model_ref(result.output_dir, work.uri_of(ADAPTER_SUBDIR), method=spec.algorithm, stage=stage,
+                          base=spec.sft.base, mlflow_run_id=run_id)
+    else:
+        merged = load_rl_model(work.path)
+        work.sync(MODEL_SUBDIR)
+        model = model_ref(merged, work.uri_of(MODEL_SUBDIR), method=spec.algorithm, stage=stage,
+                          mlflow_run_id=run_id)
     before, after = result.before, result.after
     metrics = {
-        "algorithm": spec.algorithm, "steps": result.steps, "seconds": result.seconds, "beta": params.beta,
+        "algorithm": spec.algorithm, "continued_adapter": result.continued_adapter, "steps": result.steps,
+        "seconds": result.seconds, "beta": params.beta,
         "num_generations": params.num_generations, "max_completion_length": params.max_completion_length,
         "train_prompts": result.train_prompts, "eval_prompts": result.eval_prompts,
         "dropped_long_prompts": result.dropped_long_prompts, "trainable_params": result.trainable_params,

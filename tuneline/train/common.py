@@ -300,3 +300,61 @@ def fresh_lora_config(lora: Any, task_type: str, model: Any) -> Any:
                            lora_dropout=lora.dropout, bias="none",
                            target_modules="all-linear" if targets == ("all-linear",) else list(targets),
                            **({"exclude_modules": exclude} if exclude else {}))
+
+
+# ---------------------------------------------------------------------------
+# prompt learning: later stages continue the SFT's virtual tokens
+
+REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of an adapter it continues training
+CONTINUED_REFERENCE = "the SFT prompt adapter's frozen copy on the same base (ref_model=None)"
+
+
+def continued_prompt_adapter(base_model_path: Any, adapter_dir: Any, *, gradient_checkpointing: bool = False) -> Any:
+    """A prompt-learning SFT adapter (prefix, prompt, ptuning, multitask_prompt) on its base with its virtual tokens
+    trainable again, for DPO and RL to continue: virtual tokens are no weights, so there is nothing to merge and
+    nothing for a fresh LoRA to start from. PEFT loads a prompt adapter frozen and refuses ``is_trainable``
+    (P-tuning is saved as the prompt its encoder computed, not the encoder), so the saved prompt itself is made
+    trainable. TRL's DPO/RLOO/GRPO trainers, given this model and no ``peft_config``, add a copy named
+    :data:`REFERENCE_ADAPTER` as the reference (the SFT prompt, frozen by :func:`freeze_reference_adapter`);
+    a multitask prompt gets its target task id on every forward and generate."""
+    from peft import PeftModel
+
+    from tuneline.params import PROMPT_LEARNING
+    from tuneline.train.methods import bind_task_ids, load_base, read_method_file
+
+    meta = read_method_file(adapter_dir)
+    if meta.get("method") not in PROMPT_LEARNING:
+        raise ValueError(f"{adapter_dir} holds a {meta.get('method')!r} adapter, not prompt learning "
+                         f"({', '.join(PROMPT_LEARNING)})")
+    if meta["method"] == "prefix" and gradient_checkpointing:
+        raise ValueError("prefix tuning cannot continue with gradient checkpointing (the recomputed attention "
+                         "loses the prefix's key/value length); set compute.gradient_checkpointing: false")
+    vocab = (meta.get("added_tokens") or {}).get("vocab_size")
+    model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab), adapter_dir)
+    for name, param in model.named_parameters():
+        if ".default." in name and "prompt_encoder" in name:
+            param.requires_grad_(True)
+    if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
+        bind_task_ids(model, 0)  # the target stage's one task
+    return model
+
+
+def freeze_reference_adapter(model: Any) -> None:
+    """Freeze the reference copy TRL added beside a continued adapter (it copies ``requires_grad`` too); raises
+    when there is none, since the reference would otherwise be the base without the SFT prompt."""
+    if REFERENCE_ADAPTER not in (getattr(model, "peft_config", None) or {}):
+        raise RuntimeError("TRL added no frozen reference copy of the continued adapter; the reference would be "
+                           "the base model without the SFT prompt")
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+
+
+def reference_context(model: Any) -> Any:
+    """The context in which ``model`` computes its reference: the frozen copy of a continued adapter, or the model
+    with its adapter disabled."""
+    if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
+        from trl.trainer.utils import use_adapter
+
+        return use_adapter(model, REFERENCE_ADAPTER)
+    return model.disable_adapter()

@@ -223,6 +223,7 @@ def teacher_outputs(
     if file.is_file():
         return load_file(str(file)), True
 
+    from tuneline.evaluate.report import virtual_tokens_sliced
     from tuneline.train.common import PadCollator
 
     collate = PadCollator(pad_token_id=pad_token_id)
@@ -233,7 +234,8 @@ def teacher_outputs(
         for start in range(0, len(features), batch_size):
             chunk = features[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = virtual_tokens_sliced(logits, batch["input_ids"]).float()  # a prompt teacher's cut off
             for row, feat in enumerate(chunk):
                 pos = torch.as_tensor(_completion_positions(feat["labels"]), dtype=torch.long, device=device)
                 lp = torch.log_softmax(logits[row, pos] / temperature, dim=-1)
@@ -382,16 +384,23 @@ def distill_student(
     on_log: Optional[OnLog] = None,
     top_k: int = TOP_K,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
+    teacher_base_dir: Optional[str | Path] = None,
 ) -> DistillResult:
     """Distill the teacher at ``teacher_dir`` (a full model + tokenizer) into a smaller student saved in
-    ``out_dir/student``. ``records``/``val_records`` are SFT chat records (``ChatRecord`` or dicts); the loss
-    covers the assistant tokens. ``max_steps`` caps the run on top of ``params.max_steps``. Checkpoints every
-    ``params.save_steps`` steps are marked complete (then ``on_checkpoint(folder)``); a rerun resumes from the
-    last complete one."""
+    ``out_dir/student``. A prompt-learning teacher (``teacher_dir`` its adapter, ``teacher_base_dir`` its base)
+    runs with its virtual tokens, and the student, built from the base's blocks, learns to answer without them.
+    ``records``/``val_records`` are SFT chat records (``ChatRecord`` or dicts); the loss covers the assistant
+    tokens. ``max_steps`` caps the run on top of ``params.max_steps``. Checkpoints every ``params.save_steps``
+    steps are marked complete (then ``on_checkpoint(folder)``); a rerun resumes from the last complete one."""
     import torch
     from transformers import TrainingArguments
 
-    from tuneline.models.loading import load_causal_lm, load_tokenizer, place_for_inference, resolve_bf16
+    from tuneline.models.loading import (
+        load_causal_lm,
+        load_tokenizer,
+        place_for_inference,
+        resolve_bf16,
+    )
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
@@ -405,8 +414,14 @@ def distill_student(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_causal_lm(teacher_dir)  # fp32 on the CPU: the student copies its blocks from these weights
-    student, kept = build_student(teacher, params, seed=seed)
+    if teacher_base_dir is None:
+        teacher = load_causal_lm(teacher_dir)  # fp32 on the CPU: the student copies its blocks from these weights
+        student, kept = build_student(teacher, params, seed=seed)
+    else:
+        from tuneline.train.sft import load_trained
+
+        teacher, _ = load_trained(teacher_base_dir, teacher_dir)
+        student, kept = build_student(teacher.get_base_model(), params, seed=seed)
     _, teacher_total = count_params(teacher)
     teacher = place_for_inference(teacher, "auto")  # the one teacher pass: on the GPU in bf16 where there is one
     teacher_dtype = str(next(teacher.parameters()).dtype).replace("torch.", "")
@@ -420,6 +435,8 @@ def distill_student(
                          f"(got {len(train_features)} train, {len(val_features)} val after tokenizing)")
 
     t_sha, tok_sha = weights_sha(teacher_dir), tokenizer_sha(teacher_dir)
+    if teacher_base_dir is not None:  # the teacher is its prompt and its base together
+        t_sha = sha256_text(canonical_json({"adapter": t_sha, "base": weights_sha(teacher_base_dir)}))
     caches, hits, cache_paths = {}, [], {}
     with distributed.main_process_first():  # rank 0 runs the teacher; the other ranks read its cache
         for split, recs, feats in (("train", records, train_features), ("val", val_records, val_features)):

@@ -6,16 +6,20 @@ Reads top to bottom:
    ``out_dir/merged`` (``merge_adapter``); a full or freeze SFT model is already full weights and is used
    as it is. Bottleneck adapters (``adapter``) cannot be merged: the base and the adapters are bundled in
    ``out_dir/merged`` and load together, and the fresh LoRA below leaves the adapters and the projections they
-   follow alone. Prompt-learning SFT adapters (prefix, prompt, ptuning) have no weights to merge: not supported.
+   follow alone. Prompt-learning SFT adapters (prefix, prompt, ptuning, multitask_prompt) have no weights to
+   merge: their model's weights are the base's, and DPO continues their virtual tokens instead (2).
 2. **Fresh adapter.** TRL's ``DPOTrainer`` gets that model, ``ref_model=None`` and a new ``LoraConfig``:
    it wraps the model in a fresh LoRA adapter (B = 0, so the policy starts equal to the reference) and
-   computes the reference log-probs with the adapter disabled. One set of full weights in memory.
+   computes the reference log-probs with the adapter disabled. One set of full weights in memory. After prompt
+   learning, TRL gets the SFT prompt adapter itself, trainable (``continued_prompt_adapter``), and keeps a
+   frozen copy of it (adapter ``ref``) as the reference: the policy starts equal to the SFT model.
 3. **Measured before and after** on held-out pairs: implicit reward ``beta * (logp_policy - logp_ref)``
    summed over the response tokens; reward accuracy (chosen reward > rejected reward), mean margin and the
    policy's raw log-prob preference accuracy. Before training the policy *is* the reference, so margins
    are 0 and the log-prob accuracy is the SFT model's own.
 4. **Saved**: the DPO adapter in ``out_dir/adapter`` (+ tokenizer); :func:`load_dpo_model` merges it onto
-   the merged SFT base for use as a teacher or evaluation candidate.
+   the merged SFT base for use as a teacher or evaluation candidate (a continued prompt adapter stays an
+   adapter on the SFT's base).
 
 TRL's config defaults are set on purpose here: gradient checkpointing off, bf16 from ``resolve_bf16``,
 lr and beta from ``DpoParams``, no reporting integrations. Heavy libraries are imported inside functions.
@@ -31,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tuneline.params import DpoParams
-from tuneline.train.common import TrainedStats
+from tuneline.params import PROMPT_LEARNING, DpoParams
+from tuneline.train.common import CONTINUED_REFERENCE, TrainedStats
 
 MERGEABLE_METHODS = ("lora", "qlora", "adalora", "ia3")
 FULL_WEIGHT_METHODS = ("full", "freeze")
@@ -73,6 +77,7 @@ class DpoResult(TrainedStats):
     train_pairs: int = 0
     val_pairs: int = 0
     merge: Optional[dict[str, Any]] = None  # merge_adapter's report (None when the SFT model was full weights)
+    continued_adapter: bool = False  # prompt learning: the SFT's virtual tokens trained on, on the SFT's base
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +160,9 @@ def _sequence_logps(model: Any, seqs: list[list[int]], masks: list[list[int]], p
         resp[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     device = next(model.parameters()).device
     ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    from tuneline.evaluate.report import virtual_tokens_sliced
+
+    logits = virtual_tokens_sliced(model(input_ids=ids, attention_mask=attn).logits, ids)[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (logp * resp[:, 1:]).sum(-1).tolist()
 
@@ -172,8 +179,9 @@ def evaluate_preferences(
 ) -> PreferenceMetrics:
     """Reward accuracy, mean reward margin and log-prob accuracy of ``model`` against a reference.
 
-    ``ref="adapter-disabled"`` (default): the reference is ``model`` with its PEFT adapter disabled (a model
-    without an adapter is its own reference, so every margin is 0). Or pass a reference model.
+    ``ref="adapter-disabled"`` (default): the reference is ``model`` with its PEFT adapter disabled, or its frozen
+    ``ref`` copy when it continues an adapter (a model without an adapter is its own reference, so every margin
+    is 0). Or pass a reference model.
     Implicit reward = ``beta * (logp_policy - logp_ref)`` of the response tokens (eos included).
     """
     import contextlib
@@ -204,7 +212,9 @@ def evaluate_preferences(
         if ref != "adapter-disabled":
             raise ValueError(f"ref must be a model or 'adapter-disabled', got {ref!r}")
         if hasattr(model, "disable_adapter"):
-            ref_c, ref_r = logps(model, model.disable_adapter())
+            from tuneline.train.common import reference_context
+
+            ref_c, ref_r = logps(model, reference_context(model))
         else:
             ref_c, ref_r = pol_c, pol_r
     else:
@@ -245,16 +255,16 @@ def merged_sft_base(
     from tuneline.train.sft import merge_adapter
 
     sft_model_dir = Path(sft_model_dir)
+    if sft_method in PROMPT_LEARNING:  # virtual tokens: the SFT model's weights are its base's
+        return Path(base_model_path), {"output_dir": str(base_model_path), "method": sft_method,
+                                       "prompt_learning": True, "quantization": None}
     if sft_method in FULL_WEIGHT_METHODS:
         if (sft_model_dir / "adapter_config.json").is_file():
             raise ValueError(f"sft_method={sft_method!r} but {sft_model_dir} holds an adapter")
         return sft_model_dir, None
     if sft_method not in MERGEABLE_METHODS + (BOTTLENECK_METHOD,):
-        raise ValueError(
-            f"DPO after a {sft_method!r} SFT adapter is not supported: its virtual tokens are not weights that "
-            f"can be merged into a base for a fresh DPO adapter (use one of "
-            f"{', '.join(MERGEABLE_METHODS + (BOTTLENECK_METHOD,) + FULL_WEIGHT_METHODS)})"
-        )
+        known = MERGEABLE_METHODS + (BOTTLENECK_METHOD,) + FULL_WEIGHT_METHODS + PROMPT_LEARNING
+        raise ValueError(f"unknown sft_method {sft_method!r}: expected one of {', '.join(known)}")
     merged = Path(out_dir) / MERGED_SUBDIR
     marker = merged / MERGE_MARKER
     if marker.is_file():
@@ -285,19 +295,30 @@ def build_dpo_trainer(
     callbacks: Sequence[Any] = (),
     gradient_checkpointing: bool = False,
     quantization: Optional[dict[str, Any]] = None,
+    continue_adapter: Optional[str | Path] = None,
 ) -> Any:
     """TRL's ``DPOTrainer`` on the merged SFT model with a fresh LoRA adapter and ``ref_model=None``; with
     ``quantization`` (a QLoRA SFT model) the merged model is loaded in 4-bit as QLoRA trained, so neither the
-    policy nor the reference is ever a full-precision copy in memory."""
+    policy nor the reference is ever a full-precision copy in memory. With ``continue_adapter`` (a
+    prompt-learning SFT adapter on ``merged_base_dir``, its base) that adapter is trained on, against its frozen
+    copy."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from tuneline.models.loading import load_causal_lm, load_tokenizer
-    from tuneline.train.common import checkpointed_run_args, fresh_lora_config
+    from tuneline.train.common import (
+        checkpointed_run_args,
+        continued_prompt_adapter,
+        freeze_reference_adapter,
+        fresh_lora_config,
+    )
     from tuneline.train.distributed import ddp_backend
 
-    tokenizer = load_tokenizer(merged_base_dir)
-    if quantization:
+    tokenizer = load_tokenizer(continue_adapter or merged_base_dir)
+    if continue_adapter is not None:
+        model = continued_prompt_adapter(merged_base_dir, continue_adapter,
+                                         gradient_checkpointing=gradient_checkpointing)
+    elif quantization:
         from peft import prepare_model_for_kbit_training
 
         from tuneline.train.methods import load_base
@@ -331,11 +352,13 @@ def build_dpo_trainer(
         args=config,
         train_dataset=Dataset.from_list(to_conversational(train_pairs)),
         processing_class=tokenizer,
-        peft_config=fresh_lora_config(params.lora, "CAUSAL_LM", model),
+        peft_config=None if continue_adapter is not None else fresh_lora_config(params.lora, "CAUSAL_LM", model),
         callbacks=list(callbacks),
     )
     if trainer.ref_model is not None:  # a TRL change that would silently double memory
         raise RuntimeError("DPOTrainer built a separate reference model; expected the adapter-disabled base")
+    if continue_adapter is not None:
+        freeze_reference_adapter(trainer.model)
     return trainer
 
 
@@ -382,7 +405,7 @@ def train_dpo(
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
     from tuneline.train.common import loss_curve
-    from tuneline.train.methods import count_params, write_method_file
+    from tuneline.train.methods import count_params, read_method_file, write_method_file
 
     distributed.check_world(params.num_processes, "tuneline.recipes.dpo")
     started = time.perf_counter()
@@ -393,12 +416,14 @@ def train_dpo(
 
     with distributed.main_process_first():  # rank 0 merges; the others find its marker and reuse the merge
         merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+    continued = sft_method in PROMPT_LEARNING
 
     checkpoints = out / "checkpoints"
     resume = ck.last_valid_checkpoint(checkpoints)
     trainer = build_dpo_trainer(
         merged_dir, train_pairs, params, checkpoints, seed=seed, max_steps=max_steps,
         gradient_checkpointing=gradient_checkpointing, quantization=(merge_info or {}).get("quantization"),
+        continue_adapter=sft_model_dir if continued else None,
         callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []), cb.CompleteCheckpointCallback(on_checkpoint)],
     )
     model, tokenizer = trainer.model, trainer.processing_class
@@ -416,17 +441,21 @@ def train_dpo(
 
     adapter_dir = out / ADAPTER_SUBDIR
     if distributed.is_main_process():
-        trainer.model.save_pretrained(adapter_dir)
+        trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])  # not TRL's reference copy
         tokenizer.save_pretrained(adapter_dir)
         quantization = (merge_info or {}).get("quantization")  # trained on the 4-bit merged SFT model
-        write_method_file(adapter_dir, {"method": "qlora", "quantization": quantization} if quantization
-                          else {"method": "lora"}, merged_dir)
+        if continued:  # the SFT's method, task families and tokens: it loads and serves like the SFT adapter
+            info = read_method_file(sft_model_dir)
+        else:
+            info = {"method": "qlora", "quantization": quantization} if quantization else {"method": "lora"}
+        write_method_file(adapter_dir, info, merged_dir)
 
     result = DpoResult(
         output_dir=str(adapter_dir),
         merged_base_dir=str(merged_dir),
         sft_method=sft_method,
-        reference="merged SFT model with the DPO adapter disabled (ref_model=None)",
+        reference=(CONTINUED_REFERENCE if continued
+                   else "merged SFT model with the DPO adapter disabled (ref_model=None)"),
         ref_model_is_none=ref_model_is_none,
         fresh_adapter=fresh,
         before=dataclasses.asdict(before),
@@ -442,6 +471,7 @@ def train_dpo(
         bf16=resolve_bf16(params.bf16),
         merge=merge_info,
         params=dataclasses.asdict(params),
+        continued_adapter=continued,
     )
     if distributed.is_main_process():
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

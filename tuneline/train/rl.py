@@ -10,14 +10,16 @@ GRPO the group's mean (scaled by its std). Reads top to bottom:
    full weights as they are).
 2. **Fresh adapter.** The trainer gets that model and a new ``LoraConfig``: TRL wraps it in a LoRA adapter
    (B = 0, so the policy starts equal to the reference) and computes the reference log-probs with the adapter
-   disabled. One set of full weights; no critic; the reward model is a frozen scorer.
+   disabled. One set of full weights; no critic; the reward model is a frozen scorer. After prompt learning
+   the policy is the SFT prompt adapter itself, trained on, and the reference its frozen copy (as in DPO).
 3. **Rollouts.** For each prompt ``num_generations`` completions are sampled (``temperature``, at most
    ``max_completion_length`` new tokens) and scored by the reward function (:class:`~tuneline.train.reward.RewardScorer`
    or any callable with TRL's signature). The KL to the reference (coefficient ``beta``) is subtracted from the
    reward (RLOO, sequence level) or added to the loss (GRPO, per token).
 4. **Measured** before and after on held-out prompts: the mean reward of greedy completions, the exact KL to the
    reference along them, and generated tokens/s (:mod:`tuneline.evaluate.policy`).
-5. **Saved**: the adapter in ``out_dir/adapter``; merged onto the SFT base in ``out_dir/model`` (the candidate).
+5. **Saved**: the adapter in ``out_dir/adapter``; merged onto the SFT base in ``out_dir/model`` (the candidate;
+   a continued prompt adapter stays an adapter on the SFT's base).
 
 Every TRL default that matters is set here on purpose: bf16 from ``resolve_bf16`` (TRL's True fails on a CPU
 without bf16), gradient checkpointing off, ``num_generations``, ``max_completion_length``, ``beta`` (GRPO's default
@@ -84,18 +86,29 @@ def build_rl_trainer(
     max_steps: Optional[int] = None,
     callbacks: Sequence[Any] = (),
     gradient_checkpointing: bool = False,
+    continue_adapter: Optional[str | Path] = None,
 ) -> Any:
     """TRL's ``RLOOTrainer``/``GRPOTrainer`` on the merged SFT model with a fresh LoRA adapter (the reference is
-    that adapter disabled: ``ref_model`` is None)."""
+    that adapter disabled: ``ref_model`` is None); with ``continue_adapter`` (a prompt-learning SFT adapter on
+    ``merged_base_dir``) that adapter is trained on, against its frozen copy."""
     from datasets import Dataset
 
     from tuneline.models.loading import load_causal_lm, load_tokenizer
-    from tuneline.train.common import checkpointed_run_args, fresh_lora_config
+    from tuneline.train.common import (
+        checkpointed_run_args,
+        continued_prompt_adapter,
+        freeze_reference_adapter,
+        fresh_lora_config,
+    )
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
-    tokenizer = load_tokenizer(merged_base_dir)
-    model = load_causal_lm(merged_base_dir)
+    tokenizer = load_tokenizer(continue_adapter or merged_base_dir)
+    if continue_adapter is not None:
+        model = continued_prompt_adapter(merged_base_dir, continue_adapter,
+                                         gradient_checkpointing=gradient_checkpointing)
+    else:
+        model = load_causal_lm(merged_base_dir)
     steps = min(s for s in (params.max_steps, max_steps) if s is not None)
     common = dict(
         output_dir=str(checkpoints_dir),
@@ -133,12 +146,14 @@ def build_rl_trainer(
         args=config,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=tokenizer,
-        peft_config=fresh_lora_config(params.lora, "CAUSAL_LM", model),
+        peft_config=None if continue_adapter is not None else fresh_lora_config(params.lora, "CAUSAL_LM", model),
         callbacks=list(callbacks),
     )
     if trainer.ref_model is not None:  # a TRL change that would silently hold a second full copy
         raise RuntimeError(f"{trainer_class.__name__} built a separate reference model; expected the adapter-disabled "
                            "base")
+    if continue_adapter is not None:
+        freeze_reference_adapter(trainer.model)
     return trainer
 
 
@@ -156,6 +171,7 @@ class RlResult(TrainedStats):
     dropped_long_prompts: int = 0
     reference: str = "merged SFT model with the policy adapter disabled (ref_model=None)"
     baseline: str = ""
+    continued_adapter: bool = False  # prompt learning: the SFT's virtual tokens trained on, on the SFT's base
 
 
 _CURVE_KEYS = {"loss": "loss", "reward": "reward", "kl": "kl", "reward_std": "reward_std",
@@ -197,22 +213,24 @@ def train_rl(
     function signature), KL-tied (``params.beta``) to the SFT model; figures on ``val_records``' prompts before
     and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one."""
     from tuneline.models.loading import resolve_bf16
+    from tuneline.params import PROMPT_LEARNING
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
-    from tuneline.train.common import loss_curve
+    from tuneline.train.common import CONTINUED_REFERENCE, loss_curve
     from tuneline.train.dpo import merged_sft_base
-    from tuneline.train.methods import count_params, write_method_file
+    from tuneline.train.methods import count_params, read_method_file, write_method_file
 
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged_dir, _ = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+    continued = sft_method in PROMPT_LEARNING
 
     checkpoints = out / "checkpoints"
     resume = ck.last_valid_checkpoint(checkpoints)
     from tuneline.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(merged_dir)
+    tokenizer = load_tokenizer(sft_model_dir if continued else merged_dir)
     all_train = prompts_of(train_records)
     train_prompts = fitting_prompts(tokenizer, all_train, params.max_prompt_length)
     eval_prompts = fitting_prompts(tokenizer, prompts_of(val_records), params.max_prompt_length)[:params.eval_prompts]
@@ -221,6 +239,7 @@ def train_rl(
                          f"and {len(eval_prompts)} held-out fit (raise rl.max_prompt_length)")
     trainer = build_rl_trainer(algorithm, merged_dir, train_prompts, reward_fn, params, checkpoints, seed=seed,
                                max_steps=max_steps, gradient_checkpointing=gradient_checkpointing,
+                               continue_adapter=sft_model_dir if continued else None,
                                callbacks=[*([cb.MetricsCallback(on_log)] if on_log else []),
                                               cb.CompleteCheckpointCallback(on_checkpoint)])
     model = trainer.model
@@ -234,16 +253,17 @@ def train_rl(
     after = measure(trainer.model, tokenizer, eval_prompts, reward_fn, params.max_completion_length)
 
     adapter_dir = out / ADAPTER_SUBDIR
-    trainer.model.save_pretrained(adapter_dir)
+    trainer.model.save_pretrained(adapter_dir, selected_adapters=["default"])  # not TRL's reference copy
     tokenizer.save_pretrained(adapter_dir)
-    write_method_file(adapter_dir, {"method": "lora"}, merged_dir)
+    write_method_file(adapter_dir, read_method_file(sft_model_dir) if continued else {"method": "lora"}, merged_dir)
     result = RlResult(
         algorithm=algorithm, output_dir=str(adapter_dir), merged_base_dir=str(merged_dir), before=before,
         after=after, losses=curve, steps=int(output.global_step), seconds=round(time.perf_counter() - started, 3),
         train_prompts=len(train_prompts), eval_prompts=len(eval_prompts),
         dropped_long_prompts=len(all_train) - len(train_prompts), trainable_params=int(trainable),
         total_params=int(total), bf16=resolve_bf16(params.bf16), baseline=BASELINES[algorithm],
-        params=dataclasses.asdict(params),
+        params=dataclasses.asdict(params), continued_adapter=continued,
+        reference=CONTINUED_REFERENCE if continued else RlResult.reference,
     )
     (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
