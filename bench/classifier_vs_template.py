@@ -9,6 +9,8 @@ on train subsets of k examples per class (seeded) and on the whole train split, 
   early stopping on validation macro-F1) for each ``--strategies`` entry;
 * ``template/<k>-shot``: the prompt-template arm on the offline tiny causal LM (built and pretrained here on the
   recipe's corpus, ``--lm-steps`` steps), label names scored by log-likelihood, on ``--template-examples`` rows;
+* ``template/tuned``: that LM instruction-tuned on the template (``train_sft``, ``--tune-steps`` steps on the train
+  split's zero-shot prompts with the label names as answers), scored the same way;
 * ``ensemble``: short/mid/long members (the recipe's ``ensemble_max_lengths``) at the largest size.
 
 Each dataset gets an equal share of ``--budget-min``; runs past it are skipped (and recorded as skipped), so the
@@ -73,8 +75,8 @@ def per_class_subset(train: Any, k: Optional[int], seed: int) -> Any:
     return train.subset(sorted(chosen))
 
 
-def tiny_lm(work: Path, corpus: list[str], steps: int) -> tuple[Any, Any]:
-    """The offline tiny causal LM the template arm scores with (built once, reused)."""
+def tiny_lm(work: Path, corpus: list[str], steps: int) -> tuple[Any, Any, Path]:
+    """The offline tiny causal LM the template arm scores with (built once, reused), and its directory."""
     from tuneline.models.loading import load_causal_lm, load_tokenizer
     from tuneline.models.provision import provision_base_model
     from tuneline.params import ModelParams, PretrainParams
@@ -83,7 +85,25 @@ def tiny_lm(work: Path, corpus: list[str], steps: int) -> tuple[Any, Any]:
     if not (out / "config.json").is_file():
         provision_base_model(ModelParams(build="tiny"), PretrainParams(steps=steps, batch_size=16, seq_len=128),
                              corpus, out, seed=0)
-    return load_causal_lm(out), load_tokenizer(out)
+    return load_causal_lm(out), load_tokenizer(out), out
+
+
+def tuned_lm(lm_dir: Path, train: Any, val: Any, labels: Any, params: Any, out: Path, steps: int, seed: int) -> Any:
+    """The instruction-tuned variant: the tiny LM fine-tuned (full, the existing SFT stage's ``train_sft``) on the
+    train split's zero-shot prompts with the label names as answers; (model, tokenizer)."""
+    from tuneline.classify.template import template_records
+    from tuneline.params import SftParams
+    from tuneline.train.sft import load_trained, train_sft
+
+    def records(examples: Any) -> list[Any]:
+        return template_records(examples, template=params.template.template, labels=labels,
+                                names=params.label_names)
+
+    sft = SftParams(method="full", learning_rate=1e-3, epochs=1000.0, batch_size=16, eval_steps=max(1, steps // 4),
+                    save_steps=max(1, steps // 4), max_length=params.template.max_length, group_by_length=True)
+    result = train_sft(lm_dir, records(train), records(val.subset(range(min(64, len(val))))), sft, out, seed=seed,
+                       max_steps=steps)
+    return load_trained(lm_dir, result.output_dir)
 
 
 def headline(rep: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +121,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--template-examples", type=int, default=150, help="test rows the template arm scores")
     ap.add_argument("--template-shots", default="0,4")
     ap.add_argument("--lm-steps", type=int, default=150, help="pretraining steps of the tiny causal LM")
+    ap.add_argument("--tune-steps", type=int, default=300,
+                    help="SFT steps of the instruction-tuned template variant (0: not run)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--budget-min", type=float, default=25.0, help="skip the remaining runs after this many minutes")
     ap.add_argument("--work", default=str(ROOT / ".tuneline" / "bench_classifier"))
@@ -206,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from tuneline.paths import resolve
 
             corpus = [x for c in recipe.data.corpus for x in texts_from_file(resolve(c))]
-            lm, lm_tok = tiny_lm(work, corpus, args.lm_steps)
+            lm, lm_tok, lm_dir = tiny_lm(work, corpus, args.lm_steps)
             entry["lm_build_seconds"] = round(time.perf_counter() - t, 1)
             few = test.subset(range(min(args.template_examples, len(test))))
             for k in [int(x) for x in args.template_shots.split(",")]:
@@ -219,6 +241,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        names=params.label_names, max_length=params.template.max_length)
                 record(f"template/{k}-shot", None, evaluate_probs(probs, few, labels, name="t", samples=args.bootstrap),
                        n=len(train), seconds=time.perf_counter() - t, test_rows=len(few))
+            if args.tune_steps and left():  # the template's prompts as SFT data, then scored zero-shot
+                t = time.perf_counter()
+                tuned, tuned_tok = tuned_lm(lm_dir, train, val, labels, params, work / name / "template_tuned",
+                                            args.tune_steps, recipe.seed)
+                probs = template_probs(tuned, tuned_tok, few.texts, labels, template=params.template.template,
+                                       names=params.label_names, max_length=params.template.max_length, chat=True)
+                record("template/tuned", None, evaluate_probs(probs, few, labels, name="t", samples=args.bootstrap),
+                       n=len(train), seconds=time.perf_counter() - t, test_rows=len(few), steps=args.tune_steps)
+            elif args.tune_steps:
+                results["skipped"].append(f"{name} template/tuned")
         elif "template" in arms:
             results["skipped"].append(f"{name} template arm")
         for size in ordered[1:]:

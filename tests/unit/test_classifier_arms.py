@@ -61,6 +61,39 @@ def test_few_shot_examples_cover_labels_and_long_prompts_are_cut_from_the_front(
     assert all(s < 0 for s in short)  # ran within 64 positions
 
 
+def test_the_tuned_template_variant_is_scored_on_exactly_the_tokens_sft_trained(lm, tmp_path) -> None:
+    """template_records -> train_sft -> template_probs(chat=True): the label tokens scored after the chat prompt are
+    the assistant tokens the SFT stage trained on, and a few steps move the probabilities towards the labels."""
+    import numpy as np
+
+    from tuneline.classify.template import template_records
+    from tuneline.models.tiny import save_model
+    from tuneline.params import SftParams
+    from tuneline.train.sft import load_trained, train_sft
+
+    model, tokenizer = lm
+    template, names = TemplateArmParams().template, {"p": "good", "n": "boring"}
+    train = Examples(("the plot was great", "a dull movie", "great film", "boring and dull") * 4, ("p", "n") * 8)
+    labels = LabelSet(("n", "p"))
+    records = template_records(train, template=template, labels=labels, names=names)
+    assert records[0].messages[1]["content"] == "good" and "Labels: boring, good" in records[0].messages[0]["content"]
+    chat = tokenizer.apply_chat_template(records[0].messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(records[0].messages[:1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert full[:len(head)] + label_token_ids(tokenizer, ["good"], chat=True)[0] == full[:-1]  # then eos
+
+    base = save_model(model, tokenizer, tmp_path / "lm")
+    before = template_probs(model, tokenizer, train.texts[:4], labels, template=template, names=names, chat=True)
+    params = SftParams(method="full", learning_rate=1e-2, epochs=100.0, batch_size=8, eval_steps=30, save_steps=30,
+                       bf16=False, group_by_length=False)
+    result = train_sft(base, records, records[:4], params, tmp_path / "sft", seed=0, max_steps=60)
+    tuned, tuned_tok = load_trained(base, result.output_dir)
+    after = template_probs(tuned, tuned_tok, train.texts[:4], labels, template=template, names=names, chat=True)
+    right = np.array([labels.names.index(y) for y in train.labels[:4]])
+    assert after[np.arange(4), right].mean() > before[np.arange(4), right].mean() + 0.2, (before, after)
+
+
 def test_ensemble_probabilities_sum_to_one() -> None:
     import numpy as np
 

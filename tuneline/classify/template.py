@@ -47,9 +47,10 @@ def choose_shots(train: Examples, k: int, seed: int, names: Mapping[str, str]) -
     return [{"text": train.texts[i], "label": names.get(train.labels[i], train.labels[i])} for i in chosen]
 
 
-def label_token_ids(tokenizer: Any, names: Sequence[str]) -> list[list[int]]:
-    """Each label name's continuation tokens (`` name``, no special tokens); an empty one is an error."""
-    ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in names]
+def label_token_ids(tokenizer: Any, names: Sequence[str], *, chat: bool = False) -> list[list[int]]:
+    """Each label name's continuation tokens (`` name``, or ``name`` as an assistant turn's start with ``chat``;
+    no special tokens); an empty one is an error."""
+    ids = [tokenizer(("" if chat else " ") + name, add_special_tokens=False)["input_ids"] for name in names]
     empty = [n for n, t in zip(names, ids) if not t]
     if empty:
         raise ValueError(f"label names {empty} tokenize to nothing")
@@ -57,13 +58,13 @@ def label_token_ids(tokenizer: Any, names: Sequence[str]) -> list[list[int]]:
 
 
 def score_labels(model: Any, tokenizer: Any, prompt: str, label_ids: Sequence[Sequence[int]], *,
-                 max_length: int) -> list[float]:
+                 max_length: int, add_special_tokens: bool = True) -> list[float]:
     """Sum of log P(label tokens | prompt) for each label, in order."""
     import copy
 
     import torch
 
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     longest = max(len(t) for t in label_ids)
     keep = max(1, max_length - longest)
     prompt_ids = prompt_ids[-keep:]
@@ -91,18 +92,38 @@ def score_labels(model: Any, tokenizer: Any, prompt: str, label_ids: Sequence[Se
 
 def template_probs(model: Any, tokenizer: Any, texts: Sequence[str], labels: LabelSet, *, template: str,
                    shots: Sequence[Mapping[str, str]] = (), names: Optional[Mapping[str, str]] = None,
-                   max_length: int = 512) -> Any:
-    """(n, K) probabilities in ``labels`` order: softmax over each label name's log-likelihood."""
+                   max_length: int = 512, chat: bool = False) -> Any:
+    """(n, K) probabilities in ``labels`` order: softmax over each label name's log-likelihood. With ``chat`` the
+    rendered prompt is the user turn of the tokenizer's chat template and the label the assistant's answer (the
+    form :func:`template_records` trains the tuned variant on)."""
     import numpy as np
 
     names = dict(names or {})
     shown = [names.get(label, label) for label in labels.names]
-    ids = label_token_ids(tokenizer, shown)
+    ids = label_token_ids(tokenizer, shown, chat=chat)
     model.eval()
     out = np.zeros((len(texts), len(labels)), dtype=np.float64)
     for row, text in enumerate(texts):
-        scores = np.asarray(score_labels(model, tokenizer, render(template, text=text, labels=shown, examples=shots),
-                                         ids, max_length=max_length))
+        prompt = render(template, text=text, labels=shown, examples=shots)
+        if chat:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=False)
+        scores = np.asarray(score_labels(model, tokenizer, prompt, ids, max_length=max_length,
+                                         add_special_tokens=not chat))
         scores -= scores.max()
         out[row] = np.exp(scores) / np.exp(scores).sum()
     return out
+
+
+def template_records(examples: Examples, *, template: str, labels: LabelSet,
+                     names: Optional[Mapping[str, str]] = None) -> list[Any]:
+    """The instruction-tuned variant's SFT data: each example's zero-shot prompt (the recipe's template) as the user
+    turn and its label's name as the assistant's answer; scored back with ``template_probs(..., chat=True)``."""
+    from tuneline.records import ChatRecord
+
+    names = dict(names or {})
+    shown = [names.get(label, label) for label in labels.names]
+    return [ChatRecord(kind="sft", source="template", line=i + 1,
+                       messages=[{"role": "user", "content": render(template, text=text, labels=shown)},
+                                 {"role": "assistant", "content": names.get(label, label)}])
+            for i, (text, label) in enumerate(zip(examples.texts, examples.labels))]
