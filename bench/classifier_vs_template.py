@@ -88,7 +88,8 @@ def tiny_lm(work: Path, corpus: list[str], steps: int) -> tuple[Any, Any, Path]:
     return load_causal_lm(out), load_tokenizer(out), out
 
 
-def tuned_lm(lm_dir: Path, train: Any, val: Any, labels: Any, params: Any, out: Path, steps: int, seed: int) -> Any:
+def tuned_lm(lm_dir: Path, tokenizer: Any, train: Any, val: Any, labels: Any, params: Any, out: Path, steps: int,
+             seed: int) -> Any:
     """The instruction-tuned variant: the tiny LM fine-tuned (full, the existing SFT stage's ``train_sft``) on the
     train split's zero-shot prompts with the label names as answers; (model, tokenizer)."""
     from tuneline.classify.template import template_records
@@ -96,8 +97,8 @@ def tuned_lm(lm_dir: Path, train: Any, val: Any, labels: Any, params: Any, out: 
     from tuneline.train.sft import load_trained, train_sft
 
     def records(examples: Any) -> list[Any]:
-        return template_records(examples, template=params.template.template, labels=labels,
-                                names=params.label_names)
+        return template_records(examples, template=params.template.template, labels=labels, tokenizer=tokenizer,
+                                max_length=params.template.max_length, names=params.label_names)
 
     sft = SftParams(method="full", learning_rate=1e-3, epochs=1000.0, batch_size=16, eval_steps=max(1, steps // 4),
                     save_steps=max(1, steps // 4), max_length=params.template.max_length, group_by_length=True)
@@ -118,6 +119,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--sizes", default="4,16,all", help="examples per class of the train subsets (all = whole split)")
     ap.add_argument("--strategies", default="head,top_layers")
     ap.add_argument("--max-steps", type=int, default=80, help="cap on each classifier's optimizer steps")
+    ap.add_argument("--steps-not-epochs", action="store_true",
+                    help="raise the recipe's epochs so that every run can reach --max-steps (small subsets otherwise "
+                         "stop after a few steps: 8 examples at batch 32 are one step per epoch); early stopping "
+                         "still applies")
     ap.add_argument("--template-examples", type=int, default=150, help="test rows the template arm scores")
     ap.add_argument("--template-shots", default="0,4")
     ap.add_argument("--lm-steps", type=int, default=150, help="pretraining steps of the tiny causal LM")
@@ -213,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     continue
                 t = time.perf_counter()
                 p = dataclasses.replace(params, max_steps=args.max_steps)
+                if args.steps_not_epochs:
+                    per_epoch = -(-len(sub) // params.batch_size)
+                    p = dataclasses.replace(p, epochs=max(params.epochs, args.max_steps / per_epoch))
                 out = work / name / f"{strategy}_{size or 'all'}"
                 result, model, tok = fit_classifier(encoder, sub, val, p, out, strategy=strategy, seed=recipe.seed)
                 rep, _ = evaluate_model(model, tok, labels, test, name=strategy, max_length=p.max_length,
@@ -243,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        n=len(train), seconds=time.perf_counter() - t, test_rows=len(few))
             if args.tune_steps and left():  # the template's prompts as SFT data, then scored zero-shot
                 t = time.perf_counter()
-                tuned, tuned_tok = tuned_lm(lm_dir, train, val, labels, params, work / name / "template_tuned",
+                tuned, tuned_tok = tuned_lm(lm_dir, lm_tok, train, val, labels, params, work / name / "template_tuned",
                                             args.tune_steps, recipe.seed)
                 probs = template_probs(tuned, tuned_tok, few.texts, labels, template=params.template.template,
                                        names=params.label_names, max_length=params.template.max_length, chat=True)

@@ -75,13 +75,18 @@ def test_the_tuned_template_variant_is_scored_on_exactly_the_tokens_sft_trained(
     template, names = TemplateArmParams().template, {"p": "good", "n": "boring"}
     train = Examples(("the plot was great", "a dull movie", "great film", "boring and dull") * 4, ("p", "n") * 8)
     labels = LabelSet(("n", "p"))
-    records = template_records(train, template=template, labels=labels, names=names)
+    records = template_records(train, template=template, labels=labels, tokenizer=tokenizer, max_length=512,
+                               names=names)
     assert records[0].messages[1]["content"] == "good" and "Labels: boring, good" in records[0].messages[0]["content"]
     chat = tokenizer.apply_chat_template(records[0].messages, tokenize=False)
     prompt = tokenizer.apply_chat_template(records[0].messages[:1], add_generation_prompt=True, tokenize=False)
     full = tokenizer(chat, add_special_tokens=False)["input_ids"]
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert full[:len(head)] + label_token_ids(tokenizer, ["good"], chat=True)[0] == full[:-1]  # then eos
+    long = template_records(Examples(("great " * 300,), ("n",)), template=template, labels=labels,
+                            tokenizer=tokenizer, max_length=64, names=names)[0].messages
+    assert long[0]["content"].endswith("Label:") and long[1]["content"] == "boring"  # cut from the front
+    assert len(tokenizer(tokenizer.apply_chat_template(long, tokenize=False), add_special_tokens=False)["input_ids"]) <= 64
 
     base = save_model(model, tokenizer, tmp_path / "lm")
     before = template_probs(model, tokenizer, train.texts[:4], labels, template=template, names=names, chat=True)

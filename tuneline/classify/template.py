@@ -105,9 +105,10 @@ def template_probs(model: Any, tokenizer: Any, texts: Sequence[str], labels: Lab
     out = np.zeros((len(texts), len(labels)), dtype=np.float64)
     for row, text in enumerate(texts):
         prompt = render(template, text=text, labels=shown, examples=shots)
-        if chat:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   tokenize=False)
+        if chat:  # cut as template_records cut it for training, so the chat markers stay
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": fit_prompt(tokenizer, prompt, max_length - max(map(len, ids)))}],
+                add_generation_prompt=True, tokenize=False)
         scores = np.asarray(score_labels(model, tokenizer, prompt, ids, max_length=max_length,
                                          add_special_tokens=not chat))
         scores -= scores.max()
@@ -115,15 +116,29 @@ def template_probs(model: Any, tokenizer: Any, texts: Sequence[str], labels: Lab
     return out
 
 
-def template_records(examples: Examples, *, template: str, labels: LabelSet,
+CHAT_MARGIN = 8  # tokens left for the chat template's markers (bos, roles, eos) around a cut prompt
+
+
+def fit_prompt(tokenizer: Any, prompt: str, budget: int) -> str:
+    """``prompt`` cut from the front to at most ``budget - CHAT_MARGIN`` tokens (the text and the ``Label:`` cue at
+    the end stay), so it fits a chat turn of ``budget`` tokens."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    keep = max(1, budget - CHAT_MARGIN)
+    return prompt if len(ids) <= keep else tokenizer.decode(ids[-keep:])
+
+
+def template_records(examples: Examples, *, template: str, labels: LabelSet, tokenizer: Any, max_length: int,
                      names: Optional[Mapping[str, str]] = None) -> list[Any]:
-    """The instruction-tuned variant's SFT data: each example's zero-shot prompt (the recipe's template) as the user
-    turn and its label's name as the assistant's answer; scored back with ``template_probs(..., chat=True)``."""
+    """The instruction-tuned variant's SFT data: each example's zero-shot prompt (the recipe's template, cut from
+    the front like the scorer's so that prompt and answer fit ``max_length``) as the user turn and its label's name
+    as the assistant's answer; scored back with ``template_probs(..., chat=True)``."""
     from tuneline.records import ChatRecord
 
     names = dict(names or {})
     shown = [names.get(label, label) for label in labels.names]
+    budget = max_length - max(map(len, label_token_ids(tokenizer, shown, chat=True)))
     return [ChatRecord(kind="sft", source="template", line=i + 1,
-                       messages=[{"role": "user", "content": render(template, text=text, labels=shown)},
+                       messages=[{"role": "user", "content": fit_prompt(tokenizer, render(template, text=text,
+                                                                                          labels=shown), budget)},
                                  {"role": "assistant", "content": names.get(label, label)}])
             for i, (text, label) in enumerate(zip(examples.texts, examples.labels))]
