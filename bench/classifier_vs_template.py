@@ -355,12 +355,12 @@ def plot(results: dict[str, Any]) -> None:
     for ax, name in zip(axes[0], names):
         entry = results["datasets"][name]
         full = entry["n_train"] / entry["n_labels"]
-        by: dict[str, list[tuple[float, float]]] = {}
-        for r in entry["runs"]:
+        by: dict[str, dict[float, float]] = {}
+        for r in entry["runs"]:  # one point per approach and size: a later results file's run replaces an earlier's
             x = full if r["per_class"] == "all" else float(r["per_class"])
-            by.setdefault(r["approach"], []).append((x, r["macro_f1"]))
-        for approach, pts in sorted(by.items()):
-            pts.sort()
+            by.setdefault(r["approach"], {})[x] = r["macro_f1"]
+        for approach, points in sorted(by.items()):
+            pts = sorted(points.items())
             style = "o--" if approach.startswith("template") or approach == "ensemble" else "o-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=approach)
         ax.set_xscale("log")

@@ -763,7 +763,8 @@ class ClassifierParams:
     pooling: Literal["mean", "cls"] = "mean"  # mean: masked mean of the token states, normalized (as MiniLM was
     # trained); cls: the encoder family's own sequence-classification head on the first token
     head_init: Literal["probe", "random"] = "probe"  # probe: the head starts as the linear probe (mean pooling only)
-    learning_rate: Optional[float] = None  # None = the strategy's default (head 5e-3, lora 1e-3, else 5e-5)
+    learning_rate: Optional[float] = None  # None = the strategy's default (head 5e-3, lora 1e-3, top_layers 1e-4,
+    # full 5e-5)
     epochs: float = 5.0  # passes over the train split (max_steps caps it)
     max_steps: Optional[int] = None  # hard cap on optimizer steps
     batch_size: int = 32  # texts per step
