@@ -147,11 +147,7 @@ def test_after_bottleneck_sft_dpo_reward_and_distillation_start_from_the_bundle_
     from tuneline.params import AdapterParams, DistillParams, RewardParams
     from tuneline.train.bottleneck import CHILD, WEIGHTS_FILE, is_bundle
     from tuneline.train.distill import build_student
-    from tuneline.train.reward import (
-        RewardScorer,
-        pairwise_accuracy,
-        train_reward_model,
-    )
+    from tuneline.train.reward import RewardScorer, pairwise_accuracy, train_reward_model
     from tuneline.train.sft import train_sft
 
     base, _ = sft_run

@@ -29,13 +29,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     from tuneline.models.loading import local_model_dir
     from tuneline.models.provision import model_ref
     from tuneline.records import read_records
-    from tuneline.train.dpo import (
-        ADAPTER_SUBDIR,
-        MERGED_SUBDIR,
-        MODEL_SUBDIR,
-        load_dpo_model,
-        train_dpo,
-    )
+    from tuneline.train.dpo import ADAPTER_SUBDIR, MERGED_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
 
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))

@@ -395,12 +395,7 @@ def distill_student(
     import torch
     from transformers import TrainingArguments
 
-    from tuneline.models.loading import (
-        load_causal_lm,
-        load_tokenizer,
-        place_for_inference,
-        resolve_bf16,
-    )
+    from tuneline.models.loading import load_causal_lm, load_tokenizer, place_for_inference, resolve_bf16
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
