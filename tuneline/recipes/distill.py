@@ -30,10 +30,10 @@ def run(spec: DistillSpec, pipes: Any = None) -> Outcome:
 
     teacher_base = None
     if spec.teacher.kind != "full":  # a prompt-learning adapter runs with its base; others must be merged first
-        teacher_base = local_model_dir(spec.teacher.base)
         if read_method_file(local_model_dir(spec.teacher)).get("method") not in PROMPT_LEARNING:
             raise ValueError(f"distillation needs a full-weights teacher; {spec.teacher.stage} gave an adapter "
                              "(set the DPO stage to merge its adapter)")
+        teacher_base = local_model_dir(spec.teacher.base)
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
     params = spec.params

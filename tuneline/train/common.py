@@ -309,18 +309,19 @@ REFERENCE_ADAPTER = "ref"  # TRL's name for the frozen copy of an adapter it con
 CONTINUED_REFERENCE = "the SFT prompt adapter's frozen copy on the same base (ref_model=None)"
 
 
-def continued_prompt_adapter(base_model_path: Any, adapter_dir: Any, *, gradient_checkpointing: bool = False) -> Any:
+def continued_prompt_adapter(base_model_path: Any, adapter_dir: Any, *,
+                             gradient_checkpointing: bool = False) -> tuple[Any, Any]:
     """A prompt-learning SFT adapter (prefix, prompt, ptuning, multitask_prompt) on its base with its virtual tokens
     trainable again, for DPO and RL to continue: virtual tokens are no weights, so there is nothing to merge and
     nothing for a fresh LoRA to start from. PEFT loads a prompt adapter frozen and refuses ``is_trainable``
     (P-tuning is saved as the prompt its encoder computed, not the encoder), so the saved prompt itself is made
     trainable. TRL's DPO/RLOO/GRPO trainers, given this model and no ``peft_config``, add a copy named
-    :data:`REFERENCE_ADAPTER` as the reference (the SFT prompt, frozen by :func:`freeze_reference_adapter`);
-    a multitask prompt gets its target task id on every forward and generate."""
-    from peft import PeftModel
-
+    :data:`REFERENCE_ADAPTER` as the reference (the SFT prompt, frozen by :func:`freeze_reference_adapter`).
+    Loaded as every stage loads the SFT output (``load_trained``: a multitask prompt gets its target task id on
+    every forward and generate); returns (model, tokenizer)."""
     from tuneline.params import PROMPT_LEARNING
-    from tuneline.train.methods import bind_task_ids, load_base, read_method_file
+    from tuneline.train.methods import read_method_file
+    from tuneline.train.sft import load_trained
 
     meta = read_method_file(adapter_dir)
     if meta.get("method") not in PROMPT_LEARNING:
@@ -329,14 +330,11 @@ def continued_prompt_adapter(base_model_path: Any, adapter_dir: Any, *, gradient
     if meta["method"] == "prefix" and gradient_checkpointing:
         raise ValueError("prefix tuning cannot continue with gradient checkpointing (the recomputed attention "
                          "loses the prefix's key/value length); set compute.gradient_checkpointing: false")
-    vocab = (meta.get("added_tokens") or {}).get("vocab_size")
-    model = PeftModel.from_pretrained(load_base(base_model_path, meta.get("quantization"), vocab), adapter_dir)
+    model, tokenizer = load_trained(base_model_path, adapter_dir)
     for name, param in model.named_parameters():
         if ".default." in name and "prompt_encoder" in name:
             param.requires_grad_(True)
-    if model.peft_config["default"].peft_type.value == "MULTITASK_PROMPT_TUNING":
-        bind_task_ids(model, 0)  # the target stage's one task
-    return model
+    return model, tokenizer
 
 
 def freeze_reference_adapter(model: Any) -> None:

@@ -314,10 +314,9 @@ def build_dpo_trainer(
     )
     from tuneline.train.distributed import ddp_backend
 
-    tokenizer = load_tokenizer(continue_adapter or merged_base_dir)
     if continue_adapter is not None:
-        model = continued_prompt_adapter(merged_base_dir, continue_adapter,
-                                         gradient_checkpointing=gradient_checkpointing)
+        model, tokenizer = continued_prompt_adapter(merged_base_dir, continue_adapter,
+                                                    gradient_checkpointing=gradient_checkpointing)
     elif quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -325,8 +324,9 @@ def build_dpo_trainer(
 
         model = prepare_model_for_kbit_training(load_base(merged_base_dir, quantization),
                                                 use_gradient_checkpointing=gradient_checkpointing)
+        tokenizer = load_tokenizer(merged_base_dir)
     else:
-        model = load_causal_lm(merged_base_dir)
+        model, tokenizer = load_causal_lm(merged_base_dir), load_tokenizer(merged_base_dir)
     model.config.use_cache = False
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = DPOConfig(

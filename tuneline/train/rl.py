@@ -103,12 +103,11 @@ def build_rl_trainer(
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
-    tokenizer = load_tokenizer(continue_adapter or merged_base_dir)
     if continue_adapter is not None:
-        model = continued_prompt_adapter(merged_base_dir, continue_adapter,
-                                         gradient_checkpointing=gradient_checkpointing)
+        model, tokenizer = continued_prompt_adapter(merged_base_dir, continue_adapter,
+                                                    gradient_checkpointing=gradient_checkpointing)
     else:
-        model = load_causal_lm(merged_base_dir)
+        model, tokenizer = load_causal_lm(merged_base_dir), load_tokenizer(merged_base_dir)
     steps = min(s for s in (params.max_steps, max_steps) if s is not None)
     common = dict(
         output_dir=str(checkpoints_dir),
