@@ -56,7 +56,7 @@ CHILD_TIMEOUT_S = 900
 
 CONTENDERS = {
     "ours": "tuneline train_sft (plain Trainer, bf16 autocast, shipped defaults)",
-    "ours-flat": "control: ours with padding_free=True forced (each batch one padding-free row)",
+    "ours-packed": "control: ours with padding_free=True forced (batches packed into rows, no padding)",
     "trl": "TRL SFTTrainer, bf16 autocast, no gradient checkpointing",
     "llamafactory": "LLaMA-Factory, bf16, no gradient checkpointing",
     "trl-defaults": "TRL SFTTrainer at its defaults (bf16, gradient checkpointing on)",
@@ -178,9 +178,11 @@ def write_json(path: Path | str, data: Any) -> None:
 # the shared setup
 
 
-def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = None) -> dict[str, Any]:
+def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = None,
+                row_tokens: Optional[tuple[int, int]] = None) -> dict[str, Any]:
     """Data (the demo's, or ``data``: any SFT file ingest reads), tokenizer, tiny Llama, and each
-    contender's data in its native format."""
+    contender's data in its native format. ``row_tokens=(lo, hi)`` keeps only the conversations whose
+    tokenized chat is lo..hi tokens long (long rows, where matmuls outweigh per-step overhead)."""
     sys.path.insert(0, str(ROOT))
     from tuneline.data.demo import read_corpus, write_demo_data
     from tuneline.data.ingest import read_source
@@ -208,6 +210,17 @@ def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = No
     tokenizer = train_tokenizer(corpus, tiny)  # as the pipeline does
     model = init_tiny_model(tokenizer, tiny, seed=0)
     learned_vocab = len(tokenizer)
+    if row_tokens is not None:
+        from tuneline.train.common import tokenize_chat
+
+        def within(rows: list[Any]) -> list[Any]:
+            tokenized = (tokenize_chat(tokenizer, [r], 1 << 16) for r in rows)
+            lengths = [len(t[0]["input_ids"]) if t else 0 for t in tokenized]
+            return [r for r, n in zip(rows, lengths) if row_tokens[0] <= n <= row_tokens[1]]
+
+        train, val = within(train), within(val)
+        if not train or not val:
+            raise RuntimeError(f"no train or validation conversation is {row_tokens[0]}-{row_tokens[1]} tokens long")
     if pad_vocab and pad_vocab > learned_vocab:
         # The demo corpus only has enough distinct text for ~800 BPE tokens; the embedding (tied
         # with the LM head) is padded to the nominal vocabulary so the LM head costs what a
@@ -291,6 +304,7 @@ def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = No
             "train_records": len(train),
             "val_records": len(val),
             "source": str(data) if data is not None else "demo",
+            "row_tokens": list(row_tokens) if row_tokens is not None else None,
             "sft_sha256": data_sha256,
         },
     }
@@ -323,7 +337,7 @@ def run_ours(spec_path: Path, out: Path, result_path: Path, padding_free: Option
         save_steps=1000,
         # bf16, padding_free (None: chosen from the rows' mean length) and group_by_length (False: the
         # Trainer's random sampler, so the very batches TRL and LLaMA-Factory get) stay at what the
-        # pipeline ships; the `ours-flat` control forces padding-free batches on
+        # pipeline ships; the `ours-packed` control forces packed batches on
         padding_free=padding_free,
     )
     cb = timing_callback(str(out / "train_dataset.jsonl"))
@@ -404,7 +418,7 @@ def wait_for_quiet(max_load: float, max_busy: float, max_wait_s: float, poll_s: 
 
 
 def child_command(contender: str, spec_path: Path, out: Path, result_path: Path) -> list[str]:
-    if contender in ("ours", "ours-flat"):
+    if contender in ("ours", "ours-packed"):
         return [sys.executable, str(Path(__file__).resolve()), "--child", contender, "--spec", str(spec_path),
                 "--out", str(out), "--result", str(result_path)]
     if contender.startswith("trl"):
@@ -660,12 +674,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--skip-llamafactory", action="store_true", help="leave LLaMA-Factory out")
     p.add_argument("--with-defaults", action="store_true", help="also run TRL and LLaMA-Factory at their defaults")
     p.add_argument("--with-control", action="store_true",
-                   help="also run ours with padding_free=True (one padding-free row per batch) as a control")
+                   help="also run ours with padding_free=True (batches packed into rows) as a control")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run just these contenders")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--data", type=Path, help="an SFT data file to use instead of the demo data "
                    "(e.g. ../shared/data/sft/alpaca.jsonl); use another --work-dir, --results and --plot")
+    p.add_argument("--row-tokens", metavar="LO-HI",
+                   help="keep only the conversations LO-HI tokens long (e.g. 150-250 with alpaca: long rows)")
     p.add_argument("--pad-vocab", type=int, default=4096,
                    help="pad the model's (tied) embedding to this many rows; 0 = the tokenizer's own size")
     p.add_argument("--max-load", type=float, default=1.5, help="1-min load average allowed before the first run")
@@ -680,7 +696,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS_PATH)
     p.add_argument("--plot", type=Path, default=PLOT_PATH)
     # internal: the child that runs our stage
-    p.add_argument("--child", choices=["ours", "ours-flat"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "ours-packed"], help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -694,7 +710,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plot(saved["summary"], saved["runs"], args.plot, saved.get("plot_subtitle", ""))
         return 0
     if args.child:
-        run_ours(args.spec, args.out, args.result, padding_free=True if args.child == "ours-flat" else None)
+        run_ours(args.spec, args.out, args.result, padding_free=True if args.child == "ours-packed" else None)
         return 0
 
     if args.only:
@@ -702,7 +718,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         contenders = ["ours", "trl", "llamafactory"]
         if args.with_control:
-            contenders.insert(1, "ours-flat")
+            contenders.insert(1, "ours-packed")
         if args.with_defaults:
             contenders += ["trl-defaults", "llamafactory-defaults"]
         if args.skip_llamafactory:
@@ -712,7 +728,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     work = args.work_dir.resolve()
     print(f"setup under {work}", flush=True)
-    setup = build_setup(work, args.seed, args.pad_vocab, args.data.resolve() if args.data else None)
+    setup = build_setup(work, args.seed, args.pad_vocab, args.data.resolve() if args.data else None,
+                        row_tokens=tuple(int(x) for x in args.row_tokens.split("-")) if args.row_tokens else None)
     spec_path = work / "spec.json"
     m = setup["model"]
     print(f"tiny Llama: {m['parameters']:,} parameters (vocab {m['vocab']}, tokenizer {m['tokenizer_tokens']} tokens, "

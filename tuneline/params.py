@@ -301,7 +301,7 @@ class SftParams:
     save_steps: int = 25  # checkpoint every N steps (a multiple of eval_steps)
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)  # patience, min_delta
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
-    padding_free: Optional[bool] = None  # each batch as one row, no padding; None = when rows average >= 64 tokens
+    padding_free: Optional[bool] = None  # batches packed into rows, no padding; None = when rows average >= 64 tokens
     group_by_length: bool = False  # length-grouped batches (less padding where padding_free cannot apply)
     num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
 

@@ -177,20 +177,24 @@ def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_d
     and on padding-free batches alike, and both batch layouts give the same loss and gradients."""
     from transformers import AutoTokenizer, TrainingArguments
 
-    from tuneline.train.common import FlatCollator, PadCollator, tokenize_chat
+    from tuneline.train.common import PackedCollator, PadCollator, tokenize_chat
     from tuneline.train.methods import apply_method
     from tuneline.train.trainers import SftTrainer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     features = tokenize_chat(tok, reverse_records(6, seed=3), 64)
+    # one example twice as long as the others, so the packed layout puts two short ones in a row
+    features.append({k: features[0][k] + features[1][k] for k in ("input_ids", "labels")})
     assert len({len(f["input_ids"]) for f in features}) > 1  # the padded batch really holds padding
     model, _ = apply_method(base_dir, params_for(method, bf16=False), seed=0)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
     trainer = SftTrainer(model=model, args=args, train_dataset=features)
     model.train()
     results = {}
-    for layout, collator in (("padded", PadCollator(tok.pad_token_id)), ("flat", FlatCollator())):
+    for layout, collator in (("padded", PadCollator(tok.pad_token_id)), ("packed", PackedCollator(tok.pad_token_id))):
         batch = collator(features)
+        if layout == "packed":  # really packed: fewer rows, more than one example in some row
+            assert len(batch["input_ids"]) < len(features) and "attention_mask" not in batch
         n_labels = (batch["labels"][:, 1:] != -100).sum()
         for path in (method, "reference"):
             trainer.method = path  # "reference" is not a label-only method: the model's own loss
@@ -208,14 +212,23 @@ def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_d
             assert torch.allclose(grads[name], g_fast[name], atol=1e-6, rtol=1e-3), (key, name)
 
 
-def test_flat_collator_restarts_positions_and_ignores_each_first_label():
-    from tuneline.train.common import IGNORE_INDEX, FlatCollator
+def test_packed_collator_fills_rows_up_to_the_longest_example_restarting_positions():
+    from tuneline.train.common import IGNORE_INDEX, PackedCollator, pack_rows
 
-    batch = FlatCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    X = IGNORE_INDEX
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [X, X, 3, 4, 5]}, {"input_ids": [6, 7], "labels": [6, 7]},
+            {"input_ids": [8, 9, 10], "labels": [X, 9, 10]}, {"input_ids": [11, 12], "labels": [X, 12]}]
+    assert pack_rows([5, 2, 3, 2], 5) == [[0], [2, 1], [3]]  # first-fit decreasing, rows of at most 5
+    batch = PackedCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [8, 9, 10, 6, 7], [11, 12, 0, 0, 0]]
+    # each example's positions restart at 0; padding continues the row's last example (no new example starts)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    # an example's first label is ignored: no position predicts the next example's first token
+    assert batch["labels"].tolist() == [[X, X, 3, 4, 5], [X, 9, 10, X, 7], [X, 12, X, X, X]]
     assert "attention_mask" not in batch and batch["use_cache"] is False
+    # nothing to pack (every pair is longer than the longest): the padded batch, causal mask and all
+    padded = PackedCollator(pad_token_id=0)(rows[:1] + rows[2:3])
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and "position_ids" not in padded
 
 
 def test_collator_pads_labels_with_ignore_and_masks_padding():

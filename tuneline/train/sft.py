@@ -50,7 +50,7 @@ class SftResult:
     tokens_per_second: float  # real_tokens / train_seconds
     train_seconds: float  # wall time of this process's training loop (evaluation and saving included)
     bf16: bool
-    padding_free: bool = False  # batches were one row each, no padding computed
+    padding_free: bool = False  # batches were packed into rows no longer than their longest sequence
     max_steps: int = 0  # planned optimizer steps (epochs capped by max_steps)
     train_examples: int = 0
     dropped_examples: int = 0  # records whose assistant tokens were all cut by max_length
@@ -79,13 +79,15 @@ PADDING_FREE_MIN_MEAN_TOKENS = 64
 
 
 def use_padding_free(params: SftParams, train_data: Sequence[dict[str, Any]]) -> bool:
-    """Whether batches are laid out padding-free (one row, block-diagonal attention).
+    """Whether batches are packed padding-free (``PackedCollator``: block-diagonal attention in rows no
+    longer than the batch's longest sequence).
 
     ``params.padding_free`` decides when set. Left to None it is on when the tokenized train rows
-    average at least ``PADDING_FREE_MIN_MEAN_TOKENS``: the block-diagonal mask costs more than the
-    padding it removes on short rows (measured on 2 CPU cores, LoRA r16 on the tiny Llama: 7% slower
-    on the 23-token demo rows, 11% faster on alpaca's 93-token rows; docs/benchmarks.md). Never for
-    prefix, prompt and P-tuning, whose virtual tokens go in front of each row.
+    average at least ``PADDING_FREE_MIN_MEAN_TOKENS``: on shorter rows the block-diagonal mask costs
+    about what the padding it removes saves (measured on 2 CPU cores, LoRA r16 on the tiny Llama: 8%
+    slower on the 23-token demo rows, 1.6x faster on alpaca's 98-token rows; docs/benchmarks.md). A
+    batch that cannot be packed tighter stays padded, so long rows lose nothing. Never for prefix,
+    prompt and P-tuning, whose virtual tokens go in front of each row.
     """
     if params.method in PROMPT_LEARNING:  # virtual tokens in front: padded only
         return False
@@ -145,7 +147,7 @@ def train_sft(
     from tuneline.train import callbacks as cb
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
-    from tuneline.train.common import FlatCollator, PadCollator, checkpointing_args, tokenize_chat
+    from tuneline.train.common import PackedCollator, PadCollator, checkpointing_args, tokenize_chat
     from tuneline.train.methods import apply_method, bf16_autocast_layout, fast_adapter_dropout, write_method_file
 
     distributed.check_world(params.num_processes, "tuneline.recipes.sft")
@@ -250,7 +252,7 @@ def train_sft(
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data if has_val else None,
-        data_collator=FlatCollator() if padding_free else PadCollator(tokenizer.pad_token_id),
+        data_collator=(PackedCollator if padding_free else PadCollator)(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -36,7 +36,7 @@ class SftTrainer(SamplerHooks, Trainer):
     examples_seen: int = 0  # train examples this rank computed a loss on
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        positions = inputs.get("position_ids")  # padding-free: one row, positions restart per example
+        positions = inputs.get("position_ids")  # packed rows: positions restart at 0 per example
         self.examples_seen += int((positions == 0).sum()) if positions is not None else len(inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
 
