@@ -34,7 +34,8 @@ def dpo_adapter(
     spec = DpoSpec(out_uri=stage_uri(artifacts, "dpo_adapter", context), seed=r.seed, max_steps=r.max_steps,
                    sft=sft_adapter, train_uri=dataset_splits.uri("preference_train"),
                    val_uri=dataset_splits.uri("preference_validation"), params=r.dpo,
-                   extra_train_uris=feedback_uris(r, feedback_preferences))
+                   extra_train_uris=feedback_uris(r, feedback_preferences),
+                   merge_cache_uri=artifacts.shared_uri("merged_sft"))
     return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="dpo", params=r.dpo,
                        splits=dataset_splits, upstream={"sft_adapter": sft_adapter}, title="DPO loss",
                        extra_params=feedback_params(r, feedback_preferences))

@@ -35,7 +35,8 @@ def reward_model(
                       sft=sft_adapter if r.reward.base == "sft" else None,
                       train_uris=(dataset_splits.uri("preference_train"),) + feedback_uris(r, feedback_preferences),
                       val_uri=dataset_splits.uri("preference_validation"),
-                      test_uri=dataset_splits.uris.get("preference_test"), params=r.reward)
+                      test_uri=dataset_splits.uris.get("preference_test"), params=r.reward,
+                      merge_cache_uri=artifacts.shared_uri("merged_sft"))
     return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="reward",
                        params=r.reward, splits=dataset_splits, upstream={"sft_adapter": sft_adapter},
                        title="Reward model loss", extra_params=feedback_params(r, feedback_preferences))

@@ -36,7 +36,8 @@ def rl_policy(
     spec = RlSpec(out_uri=stage_uri(artifacts, "rl_policy", context), seed=r.seed, max_steps=r.max_steps,
                   sft=sft_adapter, reward_model=reward_model, algorithm=algorithm,
                   train_uri=dataset_splits.uri("preference_train"),
-                  val_uri=dataset_splits.uri("preference_validation"), params=r.rl)
+                  val_uri=dataset_splits.uri("preference_validation"), params=r.rl,
+                  merge_cache_uri=artifacts.shared_uri("merged_sft"))
     return train_stage(context, recipe=r, mlflow=mlflow, launcher=launcher, spec=spec, section="rl", params=r.rl,
                        splits=dataset_splits, upstream={"sft_adapter": sft_adapter, "reward_model": reward_model},
                        title=f"{algorithm.upper()} loss", extra_params={"rl.algorithm": algorithm})

@@ -122,6 +122,7 @@ class DpoSpec(Spec):
     params: DpoParams
     merge: bool = True  # also write the DPO model merged to full weights (the teacher and the candidate)
     extra_train_uris: tuple[str, ...] = ()  # more preference records (accepted feedback pairs)
+    merge_cache_uri: Optional[str] = None  # an adapter SFT model's merge, shared by content hash (else under out_uri)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +215,7 @@ class RewardSpec(Spec):
     val_uri: str  # held-out pairs: pairwise accuracy before and after
     params: RewardParams
     test_uri: Optional[str] = None  # more held-out pairs (the preference test split), reported too
+    merge_cache_uri: Optional[str] = None  # an adapter SFT model's merge, shared by content hash (else under out_uri)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,3 +230,4 @@ class RlSpec(Spec):
     train_uri: str  # records whose prompts are rolled out (preference or sft records)
     val_uri: str  # prompts the mean reward and KL are measured on, before and after
     params: RlParams
+    merge_cache_uri: Optional[str] = None  # an adapter SFT model's merge, shared by content hash (else under out_uri)

@@ -346,3 +346,52 @@ def test_sft_weight_adds_the_chosen_nll_to_the_dpo_loss(tmp_path: Path, sft_run:
     assert list(rpo.args.loss_type) == ["sigmoid", "sft"] and list(rpo.args.loss_weights) == [1.0, 2.0]
     with pytest.raises(RecipeError, match="sft_weight"):
         DpoParams(sft_weight=-1.0)
+
+
+@pytest.mark.slow
+def test_dpo_the_reward_model_and_rl_share_one_merge_of_the_sft_adapter(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    """The three stages that start from a LoRA SFT model find one merge, in the shared cache entry named by the
+    content hash, instead of writing one merged copy each; a different adapter gets its own entry."""
+    from tuneline.models.provision import model_ref
+    from tuneline.params import RewardParams, RlParams
+    from tuneline.recipes import dpo as dpo_recipe
+    from tuneline.recipes import reward as reward_recipe
+    from tuneline.recipes import rl as rl_recipe
+    from tuneline.records import write_jsonl
+    from tuneline.specs import DpoSpec, RewardSpec, RlSpec
+
+    base, adapter = sft_run
+    sft = model_ref(adapter, adapter.as_uri(), method="lora", stage="sft_adapter",
+                    base=model_ref(base, base.as_uri(), method="tiny", stage="base_model"))
+    write_jsonl(tmp_path / "pairs.jsonl", (p.to_dict() for p in _pairs()))
+    pairs_uri, cache = (tmp_path / "pairs.jsonl").as_uri(), tmp_path / "merged_sft"
+    common = dict(seed=0, max_steps=1, merge_cache_uri=cache.as_uri())
+
+    dpo_out = dpo_recipe.run(DpoSpec(
+        out_uri=(tmp_path / "dpo").as_uri(), sft=sft, train_uri=pairs_uri, val_uri=pairs_uri, merge=False,
+        params=DpoParams(batch_size=8, max_length=64, bf16=False, lora=LoraParams(r=8, alpha=16, dropout=0.0)),
+        **common))
+    reward_out = reward_recipe.run(RewardSpec(
+        out_uri=(tmp_path / "reward").as_uri(), sft=sft, train_uris=(pairs_uri,), val_uri=pairs_uri,
+        params=RewardParams(max_steps=1, batch_size=8, max_length=64, bf16=False), **common))
+    rl_out = rl_recipe.run(RlSpec(
+        out_uri=(tmp_path / "rl").as_uri(), sft=sft, reward_model=reward_out.model, algorithm="rloo",
+        train_uri=pairs_uri, val_uri=pairs_uri, params=RlParams(
+            max_steps=1, batch_size=8, num_generations=4, max_completion_length=4, bf16=False, eval_prompts=4),
+        **common))
+
+    key = dpo.merge_cache_key(adapter, sft.base.sha256, "lora")
+    assert [p.name for p in cache.iterdir()] == [key]  # one entry, no temporary folder left behind
+    merged = cache / key / dpo.MERGED_SUBDIR
+    assert (merged / dpo.MERGE_MARKER).is_file()
+    assert [o.metrics["sft_merge_reused"] for o in (dpo_out, reward_out, rl_out)] == [False, True, True]
+    assert dpo_out.model.base.uri == merged.as_uri()  # the DPO adapter names the shared merge as its base
+    assert rl_out.details["merged_base_dir"] == str(merged)  # RL's policy adapter and KL reference: the same merge
+    assert not any((tmp_path / stage / dpo.MERGED_SUBDIR).exists() for stage in ("dpo", "reward", "rl"))
+    # the key is the content: another adapter file, another base or another method is another merge
+    assert dpo.merge_cache_key(base, sft.base.sha256, "lora") != key
+    assert dpo.merge_cache_key(adapter, "0" * 64, "lora") != key
+    assert dpo.merge_cache_key(adapter, sft.base.sha256, "full") is None  # full weights: nothing to merge
+    assert dpo.merge_cache_key(adapter, sft.base.sha256, "prompt") is None  # virtual tokens: the base itself

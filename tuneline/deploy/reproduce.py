@@ -162,6 +162,8 @@ def reproduce(tracker: Tracker, ref: str, *, stages: Optional[Sequence[str]] = N
                 spec = dataclasses.replace(spec, **{field: reproduced[upstream.stage]})
         if isinstance(spec, spec_module.DistillSpec):
             spec = dataclasses.replace(spec, cache_uri=(root / "teacher_cache").as_uri())
+        if getattr(spec, "merge_cache_uri", None):  # merged here again, not taken from the original's cache
+            spec = dataclasses.replace(spec, merge_cache_uri=(root / "merged_sft").as_uri())
         outcome = _run(spec)
         reproduced[stage] = outcome.model
         original = ModelRef.from_dict(passport["models"][stage])

@@ -186,6 +186,35 @@ class StepLogger:
             self.sink.close()
 
 
+def merge_workspace(cache_uri: Optional[str], sft: Any, sft_dir: Path, work: storage.Workspace) -> storage.Workspace:
+    """Where an adapter SFT model (``sft``, a ModelRef, fetched to ``sft_dir``) is merged to full weights: its
+    entry in the shared cache (``cache_uri``/<content key>, one merge for DPO, the reward model and RL), else
+    ``work``, the stage's own workspace (no cache, or nothing to merge)."""
+    from tuneline.train.dpo import merge_cache_key
+
+    key = merge_cache_key(sft_dir, sft.base.sha256 if sft.base is not None else "", sft.method) if cache_uri else None
+    return storage.Workspace(storage.join(cache_uri, key)) if key else work
+
+
+def has_merge(ws: storage.Workspace) -> bool:
+    """Whether the workspace already holds a complete merge (another stage's, or a retried run's)."""
+    from tuneline.train.dpo import MERGE_MARKER, MERGED_SUBDIR
+
+    return (ws.path / MERGED_SUBDIR / MERGE_MARKER).is_file()
+
+
+def share_merge(ws: storage.Workspace) -> str:
+    """Upload a remote workspace's merge unless its URI holds a complete one already (marker last, so a reader
+    never takes a half-uploaded merge for a finished one); returns the merge's URI."""
+    from tuneline.train.dpo import MERGE_MARKER, MERGED_SUBDIR
+
+    uri, folder = ws.uri_of(MERGED_SUBDIR), ws.path / MERGED_SUBDIR
+    if ws.remote and (folder / MERGE_MARKER).is_file() and not storage.exists(storage.join(uri, MERGE_MARKER)):
+        for file in sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == MERGE_MARKER):
+            storage.publish(file, storage.join(uri, file.relative_to(folder).as_posix()))
+    return uri
+
+
 def finish(spec: Spec, outcome: Outcome, pipes: Any = None, *, log: Optional[StepLogger] = None) -> Outcome:
     """Write the outcome to ``<out_uri>/result.json`` and, under Pipes, report it as the materialization."""
     uri = storage.join(spec.out_uri, RESULT_FILE)

@@ -6,8 +6,9 @@ Under Dagster Pipes every TRL log streams as ``pipes.log.info`` and the run ends
 that run. With ``merge`` (the default) the DPO adapter is also merged onto the merged SFT base
 (``load_dpo_model``), ready to be the distillation teacher and the gate's candidate: the outcome's model is
 then that full-weights directory, else the DPO adapter on the merged SFT base. After prompt learning the
-outcome is the continued prompt adapter on the SFT's own base (virtual tokens: nothing to merge). Any error exits
-non-zero with the traceback on stderr.
+outcome is the continued prompt adapter on the SFT's own base (virtual tokens: nothing to merge). An adapter SFT
+model is merged once, into the shared cache entry under ``merge_cache_uri`` named by its content hash, which the
+reward model and RL reuse (without it, under ``out_uri``). Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     from tuneline.models.loading import local_model_dir
     from tuneline.models.provision import model_ref
     from tuneline.records import read_records
-    from tuneline.train.dpo import ADAPTER_SUBDIR, MERGED_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
+    from tuneline.train.dpo import ADAPTER_SUBDIR, MODEL_SUBDIR, load_dpo_model, train_dpo
 
     log = _runner.StepLogger(pipes, spec.mlflow)
     train, val = read_records(storage.fetch(spec.train_uri)), read_records(storage.fetch(spec.val_uri))
@@ -40,10 +41,12 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     work = storage.Workspace(spec.out_uri)
     log.emit(f"dpo: beta={params.beta} lr={params.learning_rate} train={len(train)} val={len(val)} "
              f"sft={storage.redact(spec.sft.uri)} ({spec.sft.method})")
+    merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
+    merge_reused = _runner.has_merge(merge)
     result = train_dpo(sft_dir, base_dir, spec.sft.method, train, val, params, work.path,
                        seed=spec.seed, max_steps=spec.max_steps, on_log=log,
                        on_checkpoint=work.sync if work.remote else None,
-                       gradient_checkpointing=spec.compute.trainer_checkpointing())
+                       gradient_checkpointing=spec.compute.trainer_checkpointing(), merge_dir=merge.path)
     if not _runner.is_main_process():  # rank 0 alone merges, writes and reports
         return None
     run_id = spec.mlflow.run_id if spec.mlflow else None
@@ -54,8 +57,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     elif merged_base == sft_dir:
         base_ref = spec.sft
     else:
-        work.sync(MERGED_SUBDIR)
-        base_ref = model_ref(merged_base, work.uri_of(MERGED_SUBDIR), method=f"{spec.sft.method}-merged",
+        base_ref = model_ref(merged_base, _runner.share_merge(merge), method=f"{spec.sft.method}-merged",
                              stage=stage, mlflow_run_id=run_id)
     if spec.merge and not result.continued_adapter:
         merged = load_dpo_model(work.path)
@@ -74,6 +76,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
         "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
         "continued_adapter": result.continued_adapter,
         "trained_in_4bit": bool((result.merge or {}).get("quantization")),  # QLoRA SFT: DPO on the 4-bit merge
+        "sft_merge_reused": merge_reused,  # the SFT adapter's merge came from the shared cache
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
         **{f"{k}_before": before[k] for k in PAIR_METRICS},
         **{f"{k}_after": after[k] for k in PAIR_METRICS},

@@ -3,10 +3,10 @@
 
 The preference records (the split, plus feedback pairs when the spec names them) and the held-out pairs are read
 from their URIs. With ``reward.base: sft`` the SFT model is the start (an adapter is merged into full weights first,
-as DPO does); with ``encoder`` the MiniLM encoder. TRL logs stream to Pipes (or stdout) and MLflow; the outcome's
-model is the reward model directory (full weights, a 1-label sequence classifier), its figures the pairwise
-accuracy on the held-out pairs before and after. A rerun of the same spec resumes from the last complete
-checkpoint. Any error exits non-zero with the traceback on stderr.
+or its merge is reused from the shared cache under ``merge_cache_uri``, as DPO does); with ``encoder`` the MiniLM
+encoder. TRL logs stream to Pipes (or stdout) and MLflow; the outcome's model is the reward model directory (full
+weights, a 1-label sequence classifier), its figures the pairwise accuracy on the held-out pairs before and after.
+A rerun of the same spec resumes from the last complete checkpoint. Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
     val = read_records(storage.fetch(spec.val_uri))
     test = read_records(storage.fetch(spec.test_uri)) if spec.test_uri else []
     work = storage.Workspace(spec.out_uri)
-    sft_dir = None
+    sft_dir, merge_reused = None, False
     if params.base == "sft":
         if spec.sft is None:
             raise ValueError("reward.base: sft but the spec names no SFT model")
         base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else None
-        sft_dir, merged = merged_sft_base(local_model_dir(spec.sft), base_dir, spec.sft.method, work.path)
+        sft_dir = local_model_dir(spec.sft)
+        merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
+        merge_reused = _runner.has_merge(merge)
+        sft_dir, merged = merged_sft_base(sft_dir, base_dir, spec.sft.method, merge.path)
+        _runner.share_merge(merge)
         if (merged or {}).get("prompt_learning"):
             log.emit(f"reward: the SFT model is a {spec.sft.method} adapter (virtual tokens, no weights): the reward "
                      "model starts from the weights it shares with its base")
@@ -51,7 +55,8 @@ def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
                       stage=spec.asset_key or "reward_model", mlflow_run_id=spec.mlflow.run_id if spec.mlflow else None)
     metrics = {
         "steps": result.steps, "seconds": result.seconds, "train_pairs": result.train_pairs,
-        "val_pairs": result.val_pairs, "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "val_pairs": result.val_pairs, "sft_merge_reused": merge_reused, "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
         "pairwise_accuracy_before": result.before["accuracy"], "pairwise_accuracy": result.after["accuracy"],
         "margin_before": result.before["margin_mean"], "margin": result.after["margin_mean"],
         "test_pairwise_accuracy": result.test["accuracy"] if result.test else None,

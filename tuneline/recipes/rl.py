@@ -7,7 +7,8 @@ policy adapter disabled). TRL logs (loss, reward, kl, completion length) stream 
 The outcome's model is the policy adapter merged onto the SFT base (full weights: the gate's candidate when
 ``alignment.method`` is rloo/grpo; after prompt learning, the continued prompt adapter on the SFT's base); its
 figures are the held-out mean reward, KL to the reference and generated tokens/s before and after. A rerun of
-the same spec resumes from the last complete checkpoint. Any error exits non-zero with the traceback on stderr.
+the same spec resumes from the last complete checkpoint. An adapter SFT model's merge is taken from (or written to)
+the shared cache under ``merge_cache_uri``, as DPO does. Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     log.emit(f"rl: {spec.algorithm} beta={params.beta} lr={params.learning_rate} steps={steps} "
              f"generations={params.num_generations} completion<={params.max_completion_length} tokens, "
              f"reward model {storage.redact(spec.reward_model.uri)}")
+    merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
+    merge_reused = _runner.has_merge(merge)
     result = train_rl(spec.algorithm, sft_dir, base_dir, spec.sft.method, train, val, scorer, params, work.path,
                       seed=spec.seed, max_steps=spec.max_steps, on_log=log,
-                      on_checkpoint=work.sync if work.remote else None, gradient_checkpointing=spec.compute.trainer_checkpointing())
+                      on_checkpoint=work.sync if work.remote else None,
+                      gradient_checkpointing=spec.compute.trainer_checkpointing(),
+                      merge_dir=merge.path)
+    _runner.share_merge(merge)
     stage, run_id = spec.asset_key or "rl_policy", spec.mlflow.run_id if spec.mlflow else None
     if result.continued_adapter:  # prompt learning: the policy's virtual tokens on the SFT adapter's base
         work.sync(ADAPTER_SUBDIR)
@@ -54,6 +60,7 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     before, after = result.before, result.after
     metrics = {
         "algorithm": spec.algorithm, "continued_adapter": result.continued_adapter, "steps": result.steps,
+        "sft_merge_reused": merge_reused,
         "seconds": result.seconds, "beta": params.beta,
         "num_generations": params.num_generations, "max_completion_length": params.max_completion_length,
         "train_prompts": result.train_prompts, "eval_prompts": result.eval_prompts,

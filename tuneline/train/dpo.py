@@ -242,6 +242,24 @@ def evaluate_preferences(
 # the merged SFT base
 
 
+MERGE_CACHE_FORMAT = 1  # bump when the merged layout changes (it is part of the key)
+
+
+def merge_cache_key(sft_model_dir: str | Path, base_sha256: str, sft_method: str) -> Optional[str]:
+    """The folder name of the SFT model's merge in a shared cache: a hash of every file of the SFT model (an
+    adapter: small), its base's weights hash and the method, so DPO, the reward model and RL, which all start
+    from the same SFT model, find one merge instead of writing three. None when nothing is merged (full
+    weights are used as they are, virtual tokens sit on their base)."""
+    from tuneline.records import canonical_json, sha256_file, sha256_text
+
+    if sft_method not in MERGEABLE_METHODS + (BOTTLENECK_METHOD,):
+        return None
+    root = Path(sft_model_dir)
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return sha256_text(canonical_json({"format": MERGE_CACHE_FORMAT, "method": sft_method, "sft_files": files,
+                                       "base_weights_sha256": base_sha256}))
+
+
 def merged_sft_base(
     sft_model_dir: str | Path, base_model_path: str | Path, sft_method: str, out_dir: str | Path
 ) -> tuple[Path, Optional[dict[str, Any]]]:
@@ -250,8 +268,13 @@ def merged_sft_base(
     instead: the base's weights with the adapters beside them, loaded back together (``load_causal_lm``), and the
     later stage's fresh LoRA leaves the adapters alone (:func:`~tuneline.train.common.fresh_lora_config`).
 
-    A completed merge (its marker file present) is reused, so a retried run does not merge again.
+    A completed merge (its marker file present) is reused, so a retried run, or another stage given the same
+    ``out_dir`` (the shared cache entry of :func:`merge_cache_key`), does not merge again. The merge is written
+    to a temporary folder and renamed into place complete, so two stages merging at once never see half of one.
     """
+    import os
+    import shutil
+
     from tuneline.train.sft import merge_adapter
 
     sft_model_dir = Path(sft_model_dir)
@@ -269,15 +292,29 @@ def merged_sft_base(
     marker = merged / MERGE_MARKER
     if marker.is_file():
         return merged, json.loads(marker.read_text(encoding="utf-8"))
+    tmp = merged.with_name(f"{MERGED_SUBDIR}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     if sft_method == BOTTLENECK_METHOD:
         from tuneline.deploy.bundle import bottleneck_bundle
 
-        bottleneck_bundle(base_model_path, sft_model_dir, merged)  # checked against the adapter on its base
-        info = {"output_dir": str(merged), "method": sft_method, "bundle": True, "quantization": None}
+        bottleneck_bundle(base_model_path, sft_model_dir, tmp)  # checked against the adapter on its base
+        info = {"method": sft_method, "bundle": True, "quantization": None}
     else:
-        info = merge_adapter(base_model_path, sft_model_dir, merged)
-    marker.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return merged, info
+        info = merge_adapter(base_model_path, sft_model_dir, tmp)
+    info["output_dir"] = str(merged)
+    (tmp / MERGE_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if marker.is_file():  # another stage finished the same merge first: same content, keep theirs
+        shutil.rmtree(tmp)
+        return merged, json.loads(marker.read_text(encoding="utf-8"))
+    if merged.exists() and not marker.is_file():  # an interrupted merge's leftovers
+        shutil.rmtree(merged, ignore_errors=True)
+    try:
+        os.rename(tmp, merged)
+    except OSError:  # renamed by another stage between the check and here
+        if not marker.is_file():
+            raise
+        shutil.rmtree(tmp)
+    return merged, json.loads(marker.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -391,14 +428,16 @@ def train_dpo(
     on_log: Optional[OnLog] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
     gradient_checkpointing: bool = False,
+    merge_dir: Optional[str | Path] = None,
 ) -> DpoResult:
     """Train a fresh LoRA adapter with DPO on the (merged) SFT model; the reference is that model itself.
 
     ``sft_model_dir`` is ``train_sft``'s output (an adapter on ``base_model_path``, or full weights for
-    full/freeze). ``max_steps`` caps the run on top of ``params.max_steps``; ``on_log(step, logs)`` sees every
-    TRL log (loss, rewards/accuracies, rewards/margins, ...). Checkpoints every ``params.save_steps`` steps
-    are marked complete once written (then ``on_checkpoint(folder)``); a rerun resumes from the last complete
-    one, its loss curve included.
+    full/freeze); an adapter is merged under ``merge_dir`` (default ``out_dir``: a shared cache entry lets the
+    reward model and RL reuse it). ``max_steps`` caps the run on top of ``params.max_steps``; ``on_log(step,
+    logs)`` sees every TRL log (loss, rewards/accuracies, rewards/margins, ...). Checkpoints every
+    ``params.save_steps`` steps are marked complete once written (then ``on_checkpoint(folder)``); a rerun resumes
+    from the last complete one, its loss curve included.
     """
     from tuneline.models.loading import resolve_bf16
     from tuneline.train import callbacks as cb
@@ -415,7 +454,7 @@ def train_dpo(
         raise ValueError(f"DPO needs train and val pairs (got {len(train_pairs)} and {len(val_pairs)})")
 
     with distributed.main_process_first():  # rank 0 merges; the others find its marker and reuse the merge
-        merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+        merged_dir, merge_info = merged_sft_base(sft_model_dir, base_model_path, sft_method, merge_dir or out)
     continued = sft_method in PROMPT_LEARNING
 
     checkpoints = out / "checkpoints"

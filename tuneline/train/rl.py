@@ -207,10 +207,12 @@ def train_rl(
     on_log: Optional[OnLog] = None,
     on_checkpoint: Optional[Callable[[Path], None]] = None,
     gradient_checkpointing: bool = False,
+    merge_dir: Optional[str | Path] = None,
 ) -> RlResult:
     """RLOO/GRPO on the prompts of ``train_records`` from the SFT model, rewarded by ``reward_fn`` (TRL's reward
     function signature), KL-tied (``params.beta``) to the SFT model; figures on ``val_records``' prompts before
-    and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one."""
+    and after. Checkpoints every ``params.save_steps`` are marked complete; a rerun resumes from the last one. An
+    adapter SFT model is merged under ``merge_dir`` (default ``out_dir``; a shared cache entry is reused)."""
     from tuneline.models.loading import resolve_bf16
     from tuneline.params import PROMPT_LEARNING
     from tuneline.train import callbacks as cb
@@ -222,7 +224,7 @@ def train_rl(
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merged_dir, _ = merged_sft_base(sft_model_dir, base_model_path, sft_method, out)
+    merged_dir, _ = merged_sft_base(sft_model_dir, base_model_path, sft_method, merge_dir or out)
     continued = sft_method in PROMPT_LEARNING
 
     checkpoints = out / "checkpoints"
