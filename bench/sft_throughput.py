@@ -365,6 +365,14 @@ def run_ours(spec_path: Path, out: Path, result_path: Path, padding_free: Option
     )
 
 
+def _cpu() -> str:
+    """The CPU's name and the flags that decide its speed (bench/_machine.py; stdlib only)."""
+    sys.path.insert(0, str(ROOT))
+    from bench._machine import cpu
+
+    return cpu()
+
+
 def source_digests() -> dict[str, str]:
     """sha256 (12 hex) of the tuneline files the SFT stage runs: which version of the code was measured."""
     import hashlib
@@ -788,6 +796,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"others used {r['other_cores_during_run']:.2f} cores", flush=True)
 
     summary = report(contenders, results, base_val)
+    print(f"# {_cpu()}")
     print_table(summary)
     for c, t in tokenization.items():
         print(f"tokenization {c}: {t}")
@@ -799,7 +808,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "python bench/sft_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "cpu": _cpu()},
         "workload": {**setup["spec"], "model": setup["model"], "data": setup["data"]},
         "method": {
             "timing": "perf_counter between TrainerCallback.on_train_begin and on_train_end, in every contender",

@@ -7,12 +7,17 @@ peer, ...), the same model, data, batch, sequence length, steps, learning rate a
 min-max. The clock covers the training loop only (model loading, tokenization and saving are outside it).
 
 - ``pretrain``: ``tuneline.models.pretrain.pretrain_causal_lm`` against a bare ``transformers.Trainer`` causal-LM
-  run (the ``run_clm`` recipe: the corpus tokenized, concatenated and cut into blocks, default collator), both
-  at their best flags for this CPU (bf16 autocast where it is native, fp32 otherwise). Figures: real tokens/s
-  and the held-out loss after training on the same blocks.
+  run (the ``run_clm`` recipe: the corpus tokenized, concatenated and cut into blocks, default collator) and
+  LLaMA-Factory's ``stage: pt`` (given the same blocks pre-tokenized), all at their best flags for this CPU (bf16
+  autocast where it is native, fp32 otherwise). Figures: real tokens/s and the held-out loss after training on
+  the same blocks.
 - ``dpo``: ``tuneline.train.dpo.train_dpo`` against bare TRL ``DPOTrainer`` (same LoRA, ``ref_model=None``,
-  TRL's wrong-on-CPU defaults set right: gradient checkpointing off, bf16 only where native). Figures:
-  pairs/s and the reward accuracy on held-out pairs.
+  TRL's wrong-on-CPU defaults set right: gradient checkpointing off, bf16 only where native) and LLaMA-Factory's
+  ``stage: dpo`` (LoRA, sigmoid loss, the adapter disabled as reference). Figures: pairs/s and the reward accuracy
+  on held-out pairs.
+
+LLaMA-Factory runs in .bench/llamafactory-venv (``bash bench/setup_llamafactory.sh``; without it its rows say so
+and the other contenders are still measured) through bench/llamafactory_stage.py; what it saves is scored here.
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
 
@@ -42,7 +47,9 @@ from bench.matmul_peak import matmul_params, measure, useful_mfu  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage_throughput.json"
 SEED = 42
-CONTENDERS = {"pretrain": ("ours", "hf-trainer"), "dpo": ("ours", "trl"), "generate": ("ours", "hf-generate")}
+CONTENDERS = {"pretrain": ("ours", "hf-trainer", "llamafactory"), "dpo": ("ours", "trl", "llamafactory"),
+              "generate": ("ours", "hf-generate")}
+LF_VENV = ROOT / ".bench" / "llamafactory-venv"  # bench/setup_llamafactory.sh
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
              max_position_embeddings=512)
 PRETRAIN = dict(steps=60, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=6)
@@ -69,8 +76,48 @@ def prepare(work: Path) -> dict[str, Any]:
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows["sft"][: GENERATE["prompts"]]]
     (work / "prompts.json").write_text(json.dumps(prompts))
     model = init_tiny_model(tokenizer, TinyModelParams(**SHAPE), seed=SEED)
+    _llamafactory_data(work, str(base))
     return {"base": str(base), "n_params": sum(p.numel() for p in model.parameters()),
             "n_matmul_params": matmul_params(model)}
+
+
+def _pretrain_blocks(work: Path, base: str) -> tuple[Any, Any]:
+    """(train blocks, held-out blocks): the corpus packed as ours packs it, split as ours splits it (a seeded
+    permutation, the first 64 blocks held out), so every contender trains and is scored on the same blocks."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneline.models.pretrain import pack_corpus
+
+    blocks = pack_corpus(AutoTokenizer.from_pretrained(base), json.loads((work / "corpus.json").read_text()),
+                         PRETRAIN["seq_len"])
+    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(SEED))
+    n_eval = 64  # ours: MAX_EVAL_BLOCKS
+    return blocks[order[n_eval:]], blocks[order[:n_eval]]
+
+
+def _llamafactory_data(work: Path, base: str) -> None:
+    """LLaMA-Factory's inputs: the training blocks pre-tokenized (``tokenized_path``) and the preference train
+    pairs as a sharegpt ranking dataset, registered in ``dataset_info.json``."""
+    from datasets import Dataset, DatasetDict
+
+    train_blocks, _ = _pretrain_blocks(work, base)
+    DatasetDict({"train": Dataset.from_dict({"input_ids": train_blocks.tolist()})}).save_to_disk(
+        str(work / "pt_tokenized"))
+    lf = work / "llamafactory"
+    lf.mkdir(parents=True, exist_ok=True)
+    train, _ = _preference_records(work)
+    rows = [{"messages": r.messages, "chosen": {"role": "assistant", "content": r.chosen},
+             "rejected": {"role": "assistant", "content": r.rejected}} for r in train]
+    (lf / "pref.json").write_text(json.dumps(rows))
+    (lf / "corpus.json").write_text(json.dumps([{"text": t} for t in json.loads((work / "corpus.json").read_text())]))
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "system_tag": "system"}
+    (lf / "dataset_info.json").write_text(json.dumps({
+        "bench_pref": {"file_name": "pref.json", "formatting": "sharegpt", "ranking": True, "tags": tags,
+                       "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"}},
+        "bench_corpus": {"file_name": "corpus.json", "columns": {"prompt": "text"}},  # unused: tokenized_path wins
+    }))
 
 
 def _preference_records(work: Path) -> tuple[list[Any], list[Any]]:
@@ -122,15 +169,12 @@ def pretrain_hf_trainer(work: Path, base: str) -> dict[str, Any]:
         TrainingArguments
 
     from tuneline.models.loading import bf16_supported
-    from tuneline.models.pretrain import evaluate_blocks, pack_corpus
+    from tuneline.models.pretrain import evaluate_blocks
 
     p = PRETRAIN
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    blocks = pack_corpus(tokenizer, json.loads((work / "corpus.json").read_text()), p["seq_len"])
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(SEED))
-    n_eval = 64  # the same held-out share as ours (its MAX_EVAL_BLOCKS cap)
-    eval_blocks, train_blocks = blocks[order[:n_eval]], blocks[order[n_eval:]]
+    train_blocks, eval_blocks = _pretrain_blocks(work, base)
     dataset = Dataset.from_dict({"input_ids": train_blocks.tolist()})
     bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
     marks: dict[str, float] = {}
@@ -197,6 +241,31 @@ def dpo_trl(work: Path, base: str) -> dict[str, Any]:
             "reward_accuracy": after.reward_accuracy, "bf16": bf16}
 
 
+def pretrain_eval_saved(work: Path, base: str, saved: str) -> dict[str, Any]:
+    """The held-out loss of a model a peer saved (LLaMA-Factory), computed as for ours."""
+    from tuneline.models.loading import bf16_supported, load_causal_lm
+    from tuneline.models.pretrain import evaluate_blocks
+
+    _, eval_blocks = _pretrain_blocks(work, base)
+    return {"eval_loss": evaluate_blocks(load_causal_lm(saved), eval_blocks, batch_size=PRETRAIN["batch_size"],
+                                         bf16=bf16_supported("cpu"))}
+
+
+def dpo_eval_saved(work: Path, base: str, saved: str) -> dict[str, Any]:
+    """The held-out reward accuracy of a DPO adapter a peer saved (LLaMA-Factory), computed as for ours."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.train.dpo import evaluate_preferences
+
+    _, val = _preference_records(work)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), saved)
+    after = evaluate_preferences(model, AutoTokenizer.from_pretrained(base), val, DPO["beta"],
+                                 max_length=DPO["max_length"], batch_size=DPO["batch_size"])
+    return {"reward_accuracy": after.reward_accuracy}
+
+
 def _generation_setup(work: Path, base: str) -> tuple[Any, Any, list[list[int]]]:
     from tuneline.models.generation import prompt_ids
     from tuneline.models.loading import load_causal_lm, load_tokenizer
@@ -240,7 +309,43 @@ def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
 
 CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
             ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
-            ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate}
+            ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate,
+            ("pretrain", "eval-saved"): pretrain_eval_saved, ("dpo", "eval-saved"): dpo_eval_saved}
+WORKLOADS = {"pretrain": PRETRAIN, "dpo": DPO, "generate": GENERATE}
+
+
+def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, str]) -> dict[str, Any]:
+    """One contender's run in its own process; LLaMA-Factory's in its venv, then scored here from what it saved."""
+    saved: list[str] = []
+    if contender == "llamafactory":
+        python = LF_VENV / "bin" / "python"
+        if not python.exists():
+            return {"error": f"{python} missing: run `bash bench/setup_llamafactory.sh`"}
+        from tuneline.models.loading import bf16_supported
+
+        out = Path(tempfile.mkdtemp(prefix=f"lf-{stage}-", dir=work))
+        cmd = [str(python), str(ROOT / "bench" / "llamafactory_stage.py"),
+               "--stage", {"pretrain": "pt"}.get(stage, stage), "--work", str(work), "--base", base, "--out", str(out), "--bf16", str(int(bf16_supported("cpu"))),
+               "--workload", json.dumps({**WORKLOADS[stage], "seed": SEED})]
+        lf_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing of ours in its venv
+        row = _row(subprocess.run(cmd, capture_output=True, text=True, env={**lf_env, "DISABLE_VERSION_CHECK": "1"},
+                                  timeout=1800))
+        if "error" in row:
+            return row
+        contender, saved = "eval-saved", ["--saved", row["saved"]]
+        unit = {"pretrain": "tokens", "dpo": "pairs"}[stage]
+        row[unit] = WORKLOADS[stage]["steps"] * WORKLOADS[stage]["batch_size"] * (
+            PRETRAIN["seq_len"] if stage == "pretrain" else 1)
+    else:
+        row = {}
+    proc = subprocess.run([sys.executable, __file__, "--child", f"{stage}:{contender}", "--work", str(work),
+                           "--base", base, *saved], capture_output=True, text=True, env=env, timeout=1800)
+    return {**row, **_row(proc)}
+
+
+def _row(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    found = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    return found[0] if found else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
 
 
 # ---------------------------------------------------------------------------
@@ -287,10 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--saved", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         stage, contender = args.child.split(":")
-        row = CHILDREN[(stage, contender)](Path(args.work), args.base)
+        extra = (args.saved,) if contender == "eval-saved" else ()
+        row = CHILDREN[(stage, contender)](Path(args.work), args.base, *extra)
         print("ROW " + json.dumps(row), flush=True)
         return 0
 
@@ -302,19 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results: dict[str, Any] = {"machine": machine, "params": setup["n_params"], "runs": args.runs, "peak_gflops": peaks,
                                "matmul_params": setup["n_matmul_params"],
-                               "workloads": {"pretrain": PRETRAIN, "dpo": DPO, "generate": GENERATE}, "stages": {}}
+                               "workloads": WORKLOADS, "stages": {}}
     for stage in args.stages.split(","):
         rows = []
         for run in range(args.runs):
             for contender in CONTENDERS[stage]:
-                proc = subprocess.run([sys.executable, __file__, "--child", f"{stage}:{contender}", "--work", str(work),
-                                       "--base", setup["base"]], capture_output=True, text=True, env=env, timeout=1800)
-                found = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-                row = {"contender": contender, "run": run,
-                       **(found[0] if found else {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})}
+                row = {"contender": contender, "run": run, **run_child(stage, contender, work, setup["base"], env)}
                 print(json.dumps({"stage": stage, **row}), flush=True)
                 rows.append(row)
-        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, setup["n_matmul_params"], peaks)}
+        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, setup["n_matmul_params"], peaks),
+                                    "machine": machine, "peak_gflops": peaks,  # a file can hold stages of other runs
+                                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if RESULTS.exists():  # a run of some stages keeps the other stages' last figures
