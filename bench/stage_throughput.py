@@ -18,10 +18,16 @@ min-max. The clock covers the training loop only (model loading, tokenization an
 
 LLaMA-Factory runs in .bench/llamafactory-venv (``bash bench/setup_llamafactory.sh``; without it its rows say so
 and the other contenders are still measured) through bench/llamafactory_stage.py; what it saves is scored here.
+- ``distill``: ``tuneline.train.distill.distill_student`` (teacher outputs computed once, top-64, then the
+  student trains on them; timed as the teacher pass plus the training loop, with a cold cache) against TRL's
+  ``GKDTrainer`` with ``lmbda=0`` and ``beta=0`` (the teacher's forward pass every step, full-vocabulary forward
+  KL; no generated sequences), the same student (two of the teacher's four blocks), data, steps and schedule: two
+  passes over the data, the stage's default. Figures: sequences/s and the student's
+  held-out KL to the teacher and cross-entropy, computed the same way for both.
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
 
-    python bench/stage_throughput.py --stages pretrain,dpo,generate --runs 3
+    python bench/stage_throughput.py --stages pretrain,dpo,distill,generate --runs 3
 
 Writes bench/results/stage_throughput.json; prints the CPU name and flags with the table.
 """
@@ -48,13 +54,17 @@ from bench.matmul_peak import matmul_params, measure, useful_mfu  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "stage_throughput.json"
 SEED = 42
 CONTENDERS = {"pretrain": ("ours", "hf-trainer", "llamafactory"), "dpo": ("ours", "trl", "llamafactory"),
-              "generate": ("ours", "hf-generate")}
+              "distill": ("ours", "trl-gkd"), "generate": ("ours", "hf-generate")}
 LF_VENV = ROOT / ".bench" / "llamafactory-venv"  # bench/setup_llamafactory.sh
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
              max_position_embeddings=512)
 PRETRAIN = dict(steps=60, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=6)
 DPO = dict(steps=60, batch_size=8, max_length=128, learning_rate=5e-4, beta=0.1, lora_r=16)
 GENERATE = dict(prompts=96, batch=32, max_new_tokens=32)
+# 60 steps x 8 = two passes over 240 train conversations (the stage's default: distill.epochs 2); a 2-block student
+# of the 4-block teacher; pure forward KL at temperature 1 (what TRL's GKD computes with lmbda 0 and beta 0: no
+# generated sequences, no JSD mix)
+DISTILL = dict(steps=60, batch_size=8, epochs=2, max_length=128, learning_rate=1e-3, student_layers=2, val=64)
 
 
 # ---------------------------------------------------------------------------
@@ -75,6 +85,9 @@ def prepare(work: Path) -> dict[str, Any]:
     (work / "pref.json").write_text(json.dumps(pref))
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows["sft"][: GENERATE["prompts"]]]
     (work / "prompts.json").write_text(json.dumps(prompts))
+    conversations = [[{"role": "user", "content": alpaca_prompt(r["instruction"], r["input"])},
+                      {"role": "assistant", "content": r["output"]}] for r in rows["sft"]]
+    (work / "sft.json").write_text(json.dumps(conversations))
     model = init_tiny_model(tokenizer, TinyModelParams(**SHAPE), seed=SEED)
     _llamafactory_data(work, str(base))
     return {"base": str(base), "n_params": sum(p.numel() for p in model.parameters()),
@@ -127,6 +140,44 @@ def _preference_records(work: Path) -> tuple[list[Any], list[Any]]:
     records = [ChatRecord(kind="preference", source="bench", line=i, chosen=p["chosen"], rejected=p["rejected"],
                           messages=[{"role": "user", "content": p["prompt"]}]) for i, p in enumerate(pref)]
     return records[:-64], records[-64:]
+
+
+def _sft_records(work: Path) -> tuple[list[Any], list[Any]]:
+    """(train, val) conversations for distillation: ``epochs`` passes make the workload's steps; the held-out ones."""
+    from tuneline.records import ChatRecord
+
+    conversations = json.loads((work / "sft.json").read_text())
+    records = [ChatRecord(kind="sft", source="bench", line=i, messages=m) for i, m in enumerate(conversations)]
+    n_train = DISTILL["steps"] * DISTILL["batch_size"] // DISTILL["epochs"]
+    return records[:n_train], records[n_train:n_train + DISTILL["val"]]
+
+
+def distill_teacher(work: Path, base: str) -> str:
+    """The teacher both contenders distill: the base pretrained as the pretrain workload does (built once)."""
+    from tuneline.models.loading import load_causal_lm, load_tokenizer
+    from tuneline.models.pretrain import pretrain_causal_lm
+    from tuneline.models.tiny import save_model
+    from tuneline.params import PretrainParams
+
+    target = work / "teacher"
+    if not (target / "config.json").is_file():
+        p = PRETRAIN
+        model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+        pretrain_causal_lm(model, tokenizer, json.loads((work / "corpus.json").read_text()),
+                           PretrainParams(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"],
+                                          learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"]),
+                           seed=SEED, steps=p["steps"])
+        save_model(model, tokenizer, target)
+    return str(target)
+
+
+def _distill_params() -> Any:
+    from tuneline.params import DistillParams
+
+    d = DISTILL
+    return DistillParams(student_layers=d["student_layers"], temperature=1.0, alpha_kl=1.0, alpha_ce=0.0,
+                         learning_rate=d["learning_rate"], batch_size=d["batch_size"], max_length=d["max_length"],
+                         epochs=d["epochs"], max_steps=d["steps"], save_steps=10 * d["steps"])
 
 
 def _timing_callback(marks: dict[str, float]) -> Any:
@@ -266,6 +317,70 @@ def dpo_eval_saved(work: Path, base: str, saved: str) -> dict[str, Any]:
     return {"reward_accuracy": after.reward_accuracy}
 
 
+def distill_ours(work: Path, base: str) -> dict[str, Any]:
+    """Our stage with a cold teacher cache, timed as the teacher pass over the train split plus the training loop
+    (the trainer's own train_runtime): the work GKD's loop does. Loading, the held-out figures and saving are
+    outside the clock for both."""
+    from tuneline.models.loading import resolve_bf16
+    from tuneline.train import distill
+
+    passes: list[float] = []
+    teacher_outputs = distill.teacher_outputs
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = teacher_outputs(*args, **kwargs)
+        passes.append(time.perf_counter() - start)
+        return out
+
+    distill.teacher_outputs = timed
+    train, val = _sft_records(work)
+    out, logs = Path(tempfile.mkdtemp(prefix="ours-distill-", dir=work)), {}
+    result = distill.distill_student(work / "teacher", train, val, _distill_params(), out, seed=SEED,
+                                     cache_dir=out / "cache", on_log=lambda step, m: logs.update(m))
+    return {"seconds": passes[0] + logs["train_runtime"], "teacher_pass_s": passes[0],
+            "sequences": result.steps * DISTILL["batch_size"], "val_kl": result.val_kl_after,
+            "val_ce": result.val_ce_after, "bf16": resolve_bf16(None)}
+
+
+def distill_trl_gkd(work: Path, base: str) -> dict[str, Any]:
+    """TRL's GKDTrainer (trl.experimental.gkd) with lmbda 0 and beta 0: the teacher's forward pass every step, the
+    full-vocabulary KL; the same student (our ``build_student``: the teacher's blocks 0 and 3), data and schedule.
+    Timed around the training loop (which runs the teacher); then scored with our own held-out KL and CE."""
+    import torch
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from tuneline.models.loading import bf16_supported, load_causal_lm, load_tokenizer
+    from tuneline.train.distill import _tokenize, build_student, kd_metrics, teacher_outputs
+
+    d, params = DISTILL, _distill_params()
+    train, val = _sft_records(work)
+    teacher, tokenizer = load_causal_lm(work / "teacher"), load_tokenizer(work / "teacher")
+    student, _ = build_student(teacher, params, seed=SEED)
+    bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
+    config = GKDConfig(output_dir=str(work / "trl-gkd"), lmbda=0.0, beta=0.0, seq_kd=False, max_length=d["max_length"],
+                       per_device_train_batch_size=d["batch_size"], max_steps=d["steps"],
+                       learning_rate=d["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0, bf16=bf16,
+                       use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, save_strategy="no",
+                       report_to=[], logging_steps=10, disable_tqdm=True, seed=SEED, dataloader_num_workers=0)
+    marks: dict[str, float] = {}
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"messages": r.messages} for r in train]),
+                         callbacks=[_timing_callback(marks)])
+    trainer.train()
+    seconds = marks["end"] - marks["start"]
+    if trainer.state.global_step != d["steps"]:
+        raise RuntimeError(f"GKD ran {trainer.state.global_step} steps, the workload is {d['steps']}")
+    pad = tokenizer.pad_token_id
+    features = _tokenize(tokenizer, val, d["max_length"])
+    cache, _ = teacher_outputs(teacher.float(), features, Path(tempfile.mkdtemp(dir=work)) / "val", temperature=1.0,
+                               top_k=64, pad_token_id=pad, batch_size=d["batch_size"])
+    after = kd_metrics(trainer.model.float(), features, cache, 1.0, pad)
+    return {"seconds": seconds, "sequences": d["steps"] * d["batch_size"], "val_kl": after["kl"],
+            "val_ce": after["ce"], "bf16": bf16}
+
+
 def _generation_setup(work: Path, base: str) -> tuple[Any, Any, list[list[int]]]:
     from tuneline.models.generation import prompt_ids
     from tuneline.models.loading import load_causal_lm, load_tokenizer
@@ -309,9 +424,10 @@ def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
 
 CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
             ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
+            ("distill", "ours"): distill_ours, ("distill", "trl-gkd"): distill_trl_gkd,
             ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate,
             ("pretrain", "eval-saved"): pretrain_eval_saved, ("dpo", "eval-saved"): dpo_eval_saved}
-WORKLOADS = {"pretrain": PRETRAIN, "dpo": DPO, "generate": GENERATE}
+WORKLOADS = {"pretrain": PRETRAIN, "dpo": DPO, "distill": DISTILL, "generate": GENERATE}
 
 
 def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, str]) -> dict[str, Any]:
@@ -353,13 +469,13 @@ def _row(proc: subprocess.CompletedProcess) -> dict[str, Any]:
 
 
 def tokens(stage: str, row: dict[str, Any]) -> Optional[float]:
-    """Real tokens per second; None for DPO, whose rows do not count their real tokens (and whose step also runs
-    the reference forward pass, so 6N per token would not be its cost)."""
-    return None if stage == "dpo" else rate(stage, row)
+    """Real tokens per second; None for DPO and distillation, whose rows do not count their real tokens (and whose
+    steps also run a reference or teacher forward pass, so 6N per token would not be their cost)."""
+    return None if stage in ("dpo", "distill") else rate(stage, row)
 
 
 def rate(stage: str, row: dict[str, Any]) -> float:
-    unit = {"pretrain": "tokens", "dpo": "pairs", "generate": "new_tokens"}[stage]
+    unit = {"pretrain": "tokens", "dpo": "pairs", "distill": "sequences", "generate": "new_tokens"}[stage]
     return row[unit] / row["seconds"]
 
 
@@ -374,11 +490,11 @@ def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict
         rates = [rate(stage, r) for r in mine]
         dtype = "bfloat16" if mine[0].get("bf16") else "float32"
         out[contender] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(mine),
-                          "dtype": dtype, "mfu": None if stage == "dpo" else useful_mfu(
+                          "dtype": dtype, "mfu": None if stage in ("dpo", "distill") else useful_mfu(
                               statistics.median([tokens(stage, r) for r in mine]), n_matmul, peaks[dtype],
                               training=stage != "generate"),
-                          **{k: statistics.median([r[k] for r in mine]) for k in ("eval_loss", "reward_accuracy")
-                             if k in mine[0]}}
+                          **{k: statistics.median([r[k] for r in mine])
+                             for k in ("eval_loss", "reward_accuracy", "val_kl", "val_ce") if k in mine[0]}}
     if "ours" in out and len(out) > 1:
         peer = max((v["median"] for k, v in out.items() if k != "ours"), default=None)
         out["ratio_to_fastest_peer"] = out["ours"]["median"] / peer if peer else None
@@ -387,7 +503,7 @@ def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="pretrain,dpo,generate")
+    parser.add_argument("--stages", default="pretrain,dpo,distill,generate")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -411,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                                "matmul_params": setup["n_matmul_params"],
                                "workloads": WORKLOADS, "stages": {}}
     for stage in args.stages.split(","):
+        if stage == "distill":
+            distill_teacher(work, setup["base"])
         rows = []
         for run in range(args.runs):
             for contender in CONTENDERS[stage]:
