@@ -765,3 +765,24 @@ def test_added_tokens_train_with_lora_and_reload(tied, base_dir, untied_base_dir
         assert torch.equal(trained(input_ids=ids).logits, again)
         assert torch.allclose(again.float(), capture.logits, atol=1e-5, rtol=0)
         assert again.shape[-1] == info["vocab_size"]
+
+
+def test_a_finished_folder_moves_into_place_keeping_a_complete_one_and_replacing_a_partial_one(tmp_path):
+    import shutil
+
+    from tuneline.train.checkpoints import move_into_place, temp_sibling
+
+    target = tmp_path / "entry"
+    for content, already in (("first", None), ("second", "complete"), ("third", "partial")):
+        if already == "partial":  # an interrupted write: no marker
+            shutil.rmtree(target)
+            target.mkdir()
+            (target / "data").write_text("half")
+        tmp = temp_sibling(target)
+        tmp.mkdir()
+        (tmp / "data").write_text(content)
+        (tmp / "DONE").write_text("")
+        move_into_place(tmp, target, "DONE")
+        assert not tmp.exists()
+        expected = "first" if already == "complete" else content  # a complete entry is never overwritten
+        assert (target / "data").read_text() == expected and (target / "DONE").is_file()

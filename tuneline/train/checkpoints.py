@@ -1,5 +1,6 @@
 """Crash-safe checkpoints: a completion marker written last (with the sha256 of every file), the newest intact
-checkpoint found on resume, and a full disk explained. Light: no torch or transformers import."""
+checkpoint found on resume, and a full disk explained; folders shared between processes (caches) moved into place
+only once complete. Light: no torch or transformers import."""
 
 from __future__ import annotations
 
@@ -22,6 +23,33 @@ def checkpoint_step(path: str | Path) -> int:
     if not match:
         raise ValueError(f"{path} is not a checkpoint-N directory")
     return int(match.group(1))
+
+
+def temp_sibling(target: str | Path) -> Path:
+    """An empty-to-be folder beside ``target``, private to this process, to write ``target``'s content into before
+    :func:`move_into_place` (a leftover of an earlier attempt of this process id is removed)."""
+    target = Path(target)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def move_into_place(tmp: str | Path, target: str | Path, complete: str) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, so no reader ever sees half of it. When another process
+    put a complete ``target`` there first (``target/complete`` present: same inputs, same content) theirs stays and
+    ``tmp`` goes; an incomplete ``target`` (an interrupted write) is replaced."""
+    tmp, target = Path(tmp), Path(target)
+    if (target / complete).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process renamed its complete folder in between
+        if not (target / complete).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def mark_complete(checkpoint_dir: str | Path, step: int) -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -224,6 +223,7 @@ def teacher_outputs(
         return load_file(str(file)), True
 
     from tuneline.evaluate.report import virtual_tokens_sliced
+    from tuneline.train.checkpoints import move_into_place, temp_sibling
     from tuneline.train.common import PadCollator
 
     collate = PadCollator(pad_token_id=pad_token_id)
@@ -248,18 +248,13 @@ def teacher_outputs(
         "index": torch.cat(indices).contiguous(),
         "offsets": torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64),
     }
-    tmp = cache_path.with_name(f"{cache_path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(cache_path)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / CACHE_FILE))
     meta = {"positions": int(tensors["logp"].shape[0]), "sequences": len(features), "top_k": top_k,
             "temperature": temperature, "dtype": "float32 log-probs at temperature T, int32 token ids"}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if (cache_path / CACHE_FILE).is_file():  # another process finished the same entry first: same content
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(cache_path, ignore_errors=True)  # a partial entry can only come from outside this code
-        tmp.replace(cache_path)
+    move_into_place(tmp, cache_path, CACHE_FILE)  # another process's identical entry, if first, is kept
     return tensors, False
 
 

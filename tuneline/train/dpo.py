@@ -272,9 +272,7 @@ def merged_sft_base(
     ``out_dir`` (the shared cache entry of :func:`merge_cache_key`), does not merge again. The merge is written
     to a temporary folder and renamed into place complete, so two stages merging at once never see half of one.
     """
-    import os
-    import shutil
-
+    from tuneline.train.checkpoints import move_into_place, temp_sibling
     from tuneline.train.sft import merge_adapter
 
     sft_model_dir = Path(sft_model_dir)
@@ -292,8 +290,7 @@ def merged_sft_base(
     marker = merged / MERGE_MARKER
     if marker.is_file():
         return merged, json.loads(marker.read_text(encoding="utf-8"))
-    tmp = merged.with_name(f"{MERGED_SUBDIR}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(merged)
     if sft_method == BOTTLENECK_METHOD:
         from tuneline.deploy.bundle import bottleneck_bundle
 
@@ -303,17 +300,7 @@ def merged_sft_base(
         info = merge_adapter(base_model_path, sft_model_dir, tmp)
     info["output_dir"] = str(merged)
     (tmp / MERGE_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if marker.is_file():  # another stage finished the same merge first: same content, keep theirs
-        shutil.rmtree(tmp)
-        return merged, json.loads(marker.read_text(encoding="utf-8"))
-    if merged.exists() and not marker.is_file():  # an interrupted merge's leftovers
-        shutil.rmtree(merged, ignore_errors=True)
-    try:
-        os.rename(tmp, merged)
-    except OSError:  # renamed by another stage between the check and here
-        if not marker.is_file():
-            raise
-        shutil.rmtree(tmp)
+    move_into_place(tmp, merged, MERGE_MARKER)  # another stage's identical merge, if first, is kept
     return merged, json.loads(marker.read_text(encoding="utf-8"))
 
 
