@@ -186,21 +186,17 @@ class StepLogger:
             self.sink.close()
 
 
-def merge_workspace(cache_uri: Optional[str], sft: Any, sft_dir: Path, work: storage.Workspace) -> storage.Workspace:
+def merge_workspace(cache_uri: Optional[str], sft: Any, sft_dir: Path,
+                    work: storage.Workspace) -> tuple[storage.Workspace, bool]:
     """Where an adapter SFT model (``sft``, a ModelRef, fetched to ``sft_dir``) is merged to full weights: its
     entry in the shared cache (``cache_uri``/<content key>, one merge for DPO, the reward model and RL), else
-    ``work``, the stage's own workspace (no cache, or nothing to merge)."""
-    from tuneline.train.dpo import merge_cache_key
+    ``work``, the stage's own workspace (no cache, or nothing to merge); and whether a complete merge is already
+    there (another stage's, or a retried run's)."""
+    from tuneline.train.dpo import MERGE_MARKER, MERGED_SUBDIR, merge_cache_key
 
     key = merge_cache_key(sft_dir, sft.base.sha256 if sft.base is not None else "", sft.method) if cache_uri else None
-    return storage.Workspace(storage.join(cache_uri, key)) if key else work
-
-
-def has_merge(ws: storage.Workspace) -> bool:
-    """Whether the workspace already holds a complete merge (another stage's, or a retried run's)."""
-    from tuneline.train.dpo import MERGE_MARKER, MERGED_SUBDIR
-
-    return (ws.path / MERGED_SUBDIR / MERGE_MARKER).is_file()
+    ws = storage.Workspace(storage.join(cache_uri, key)) if key else work
+    return ws, (ws.path / MERGED_SUBDIR / MERGE_MARKER).is_file()
 
 
 def share_merge(ws: storage.Workspace) -> str:

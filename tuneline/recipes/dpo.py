@@ -41,8 +41,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
     work = storage.Workspace(spec.out_uri)
     log.emit(f"dpo: beta={params.beta} lr={params.learning_rate} train={len(train)} val={len(val)} "
              f"sft={storage.redact(spec.sft.uri)} ({spec.sft.method})")
-    merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
-    merge_reused = _runner.has_merge(merge)
+    merge, merge_reused = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
     result = train_dpo(sft_dir, base_dir, spec.sft.method, train, val, params, work.path,
                        seed=spec.seed, max_steps=spec.max_steps, on_log=log,
                        on_checkpoint=work.sync if work.remote else None,

@@ -38,8 +38,7 @@ def run(spec: RewardSpec, pipes: Any = None) -> Outcome:
             raise ValueError("reward.base: sft but the spec names no SFT model")
         base_dir = local_model_dir(spec.sft.base) if spec.sft.base is not None else None
         sft_dir = local_model_dir(spec.sft)
-        merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
-        merge_reused = _runner.has_merge(merge)
+        merge, merge_reused = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
         sft_dir, merged = merged_sft_base(sft_dir, base_dir, spec.sft.method, merge.path)
         _runner.share_merge(merge)
         if (merged or {}).get("prompt_learning"):

@@ -39,8 +39,7 @@ def run(spec: RlSpec, pipes: Any = None) -> Outcome:
     log.emit(f"rl: {spec.algorithm} beta={params.beta} lr={params.learning_rate} steps={steps} "
              f"generations={params.num_generations} completion<={params.max_completion_length} tokens, "
              f"reward model {storage.redact(spec.reward_model.uri)}")
-    merge = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
-    merge_reused = _runner.has_merge(merge)
+    merge, merge_reused = _runner.merge_workspace(spec.merge_cache_uri, spec.sft, sft_dir, work)
     result = train_rl(spec.algorithm, sft_dir, base_dir, spec.sft.method, train, val, scorer, params, work.path,
                       seed=spec.seed, max_steps=spec.max_steps, on_log=log,
                       on_checkpoint=work.sync if work.remote else None,
