@@ -145,6 +145,44 @@ def test_short_pretrain_lowers_eval_loss(tokenizer, corpus):
     torch.testing.assert_close(twin.state_dict(), model.state_dict())
 
 
+def test_training_attention_kernel_gives_the_default_kernels_loss_and_gradients(tokenizer, corpus, tmp_path):
+    """Training on the CPU switches a model built or loaded with SDPA to eager attention (faster in backward there):
+    the same loss and gradients on a padded batch, and nothing of the choice is saved with the model."""
+    import copy
+    import json
+
+    import torch
+
+    from tuneline.models.pretrain import pretrain_causal_lm
+    from tuneline.models.tiny import init_tiny_model, save_model
+    from tuneline.train.common import use_training_attention
+
+    model = init_tiny_model(tokenizer, SMALL, seed=0)
+    assert model.config._attn_implementation == "sdpa"
+    twin = use_training_attention(copy.deepcopy(model))
+    assert twin.config._attn_implementation == "eager" and model.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, SMALL.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # right padding, as the collators pad
+    mask[2, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = []
+    for m in (model, twin):
+        m.train()
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    result = pretrain_causal_lm(init_tiny_model(tokenizer, SMALL, seed=0), tokenizer, corpus,
+                                PretrainParams(steps=2, batch_size=4, seq_len=32, log_every=1), seed=1, steps=2)
+    assert result.meta["attention"] == "eager"
+    save_model(twin, tokenizer, tmp_path / "saved")
+    assert not [k for k in json.loads((tmp_path / "saved" / "config.json").read_text()) if "attn" in k]
+
+
 def test_pretrain_rejects_tiny_corpus(tokenizer):
     from tuneline.models.pretrain import pretrain_causal_lm
     from tuneline.models.tiny import init_tiny_model

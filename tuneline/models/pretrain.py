@@ -194,11 +194,13 @@ def pretrain_causal_lm(
     import torch
 
     from tuneline.train.checkpoints import last_valid_checkpoint
+    from tuneline.train.common import use_training_attention
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
     device = next(model.parameters()).device
     bf16 = resolve_bf16(params.bf16, device, field="pretrain.bf16")
+    use_training_attention(model)
 
     blocks = pack_corpus(tokenizer, texts, params.seq_len)
     n_blocks = int(blocks.shape[0])
@@ -268,7 +270,8 @@ def pretrain_causal_lm(
         device=str(device),
         resumed_from_step=resumed_from,
         meta={"lr_schedule": "linear warmup + cosine", "min_lr_ratio": MIN_LR_RATIO, "max_grad_norm": MAX_GRAD_NORM,
-              "eval_fraction": EVAL_FRACTION, "seed": seed, "batch_order": "seeded permutation per epoch"},
+              "eval_fraction": EVAL_FRACTION, "seed": seed, "batch_order": "seeded permutation per epoch",
+              "attention": model.config._attn_implementation},
     )
 
 

@@ -43,11 +43,24 @@ def attention_implementation() -> Optional[str]:
 
     Measured here (tiny Llama, LoRA r=16, bf16 autocast, batch 8): eager attention took 19% less
     time per step than SDPA at ~100-token batches and 9% less at 256 tokens; SDPA's CPU flash
-    kernel is slow in backward at these sizes. On GPUs SDPA is the better choice.
+    kernel is slow in backward at these sizes. Pretraining (16 x 128-token blocks, full, bf16) took 129 ms
+    per step against 155 with SDPA on an Intel Xeon with AMX (2026-12-01), the same loss. Every training
+    stage uses it (:func:`use_training_attention` for models built or loaded without it); inference keeps
+    the library default (greedy generation measured the same with both). On GPUs SDPA is the better choice.
     """
     import torch
 
     return None if torch.cuda.is_available() else "eager"
+
+
+def use_training_attention(model: Any) -> Any:
+    """``model`` switched to :func:`attention_implementation` where it was built or loaded with another kernel (a
+    model built from its config, ``from_pretrained`` without the keyword); unchanged on a GPU. The choice is not
+    saved with the model: its config.json keeps no attention kernel."""
+    impl = attention_implementation()
+    if impl is not None and model.config._attn_implementation != impl:
+        model.set_attn_implementation(impl)
+    return model
 
 
 # ---------------------------------------------------------------------------

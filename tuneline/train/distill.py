@@ -395,7 +395,7 @@ def distill_student(
     from tuneline.train import checkpoints as ck
     from tuneline.train import distributed
     from tuneline.train.bottleneck import save_model
-    from tuneline.train.common import loss_curve
+    from tuneline.train.common import loss_curve, use_training_attention
     from tuneline.train.methods import count_params
 
     distributed.check_world(params.num_processes, "tuneline.recipes.distill")
@@ -412,6 +412,7 @@ def distill_student(
 
         teacher, _ = load_trained(teacher_base_dir, teacher_dir)
         student, kept = build_student(teacher.get_base_model(), params, seed=seed)
+    use_training_attention(student)  # the teacher only runs forward: its kernel stays
     _, teacher_total = count_params(teacher)
     teacher = place_for_inference(teacher, "auto")  # the one teacher pass: on the GPU in bf16 where there is one
     teacher_dtype = str(next(teacher.parameters()).dtype).replace("torch.", "")

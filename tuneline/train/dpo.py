@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tuneline.params import PROMPT_LEARNING, DpoParams
-from tuneline.train.common import CONTINUED_REFERENCE, TrainedStats
+from tuneline.train.common import CONTINUED_REFERENCE, TrainedStats, use_training_attention
 
 MERGEABLE_METHODS = ("lora", "qlora", "adalora", "ia3")
 FULL_WEIGHT_METHODS = ("full", "freeze")
@@ -350,7 +350,7 @@ def build_dpo_trainer(
                                                 use_gradient_checkpointing=gradient_checkpointing)
         tokenizer = load_tokenizer(merged_base_dir)
     else:
-        model, tokenizer = load_causal_lm(merged_base_dir), load_tokenizer(merged_base_dir)
+        model, tokenizer = use_training_attention(load_causal_lm(merged_base_dir)), load_tokenizer(merged_base_dir)
     model.config.use_cache = False
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = DPOConfig(

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from tuneline.models.generation import pad_id
 from tuneline.params import RewardParams
-from tuneline.train.common import TrainedStats
+from tuneline.train.common import TrainedStats, attention_implementation
 
 MODEL_SUBDIR = "model"  # the trained reward model (full weights + tokenizer)
 RESULT_FILE = "reward_result.json"
@@ -200,7 +200,8 @@ def load_start(sft_dir: Optional[str | Path], base: str) -> tuple[Any, Any, str]
         raise ValueError("reward.base: sft needs the SFT model")
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+        path, num_labels=1, dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+        attn_implementation=attention_implementation())
     model = attach_if_bundle(model, path)  # a bottleneck SFT model keeps its adapters
     if tokenizer.pad_token is None:  # a decoder's score is read at the last non-pad token: pad must exist
         tokenizer.pad_token = tokenizer.eos_token

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tuneline.params import RL_ALGORITHMS, RlParams
-from tuneline.train.common import TrainedStats
+from tuneline.train.common import TrainedStats, use_training_attention
 
 ADAPTER_SUBDIR = "adapter"
 MODEL_SUBDIR = "model"
@@ -107,7 +107,7 @@ def build_rl_trainer(
         model, tokenizer = continued_prompt_adapter(merged_base_dir, continue_adapter,
                                                     gradient_checkpointing=gradient_checkpointing)
     else:
-        model, tokenizer = load_causal_lm(merged_base_dir), load_tokenizer(merged_base_dir)
+        model, tokenizer = use_training_attention(load_causal_lm(merged_base_dir)), load_tokenizer(merged_base_dir)
     steps = min(s for s in (params.max_steps, max_steps) if s is not None)
     common = dict(
         output_dir=str(checkpoints_dir),
