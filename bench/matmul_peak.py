@@ -6,8 +6,9 @@ is emulated and far below fp32, which is why the trainers pick fp32 there.
 
     python bench/matmul_peak.py            # prints JSON: {"cpu": ..., "threads": ..., "fp32": GFLOP/s, "bf16": ...}
 
-:func:`useful_mfu` turns a stage's real tokens/s into MFU: training needs about 6 x N FLOPs per token (forward 2N,
-backward 4N) and generation 2 x N, with N the parameters that take part in matmuls (embeddings excluded, the
+:func:`useful_mfu` turns a stage's rate into MFU, given the model FLOPs one unit of its work needs: training needs about
+6 x N FLOPs per token (forward 2N, backward 4N) and generation 2 x N (bench/stage_throughput.py counts DPO pairs and
+distilled sequences the same way), with N the parameters that take part in matmuls (embeddings excluded, the
 LM head included); attention's own FLOPs are left out (small at these sequence lengths), so the figure is a
 slight underestimate.
 """
@@ -49,10 +50,10 @@ def matmul_params(model) -> int:
     return n + (embed.numel() if tied else 0)  # a tied head still multiplies by the embedding matrix
 
 
-def useful_mfu(tokens_per_s: float, n_matmul_params: int, peak_gflops: float, *, training: bool) -> float:
-    """Share of the measured peak the stage's real tokens/s correspond to (6N per token training, 2N generating)."""
-    flops_per_token = (6 if training else 2) * n_matmul_params
-    return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
+def useful_mfu(units_per_s: float, flops_per_unit: float, peak_gflops: float) -> float:
+    """Share of the measured peak a stage's rate corresponds to, at the model FLOPs each unit (token, pair, ...)
+    needs."""
+    return units_per_s * flops_per_unit / (peak_gflops * 1e9)
 
 
 def main() -> int:

@@ -24,6 +24,11 @@ and the other contenders are still measured) through bench/llamafactory_stage.py
   KL; no generated sequences), the same student (two of the teacher's four blocks), data, steps and schedule: two
   passes over the data, the stage's default. Figures: sequences/s and the student's
   held-out KL to the teacher and cross-entropy, computed the same way for both.
+Each peer also runs at its best flags for a CPU: its ``-eager`` variant (``hf-trainer-eager``, ``trl-eager``,
+``llamafactory-eager``, ``trl-gkd-eager``) loads the model with eager attention (LLaMA-Factory: ``flash_attn:
+disabled``), the kernel ours trains with on a CPU, where SDPA's flash kernel is slow in backward at these sizes.
+The summary gives ours' ratio to the fastest peer at all and to the fastest at its default flags, and each
+contender's useful MFU (``useful_flops_per_unit``).
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
 
@@ -43,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,8 +58,12 @@ from bench.matmul_peak import matmul_params, measure, useful_mfu  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "stage_throughput.json"
 SEED = 42
-CONTENDERS = {"pretrain": ("ours", "hf-trainer", "llamafactory"), "dpo": ("ours", "trl", "llamafactory"),
-              "distill": ("ours", "trl-gkd"), "generate": ("ours", "hf-generate")}
+# a peer's "-eager" variant loads its model with eager attention (LLaMA-Factory: flash_attn disabled), ours' kernel
+# for training on a CPU, where SDPA's flash kernel is slow in backward at these sizes: each peer at its best flags
+CONTENDERS = {"pretrain": ("ours", "hf-trainer", "hf-trainer-eager", "llamafactory", "llamafactory-eager"),
+              "dpo": ("ours", "trl", "trl-eager", "llamafactory", "llamafactory-eager"),
+              "distill": ("ours", "trl-gkd", "trl-gkd-eager"), "generate": ("ours", "hf-generate")}
+PEER_ATTN: dict[str, str] = {}  # a child of an "-eager" variant: {"attn_implementation": "eager"}
 LF_VENV = ROOT / ".bench" / "llamafactory-venv"  # bench/setup_llamafactory.sh
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
              max_position_embeddings=512)
@@ -91,7 +100,40 @@ def prepare(work: Path) -> dict[str, Any]:
     model = init_tiny_model(tokenizer, TinyModelParams(**SHAPE), seed=SEED)
     _llamafactory_data(work, str(base))
     return {"base": str(base), "n_params": sum(p.numel() for p in model.parameters()),
-            "n_matmul_params": matmul_params(model)}
+            "n_matmul_params": matmul_params(model), **_work_sizes(work, model, tokenizer)}
+
+
+def _work_sizes(work: Path, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What the useful FLOPs of DPO and distillation need: the real tokens of a training pair (chosen and rejected,
+    cut to max_length as the trainers cut them) and of a training conversation (their means over the train split),
+    and the matmul parameters of the 2-block student."""
+    from tuneline.train.distill import _tokenize, build_student
+    from tuneline.train.dpo import tokenize_pair
+
+    pairs = [tokenize_pair(tokenizer, r, DPO["max_length"]) for r in _preference_records(work)[0]]
+    conversations = _tokenize(tokenizer, _sft_records(work)[0], DISTILL["max_length"])
+    student, _ = build_student(model, _distill_params(), seed=SEED)
+    return {"dpo_tokens_per_pair": statistics.mean(len(c) + len(r) for c, _, r, _ in pairs),
+            "distill_tokens_per_sequence": statistics.mean(len(f["input_ids"]) for f in conversations),
+            "n_matmul_student": matmul_params(student)}
+
+
+def useful_flops_per_unit(stage: str, setup: dict[str, Any]) -> float:
+    """Model FLOPs a stage needs per unit it counts (matmul parameters N, attention's own FLOPs left out): 6N per
+    pretrained token; 2N per generated token; per DPO pair 6N per real token (the LoRA policy's forward 2N and its
+    backward to the inputs 2N, the frozen reference's forward 2N; the adapters' own few FLOPs left out); per distilled
+    sequence 6N of the student per token plus the teacher's forward 2N per token once per distinct sequence (the
+    workload's passes over the data share it)."""
+    n = setup["n_matmul_params"]
+    if stage == "pretrain":
+        return 6 * n
+    if stage == "generate":
+        return 2 * n
+    if stage == "dpo":
+        return 6 * n * setup["dpo_tokens_per_pair"]
+    if stage == "distill":
+        return (6 * setup["n_matmul_student"] + 2 * n / DISTILL["epochs"]) * setup["distill_tokens_per_sequence"]
+    raise ValueError(stage)
 
 
 def _pretrain_blocks(work: Path, base: str) -> tuple[Any, Any]:
@@ -224,7 +266,7 @@ def pretrain_hf_trainer(work: Path, base: str) -> dict[str, Any]:
 
     p = PRETRAIN
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **PEER_ATTN)
     train_blocks, eval_blocks = _pretrain_blocks(work, base)
     dataset = Dataset.from_dict({"input_ids": train_blocks.tolist()})
     bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
@@ -273,7 +315,7 @@ def dpo_trl(work: Path, base: str) -> dict[str, Any]:
     d = DPO
     train, val = _preference_records(work)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **PEER_ATTN)
     bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
     marks: dict[str, float] = {}
     config = DPOConfig(output_dir=str(work / "trl-dpo"), beta=d["beta"], learning_rate=d["learning_rate"],
@@ -358,6 +400,8 @@ def distill_trl_gkd(work: Path, base: str) -> dict[str, Any]:
     train, val = _sft_records(work)
     teacher, tokenizer = load_causal_lm(work / "teacher"), load_tokenizer(work / "teacher")
     student, _ = build_student(teacher, params, seed=SEED)
+    if PEER_ATTN:
+        student.set_attn_implementation(PEER_ATTN["attn_implementation"])
     bf16 = bf16_supported("cpu") if not torch.cuda.is_available() else True
     config = GKDConfig(output_dir=str(work / "trl-gkd"), lmbda=0.0, beta=0.0, seq_kd=False, max_length=d["max_length"],
                        per_device_train_batch_size=d["batch_size"], max_steps=d["steps"],
@@ -433,6 +477,8 @@ WORKLOADS = {"pretrain": PRETRAIN, "dpo": DPO, "distill": DISTILL, "generate": G
 def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, str]) -> dict[str, Any]:
     """One contender's run in its own process; LLaMA-Factory's in its venv, then scored here from what it saved."""
     saved: list[str] = []
+    eager = contender.endswith("-eager")
+    contender = contender.removesuffix("-eager")
     if contender == "llamafactory":
         python = LF_VENV / "bin" / "python"
         if not python.exists():
@@ -442,7 +488,7 @@ def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, 
         out = Path(tempfile.mkdtemp(prefix=f"lf-{stage}-", dir=work))
         cmd = [str(python), str(ROOT / "bench" / "llamafactory_stage.py"),
                "--stage", {"pretrain": "pt"}.get(stage, stage), "--work", str(work), "--base", base, "--out", str(out), "--bf16", str(int(bf16_supported("cpu"))),
-               "--workload", json.dumps({**WORKLOADS[stage], "seed": SEED})]
+               "--attn", "eager" if eager else "default", "--workload", json.dumps({**WORKLOADS[stage], "seed": SEED})]
         lf_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing of ours in its venv
         row = _row(subprocess.run(cmd, capture_output=True, text=True, env={**lf_env, "DISABLE_VERSION_CHECK": "1"},
                                   timeout=1800))
@@ -455,7 +501,8 @@ def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, 
     else:
         row = {}
     proc = subprocess.run([sys.executable, __file__, "--child", f"{stage}:{contender}", "--work", str(work),
-                           "--base", base, *saved], capture_output=True, text=True, env=env, timeout=1800)
+                           "--base", base, *saved, *(["--attn", "eager"] if eager and not saved else [])],
+                          capture_output=True, text=True, env=env, timeout=1800)
     return {**row, **_row(proc)}
 
 
@@ -468,20 +515,15 @@ def _row(proc: subprocess.CompletedProcess) -> dict[str, Any]:
 # the driver
 
 
-def tokens(stage: str, row: dict[str, Any]) -> Optional[float]:
-    """Real tokens per second; None for DPO and distillation, whose rows do not count their real tokens (and whose
-    steps also run a reference or teacher forward pass, so 6N per token would not be their cost)."""
-    return None if stage in ("dpo", "distill") else rate(stage, row)
-
-
 def rate(stage: str, row: dict[str, Any]) -> float:
     unit = {"pretrain": "tokens", "dpo": "pairs", "distill": "sequences", "generate": "new_tokens"}[stage]
     return row[unit] / row["seconds"]
 
 
-def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict[str, float]) -> dict[str, Any]:
-    """Medians with min-max per contender, the ratio to the fastest peer, and the useful MFU (bench/matmul_peak.py:
-    6N FLOPs per trained token, 2N per generated one, against the measured peak of the dtype the stage ran in)."""
+def summarize(stage: str, rows: list[dict[str, Any]], flops_per_unit: float, peaks: dict[str, float]) -> dict[str, Any]:
+    """Medians with min-max per contender, the ratio to the fastest peer (and to the fastest at its default flags),
+    and the useful MFU (:func:`useful_flops_per_unit` per unit of work, against the measured peak of the dtype the
+    stage ran in)."""
     out: dict[str, Any] = {}
     for contender in CONTENDERS[stage]:
         mine = [r for r in rows if r["contender"] == contender and "error" not in r]
@@ -490,14 +532,14 @@ def summarize(stage: str, rows: list[dict[str, Any]], n_matmul: int, peaks: dict
         rates = [rate(stage, r) for r in mine]
         dtype = "bfloat16" if mine[0].get("bf16") else "float32"
         out[contender] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(mine),
-                          "dtype": dtype, "mfu": None if stage in ("dpo", "distill") else useful_mfu(
-                              statistics.median([tokens(stage, r) for r in mine]), n_matmul, peaks[dtype],
-                              training=stage != "generate"),
+                          "dtype": dtype, "mfu": useful_mfu(statistics.median(rates), flops_per_unit, peaks[dtype]),
                           **{k: statistics.median([r[k] for r in mine])
                              for k in ("eval_loss", "reward_accuracy", "val_kl", "val_ce") if k in mine[0]}}
     if "ours" in out and len(out) > 1:
-        peer = max((v["median"] for k, v in out.items() if k != "ours"), default=None)
-        out["ratio_to_fastest_peer"] = out["ours"]["median"] / peer if peer else None
+        peers = {k: v["median"] for k, v in out.items() if k != "ours"}
+        default = [v for k, v in peers.items() if not k.endswith("-eager")]
+        out["ratio_to_fastest_peer"] = out["ours"]["median"] / max(peers.values())
+        out["ratio_to_fastest_peer_at_default_flags"] = out["ours"]["median"] / max(default) if default else None
     return out
 
 
@@ -505,13 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="pretrain,dpo,distill,generate")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (a run of some stages keeps the "
+                        "other stages' last figures in it)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--saved", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--attn", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         stage, contender = args.child.split(":")
+        if args.attn:
+            PEER_ATTN["attn_implementation"] = args.attn
         extra = (args.saved,) if contender == "eval-saved" else ()
         row = CHILDREN[(stage, contender)](Path(args.work), args.base, *extra)
         print("ROW " + json.dumps(row), flush=True)
@@ -524,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine}\n# model: {setup['n_params'] / 1e6:.1f} M parameters; {args.runs} interleaved runs", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results: dict[str, Any] = {"machine": machine, "params": setup["n_params"], "runs": args.runs, "peak_gflops": peaks,
-                               "matmul_params": setup["n_matmul_params"],
+                               "matmul_params": setup["n_matmul_params"], "work_sizes": setup,
                                "workloads": WORKLOADS, "stages": {}}
     for stage in args.stages.split(","):
         if stage == "distill":
@@ -535,15 +582,15 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"contender": contender, "run": run, **run_child(stage, contender, work, setup["base"], env)}
                 print(json.dumps({"stage": stage, **row}), flush=True)
                 rows.append(row)
-        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, setup["n_matmul_params"], peaks),
+        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, useful_flops_per_unit(stage, setup), peaks),
                                     "machine": machine, "peak_gflops": peaks,  # a file can hold stages of other runs
                                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if RESULTS.exists():  # a run of some stages keeps the other stages' last figures
-        previous = json.loads(RESULTS.read_text())
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.results.exists():  # a run of some stages keeps the other stages' last figures
+        previous = json.loads(args.results.read_text())
         results["stages"] = {**previous.get("stages", {}), **results["stages"]}
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
