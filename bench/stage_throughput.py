@@ -567,7 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tuneline-stage-bench-"))
     setup = prepare(work)
     machine = cpu()
-    peaks = {"float32": measure("float32"), "bfloat16": measure("bfloat16")}
+    from tuneline.models.loading import bf16_supported
+
+    # bf16 emulated (no native bf16, or kernels held to AVX2) takes minutes per matmul, and no stage runs in it there
+    peaks = {"float32": measure("float32"), "bfloat16": measure("bfloat16") if bf16_supported("cpu") else None}
     print(f"# {machine}\n# model: {setup['n_params'] / 1e6:.1f} M parameters; {args.runs} interleaved runs", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results: dict[str, Any] = {"machine": machine, "params": setup["n_params"], "runs": args.runs, "peak_gflops": peaks,
