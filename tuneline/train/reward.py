@@ -165,8 +165,10 @@ class RewardScorer:
         info = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
         self.max_length = int(info["max_length"])
         self.tokenizer = load_tokenizer(model_dir)
+        # the kernel it was trained and scored with at the end of training: the same scores to the last bit
         self.model = attach_if_bundle(AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True), model_dir)
+            model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+            attn_implementation=attention_implementation()), model_dir)
         self.model.eval()
         self.batch_size = batch_size
         self.info = info
