@@ -74,6 +74,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--result", type=Path, required=True)
     p.add_argument("--defaults", action="store_true", help="gradient checkpointing at its default (on)")
+    p.add_argument("--eager", action="store_true", help="flash_attn: disabled (eager attention, best on a CPU)")
     p.add_argument("--write-only", action="store_true", help="write the YAML and stop")
     args = p.parse_args()
     spec = json.loads(args.spec.read_text(encoding="utf-8"))
@@ -82,6 +83,8 @@ def main() -> int:
     import yaml
 
     cfg = recipe(spec, args.out, args.defaults, use_cpu=not torch.cuda.is_available())
+    if args.eager:
+        cfg["flash_attn"] = "disabled"
     args.out.mkdir(parents=True, exist_ok=True)
     yaml_path = args.out / "llamafactory.yaml"
     yaml_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -103,6 +106,7 @@ def main() -> int:
             "bf16": True,
             "gradient_checkpointing": args.defaults,
             "defaults": args.defaults,
+            "flash_attn": cfg.get("flash_attn", "auto"),
             "threads": torch.get_num_threads(),
             "versions": versions(),
         },

@@ -61,6 +61,8 @@ CONTENDERS = {
     "llamafactory": "LLaMA-Factory, bf16, no gradient checkpointing",
     "trl-defaults": "TRL SFTTrainer at its defaults (bf16, gradient checkpointing on)",
     "llamafactory-defaults": "LLaMA-Factory at its defaults (gradient checkpointing on), bf16",
+    "trl-eager": "TRL SFTTrainer as `trl`, the model loaded with eager attention (ours' kernel on a CPU)",
+    "llamafactory-eager": "LLaMA-Factory as `llamafactory`, flash_attn: disabled (eager attention)",
 }
 
 CHILD_ENV = {
@@ -432,14 +434,14 @@ def child_command(contender: str, spec_path: Path, out: Path, result_path: Path)
     if contender.startswith("trl"):
         cmd = [sys.executable, str(BENCH / "trl_sft.py"), "--spec", str(spec_path), "--out", str(out),
                "--result", str(result_path)]
-        return cmd + (["--defaults"] if contender == "trl-defaults" else [])
+        return cmd + {"trl-defaults": ["--defaults"], "trl-eager": ["--eager"]}.get(contender, [])
     if contender.startswith("llamafactory"):
         python = LF_VENV / "bin" / "python"
         if not python.exists():
             raise FileNotFoundError(f"{python} missing: run `bash bench/setup_llamafactory.sh` (or --skip-llamafactory)")
         cmd = [str(python), str(BENCH / "llamafactory_sft.py"), "--spec", str(spec_path), "--out", str(out),
                "--result", str(result_path)]
-        return cmd + (["--defaults"] if contender == "llamafactory-defaults" else [])
+        return cmd + {"llamafactory-defaults": ["--defaults"], "llamafactory-eager": ["--eager"]}.get(contender, [])
     raise ValueError(contender)
 
 
@@ -566,7 +568,7 @@ def report(contenders: list[str], results: dict[str, list[dict]], base_val: floa
                 "best": ours["max"] / theirs["min"],
                 "val_loss_delta": table["ours"]["val_loss"]["median"] - table[peer]["val_loss"]["median"],
             }
-    peers = [c for c in contenders if c in ("trl", "llamafactory")]
+    peers = [c for c in contenders if c in ("trl", "llamafactory", "trl-eager", "llamafactory-eager")]
     fastest = max(peers, key=lambda c: table[c]["tokens_per_second"]["median"]) if peers else None
     verdict = None
     if fastest and "ours" in table:
@@ -681,6 +683,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per contender (interleaved)")
     p.add_argument("--skip-llamafactory", action="store_true", help="leave LLaMA-Factory out")
     p.add_argument("--with-defaults", action="store_true", help="also run TRL and LLaMA-Factory at their defaults")
+    p.add_argument("--with-eager", action="store_true", help="also run TRL and LLaMA-Factory with eager attention")
     p.add_argument("--with-control", action="store_true",
                    help="also run ours with padding_free=True (batches packed into rows) as a control")
     p.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="run just these contenders")
@@ -729,6 +732,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             contenders.insert(1, "ours-packed")
         if args.with_defaults:
             contenders += ["trl-defaults", "llamafactory-defaults"]
+        if args.with_eager:
+            contenders += ["trl-eager", "llamafactory-eager"]
         if args.skip_llamafactory:
             contenders = [c for c in contenders if not c.startswith("llamafactory")]
     for k, v in CHILD_ENV.items():

@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--result", type=Path, required=True)
     p.add_argument("--defaults", action="store_true", help="TRL's own bf16 / gradient checkpointing defaults")
+    p.add_argument("--eager", action="store_true", help="load the model with eager attention (best on a CPU)")
     args = p.parse_args()
     spec = json.loads(args.spec.read_text(encoding="utf-8"))
 
@@ -40,7 +41,8 @@ def main() -> int:
 
     dataset = load_dataset("json", data_files=spec["trl_train"], split="train")
     tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32,
+                                                 **({"attn_implementation": "eager"} if args.eager else {}))
 
     speed: dict = {}
     if not args.defaults:
@@ -95,6 +97,7 @@ def main() -> int:
             "gradient_checkpointing": bool(getattr(config, "activation_checkpointing", None)
                                            or getattr(config, "gradient_checkpointing", False)),
             "defaults": args.defaults,
+            "attention": model.config._attn_implementation,
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "threads": torch.get_num_threads(),
             "versions": versions(),
