@@ -97,8 +97,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--workload", required=True, help="the stage's workload (JSON), as the benchmark defines it")
     p.add_argument("--bf16", type=int, choices=[0, 1], required=True)
-    p.add_argument("--attn", choices=["default", "eager"], default="default",
-                   help="eager: flash_attn disabled (eager attention), LLaMA-Factory's best flag on a CPU")
+    p.add_argument("--eager", action="store_true", help="flash_attn: disabled (eager attention, best on a CPU)")
     args = p.parse_args()
 
     import yaml
@@ -107,7 +106,7 @@ def main() -> int:
     w = json.loads(args.workload)
     make = pt_recipe if args.stage == "pt" else dpo_recipe
     cfg = make(args.work, args.base, args.out, w, bool(args.bf16))
-    if args.attn == "eager":
+    if args.eager:
         cfg["flash_attn"] = "disabled"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llamafactory.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

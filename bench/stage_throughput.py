@@ -103,6 +103,9 @@ def prepare(work: Path) -> dict[str, Any]:
             "n_matmul_params": matmul_params(model), **_work_sizes(work, model, tokenizer)}
 
 
+WORK_SIZES = ("dpo_tokens_per_pair", "distill_tokens_per_sequence", "n_matmul_student")
+
+
 def _work_sizes(work: Path, model: Any, tokenizer: Any) -> dict[str, Any]:
     """What the useful FLOPs of DPO and distillation need: the real tokens of a training pair (chosen and rejected,
     cut to max_length as the trainers cut them) and of a training conversation (their means over the train split),
@@ -488,7 +491,7 @@ def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, 
         out = Path(tempfile.mkdtemp(prefix=f"lf-{stage}-", dir=work))
         cmd = [str(python), str(ROOT / "bench" / "llamafactory_stage.py"),
                "--stage", {"pretrain": "pt"}.get(stage, stage), "--work", str(work), "--base", base, "--out", str(out), "--bf16", str(int(bf16_supported("cpu"))),
-               "--attn", "eager" if eager else "default", "--workload", json.dumps({**WORKLOADS[stage], "seed": SEED})]
+               *(["--eager"] if eager else []), "--workload", json.dumps({**WORKLOADS[stage], "seed": SEED})]
         lf_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # nothing of ours in its venv
         row = _row(subprocess.run(cmd, capture_output=True, text=True, env={**lf_env, "DISABLE_VERSION_CHECK": "1"},
                                   timeout=1800))
@@ -574,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine}\n# model: {setup['n_params'] / 1e6:.1f} M parameters; {args.runs} interleaved runs", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results: dict[str, Any] = {"machine": machine, "params": setup["n_params"], "runs": args.runs, "peak_gflops": peaks,
-                               "matmul_params": setup["n_matmul_params"], "work_sizes": setup,
+                               "matmul_params": setup["n_matmul_params"],
+                               "work_sizes": {k: setup[k] for k in WORK_SIZES},
                                "workloads": WORKLOADS, "stages": {}}
     for stage in args.stages.split(","):
         if stage == "distill":
