@@ -589,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"contender": contender, "run": run, **run_child(stage, contender, work, setup["base"], env)}
                 print(json.dumps({"stage": stage, **row}), flush=True)
                 rows.append(row)
-        results["stages"][stage] = {"rows": rows, "summary": summarize(stage, rows, useful_flops_per_unit(stage, setup), peaks),
+        summary = summarize(stage, rows, useful_flops_per_unit(stage, setup), peaks)
+        results["stages"][stage] = {"rows": rows, "summary": summary,
                                     "machine": machine, "peak_gflops": peaks,  # a file can hold stages of other runs
                                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)

@@ -184,8 +184,8 @@ def pretrain_causal_lm(
     """Train ``model`` in place as a causal LM on ``texts`` for ``steps`` optimizer steps.
 
     The model stays on its device; it is left in eval mode, with the training attention kernel
-    (:func:`~tuneline.train.common.use_training_attention`: eager on a CPU). ``progress(step, steps, loss)`` is called at
-    every logging point. With ``checkpoint_dir``, a complete checkpoint (weights, optimizer, loop state,
+    (:func:`~tuneline.train.common.use_training_attention`: eager on a CPU). ``progress(step, steps, loss)``
+    is called at every logging point. With ``checkpoint_dir``, a complete checkpoint (weights, optimizer, loop state,
     then a completion marker) is written every ``params.checkpoint_every`` steps and a rerun resumes from
     the last complete one, giving the same result as an uninterrupted run (the batches are a function of
     the step); ``on_checkpoint(folder)`` runs after each (e.g. an upload).
