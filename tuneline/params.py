@@ -85,6 +85,9 @@ class PretrainParams:
     log_every: int = 10  # record the loss every N steps
     checkpoint_every: int = 100  # write a resumable checkpoint every N steps
     bf16: Optional[bool] = None  # bf16 autocast; None = use it when the CPU/GPU supports it
+    # torch.compile the training forward and backward; None = on a CPU from COMPILE_MIN_STEPS steps (tuneline.models.
+    # pretrain), where its compile time is repaid within the run
+    compile: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:

@@ -183,6 +183,40 @@ def test_training_attention_kernel_gives_the_default_kernels_loss_and_gradients(
     assert not [k for k in json.loads((tmp_path / "saved" / "config.json").read_text()) if "attn" in k]
 
 
+def test_compiled_pretraining_trains_as_eager_and_auto_compiles_only_long_cpu_runs(tokenizer, corpus, monkeypatch):
+    """pretrain.compile true runs the steps through torch.compile: the same losses and weights as eager within
+    rounding; null compiles a CPU run only from COMPILE_MIN_STEPS steps; true without a C++ compiler says why."""
+    import torch
+
+    from tuneline.models.pretrain import COMPILE_MIN_STEPS, pretrain_causal_lm, training_forward
+    from tuneline.models.tiny import init_tiny_model
+
+    runs = {}
+    for mode in (False, True):
+        model = init_tiny_model(tokenizer, SMALL, seed=0)
+        params = PretrainParams(steps=6, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, compile=mode)
+        runs[mode] = (pretrain_causal_lm(model, tokenizer, corpus, params, seed=1, steps=6), model)
+    eager, compiled = runs[False][0], runs[True][0]
+    assert compiled.meta["compile"] == "inductor" and eager.meta["compile"] == "eager (pretrain.compile false)"
+    assert compiled.meta["fused_adamw"] is True
+    assert [s for s, _ in compiled.losses] == [s for s, _ in eager.losses] == [1, 2, 3, 4, 5, 6]
+    assert eager.losses[-1][1] < eager.losses[0][1]  # it trained
+    for (_, a), (_, b) in zip(eager.losses, compiled.losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    torch.testing.assert_close(runs[True][1].state_dict(), runs[False][1].state_dict(), atol=1e-4, rtol=1e-3)
+
+    model = init_tiny_model(tokenizer, SMALL, seed=0)
+    cpu = torch.device("cpu")
+    assert training_forward(model, PretrainParams(), cpu, COMPILE_MIN_STEPS - 1)[0] is model
+    assert training_forward(model, PretrainParams(), cpu, COMPILE_MIN_STEPS)[1] == "inductor"
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    forward, why = training_forward(model, PretrainParams(), cpu, COMPILE_MIN_STEPS)
+    assert forward is model and "no C++ compiler" in why
+    with pytest.raises(RuntimeError, match="pretrain.compile is true.*C\\+\\+ compiler"):
+        training_forward(model, PretrainParams(compile=True), cpu, 10)
+
+
 def test_pretrain_rejects_tiny_corpus(tokenizer):
     from tuneline.models.pretrain import pretrain_causal_lm
     from tuneline.models.tiny import init_tiny_model

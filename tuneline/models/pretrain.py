@@ -26,6 +26,10 @@ MAX_GRAD_NORM = 1.0
 CHECKPOINT_WEIGHTS = "model.safetensors"  # inside checkpoint-N/
 CHECKPOINT_OPTIMIZER = "optimizer.pt"  # AdamW state (torch.save; loaded with weights_only=True)
 CHECKPOINT_STATE = "loop_state.json"  # step, loss history, tokens seen, eval loss before training
+# pretrain.compile null: torch.compile on a CPU from this many steps. Measured on the demo model (16 x 128-token blocks):
+# compiling took 31-36 s on a cold cache and saved 49 ms a step (126 -> 77 ms, bf16 on AMX) to 94 ms (399 -> 305 ms,
+# fp32 on AVX-512 without bf16): repaid after ~630 and ~380 steps (docs/benchmarks.md)
+COMPILE_MIN_STEPS = 650
 
 
 @dataclass
@@ -108,6 +112,36 @@ def evaluate_blocks(model: Any, blocks: Any, *, batch_size: int, bf16: bool) -> 
             count += batch.shape[0]
     model.train(was_training)
     return total / max(1, count)
+
+
+def training_forward(model: Any, params: PretrainParams, device: Any, steps: int) -> tuple[Any, str]:
+    """The callable the training steps run ``model`` through, and what it is ("inductor" or "eager ...").
+
+    ``params.compile`` true compiles (an error on a CPU without the C++ compiler inductor needs), false never,
+    null from :data:`COMPILE_MIN_STEPS` steps on a CPU. The decision depends on the run's total steps, so a
+    resumed run trains exactly as the uninterrupted one. The compiled callable shares ``model``'s weights;
+    evaluation and checkpoints use ``model`` itself. Every batch has the same shape: one compilation.
+    """
+    import os
+    import shutil
+
+    import torch
+
+    wanted = params.compile
+    if wanted is None:
+        wanted = device.type == "cpu" and steps >= COMPILE_MIN_STEPS
+        if not wanted:
+            return model, (f"eager (pretrain.compile null: {steps} steps on {device.type}; compiled on a CPU "
+                           f"from {COMPILE_MIN_STEPS})")
+    if not wanted:
+        return model, "eager (pretrain.compile false)"
+    compilers = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
+    if device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        if params.compile:
+            raise RuntimeError("pretrain.compile is true, but torch.compile needs a C++ compiler on a CPU and none "
+                               "was found (CXX, g++, c++, clang++): install one or set pretrain.compile: false")
+        return model, "eager (no C++ compiler for torch.compile found: CXX, g++, c++, clang++)"
+    return torch.compile(model), "inductor"
 
 
 def batch_indices(step: int, n_train: int, batch_size: int, seed: int) -> "Any":
@@ -219,13 +253,16 @@ def pretrain_causal_lm(
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    fused = device.type in ("cpu", "cuda")  # one kernel per step instead of several per tensor
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=params.learning_rate,
         betas=(0.9, 0.95),
         eps=1e-8,
+        fused=fused,
     )
     trainable = decay + no_decay
+    forward, compiled = training_forward(model, params, device, steps)
 
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resume = last_valid_checkpoint(root) if root is not None else None
@@ -245,7 +282,7 @@ def pretrain_causal_lm(
             # any randomness in the model (dropout) is a function of the step too: resuming changes nothing
             torch.manual_seed(seed * 1_000_003 + step)
             start_time = _train_step(
-                model, optimizer, trainable, train_blocks, params, state, step=step, steps=steps, seed=seed,
+                model, forward, optimizer, trainable, train_blocks, params, state, step=step, steps=steps, seed=seed,
                 n_train=n_train, device=device, bf16=bf16, progress=progress, root=root,
                 on_checkpoint=on_checkpoint, start_time=start_time,
             )
@@ -272,11 +309,11 @@ def pretrain_causal_lm(
         resumed_from_step=resumed_from,
         meta={"lr_schedule": "linear warmup + cosine", "min_lr_ratio": MIN_LR_RATIO, "max_grad_norm": MAX_GRAD_NORM,
               "eval_fraction": EVAL_FRACTION, "seed": seed, "batch_order": "seeded permutation per epoch",
-              "attention": model.config._attn_implementation},
+              "attention": model.config._attn_implementation, "compile": compiled, "fused_adamw": fused},
     )
 
 
-def _train_step(model: Any, optimizer: Any, trainable: list, train_blocks: Any, params: PretrainParams,
+def _train_step(model: Any, forward: Any, optimizer: Any, trainable: list, train_blocks: Any, params: PretrainParams,
                 state: dict[str, Any], *, step: int, steps: int, seed: int, n_train: int, device: Any, bf16: bool,
                 progress: Optional[Progress], root: Any, on_checkpoint: Optional[Callable[[Any], None]],
                 start_time: float) -> float:
@@ -292,7 +329,7 @@ def _train_step(model: Any, optimizer: Any, trainable: list, train_blocks: Any, 
         group["lr"] = lr
     batch = train_blocks[batch_indices(step, n_train, params.batch_size, seed)].to(device)
     with _autocast(device, bf16):
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = forward(input_ids=batch, labels=batch).loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"pretraining loss is {float(loss)} at step {step + 1}")
     loss.backward()
