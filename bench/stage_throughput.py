@@ -27,12 +27,16 @@ and the other contenders are still measured) through bench/llamafactory_stage.py
 Each peer also runs at its best flags for a CPU: its ``-eager`` variant (``hf-trainer-eager``, ``trl-eager``,
 ``llamafactory-eager``, ``trl-gkd-eager``) loads the model with eager attention (LLaMA-Factory: ``flash_attn:
 disabled``), the kernel ours trains with on a CPU, where SDPA's flash kernel is slow in backward at these sizes.
-The summary gives ours' ratio to the fastest peer at all and to the fastest at its default flags, and each
-contender's useful MFU (``useful_flops_per_unit``).
+``hf-trainer-compile-eager`` adds the Trainer's ``torch_compile`` flag: its best flags once a run repays compiling
+(``--pretrain-steps 800``, the demo's length, where ours compiles too: ``pretrain.compile`` null). Every child starts
+with a cold compile cache, as on a fresh machine. The summary gives ours' ratio to the fastest peer at all and to the
+fastest at its default flags, and each contender's useful MFU (``useful_flops_per_unit``).
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
 
     python bench/stage_throughput.py --stages pretrain,dpo,distill,generate --runs 3
+    python bench/stage_throughput.py --stages pretrain --pretrain-steps 800 --runs 2 \
+        --contenders hf-trainer-eager,hf-trainer-compile-eager --results bench/results/stage_throughput_800.json
 
 Writes bench/results/stage_throughput.json; prints the CPU name and flags with the table.
 """
@@ -60,7 +64,8 @@ RESULTS = ROOT / "bench" / "results" / "stage_throughput.json"
 SEED = 42
 # a peer's "-eager" variant loads its model with eager attention (LLaMA-Factory: flash_attn disabled), ours' kernel
 # for training on a CPU, where SDPA's flash kernel is slow in backward at these sizes: each peer at its best flags
-CONTENDERS = {"pretrain": ("ours", "hf-trainer", "hf-trainer-eager", "llamafactory", "llamafactory-eager"),
+CONTENDERS = {"pretrain": ("ours", "hf-trainer", "hf-trainer-eager", "hf-trainer-compile-eager", "llamafactory",
+                          "llamafactory-eager"),
               "dpo": ("ours", "trl", "trl-eager", "llamafactory", "llamafactory-eager"),
               "distill": ("ours", "trl-gkd", "trl-gkd-eager"), "generate": ("ours", "hf-generate")}
 PEER_ATTN: dict[str, str] = {}  # a child of an "-eager" variant: {"attn_implementation": "eager"}
@@ -254,10 +259,15 @@ def pretrain_ours(work: Path, base: str) -> dict[str, Any]:
     result = pretrain_causal_lm(model, tokenizer, json.loads((work / "corpus.json").read_text()), params, seed=SEED,
                                 steps=p["steps"])
     return {"seconds": result.seconds, "tokens": result.tokens_seen, "eval_loss": result.eval_loss_after,
-            "bf16": result.bf16}
+            "bf16": result.bf16, "compile": result.meta["compile"]}
 
 
-def pretrain_hf_trainer(work: Path, base: str) -> dict[str, Any]:
+def pretrain_hf_trainer_compile(work: Path, base: str) -> dict[str, Any]:
+    """The run_clm recipe with the Trainer's ``torch_compile`` flag (its best flags once a run repays compiling)."""
+    return pretrain_hf_trainer(work, base, compile=True)
+
+
+def pretrain_hf_trainer(work: Path, base: str, compile: bool = False) -> dict[str, Any]:
     """The run_clm recipe: tokenize, concatenate, cut into blocks; Trainer with the LM collator."""
     import torch
     from datasets import Dataset
@@ -278,7 +288,8 @@ def pretrain_hf_trainer(work: Path, base: str) -> dict[str, Any]:
                              per_device_train_batch_size=p["batch_size"], learning_rate=p["learning_rate"],
                              warmup_steps=p["warmup_steps"], lr_scheduler_type="cosine", weight_decay=0.01,
                              adam_beta2=0.95, bf16=bf16, save_strategy="no", report_to=[], logging_steps=10,
-                             disable_tqdm=True, seed=SEED, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+                             disable_tqdm=True, seed=SEED, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+                             torch_compile=compile)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[_timing_callback(marks)])
     trainer.train()
@@ -470,6 +481,7 @@ def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
 
 
 CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
+            ("pretrain", "hf-trainer-compile"): pretrain_hf_trainer_compile,
             ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
             ("distill", "ours"): distill_ours, ("distill", "trl-gkd"): distill_trl_gkd,
             ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate,
@@ -503,9 +515,12 @@ def run_child(stage: str, contender: str, work: Path, base: str, env: dict[str, 
             PRETRAIN["seq_len"] if stage == "pretrain" else 1)
     else:
         row = {}
+    # a cold torch.compile cache for every child, as on a fresh machine (a warm one cuts compiling to seconds)
+    cache = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=work)}
     proc = subprocess.run([sys.executable, __file__, "--child", f"{stage}:{contender}", "--work", str(work),
-                           "--base", base, *saved, *(["--attn", "eager"] if eager and not saved else [])],
-                          capture_output=True, text=True, env=env, timeout=1800)
+                           "--base", base, "--pretrain-steps", str(PRETRAIN["steps"]), *saved,
+                           *(["--attn", "eager"] if eager and not saved else [])],
+                          capture_output=True, text=True, env={**env, **cache}, timeout=3600)
     return {**row, **_row(proc)}
 
 
@@ -552,12 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (a run of some stages keeps the "
                         "other stages' last figures in it)")
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"],
+                        help="pretraining steps (the demo's 800 compile by default: pretrain.compile null)")
+    parser.add_argument("--contenders", default=None, help="comma-separated subset of each stage's contenders")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--saved", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--attn", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pretrain_steps != PRETRAIN["steps"]:  # warmup stays a tenth of the steps
+        PRETRAIN.update(steps=args.pretrain_steps, warmup_steps=max(1, args.pretrain_steps // 10))
+    if args.contenders:
+        wanted = set(args.contenders.split(","))
+        for stage, names in CONTENDERS.items():
+            CONTENDERS[stage] = tuple(n for n in names if n == "ours" or n in wanted)
     if args.child:
         stage, contender = args.child.split(":")
         if args.attn:
