@@ -10,8 +10,8 @@ by hand: ``.bench/llamafactory-venv/bin/llamafactory-cli train OUT/llamafactory.
 
 Data: a sharegpt-style dataset registered in ``dataset_info.json``. Template: none is named, so
 LLaMA-Factory parses one from the tokenizer's own chat template (``parse_template``); the
-benchmark checks the resulting token ids and loss mask against ours. Default: bf16, gradient
-checkpointing off (its fastest setting). ``--defaults``: gradient checkpointing at its default (on).
+benchmark checks the resulting token ids and loss mask against ours. Default: bf16 where the CPU has it natively
+(the driver's spec says; fp32 elsewhere), gradient checkpointing off (its fastest setting). ``--defaults``: gradient checkpointing at its default (on).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def recipe(spec: dict, out: Path, defaults: bool, use_cpu: bool) -> dict:
         "lr_scheduler_type": spec["lr_scheduler"],
         "warmup_steps": spec["warmup_steps"],
         "weight_decay": spec["weight_decay"],
-        "bf16": True,
+        "bf16": spec.get("bf16", True),  # where it is native (the driver decides), else fp32
         "seed": spec["seed"],
         "data_seed": spec["seed"],
         "dataloader_num_workers": 0,
@@ -103,7 +103,7 @@ def main() -> int:
             **cb.summary(),
             "adapter_dir": str(args.out / "model"),
             "yaml": str(yaml_path),
-            "bf16": True,
+            "bf16": cfg["bf16"],
             "gradient_checkpointing": args.defaults,
             "defaults": args.defaults,
             "flash_attn": cfg.get("flash_attn", "auto"),

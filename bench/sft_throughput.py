@@ -55,10 +55,10 @@ TARGET_RATIO = 1.25  # ours must reach this multiple of the fastest peer
 CHILD_TIMEOUT_S = 900
 
 CONTENDERS = {
-    "ours": "tuneline train_sft (plain Trainer, bf16 autocast, shipped defaults)",
+    "ours": "tuneline train_sft (plain Trainer, bf16 autocast where native, shipped defaults)",
     "ours-packed": "control: ours with padding_free=True forced (batches packed into rows, no padding)",
-    "trl": "TRL SFTTrainer, bf16 autocast, no gradient checkpointing",
-    "llamafactory": "LLaMA-Factory, bf16, no gradient checkpointing",
+    "trl": "TRL SFTTrainer, bf16 autocast where native, no gradient checkpointing",
+    "llamafactory": "LLaMA-Factory, bf16 where native, no gradient checkpointing",
     "trl-defaults": "TRL SFTTrainer at its defaults (bf16, gradient checkpointing on)",
     "llamafactory-defaults": "LLaMA-Factory at its defaults (gradient checkpointing on), bf16",
     "trl-eager": "TRL SFTTrainer as `trl`, the model loaded with eager attention (ours' kernel on a CPU)",
@@ -189,6 +189,7 @@ def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = No
     from tuneline.data.demo import read_corpus, write_demo_data
     from tuneline.data.ingest import read_source
     from tuneline.data.split import split_records
+    from tuneline.models.loading import resolve_bf16
     from tuneline.models.tiny import init_tiny_model, save_model, train_tokenizer
     from tuneline.params import DemoDataParams, SplitParams, TinyModelParams
     from tuneline.records import sha256_file, write_jsonl
@@ -288,6 +289,9 @@ def build_setup(work: Path, seed: int, pad_vocab: int, data: Optional[Path] = No
         "weight_decay": 0.0,
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target": "all-linear"},
         "seed": seed,
+        # the peers' precision: bf16 where it is native (as ours picks), fp32 elsewhere, where emulated bf16 runs
+        # many times slower (their best flags for that CPU)
+        "bf16": resolve_bf16(None),
     }
     write_json(work / "spec.json", spec)
     return {

@@ -7,7 +7,8 @@ covers exactly the tokens our stage labels (the benchmark checks this on the dum
 
     python bench/trl_sft.py --spec SPEC --out DIR --result RESULT.json [--defaults]
 
-Default: bf16 autocast on, gradient checkpointing off (TRL at its best on this CPU).
+Default: bf16 autocast where the CPU has it natively (fp32 elsewhere), gradient checkpointing off (TRL at its best
+on this CPU).
 ``--defaults`` leaves ``bf16`` and ``gradient_checkpointing`` at TRL 1.x's defaults (both on).
 """
 
@@ -47,7 +48,7 @@ def main() -> int:
     speed: dict = {}
     if not args.defaults:
         fields = {f.name for f in dataclasses.fields(SFTConfig)}
-        speed["bf16"] = True
+        speed["bf16"] = spec.get("bf16", True)  # where it is native (the driver decides), else fp32
         # transformers 5 renamed gradient_checkpointing -> activation_checkpointing (old name deprecated)
         speed["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
     config = SFTConfig(
