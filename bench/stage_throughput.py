@@ -29,7 +29,8 @@ Each peer also runs at its best flags for a CPU: its ``-eager`` variant (``hf-tr
 disabled``), the kernel ours trains with on a CPU, where SDPA's flash kernel is slow in backward at these sizes.
 ``hf-trainer-compile-eager`` adds the Trainer's ``torch_compile`` flag: its best flags once a run repays compiling
 (``--pretrain-steps 800``, the demo's length, where ours compiles too: ``pretrain.compile`` null). Every child starts
-with a cold compile cache, as on a fresh machine. The summary gives ours' ratio to the fastest peer at all and to the
+with a cold compile cache, as on a fresh machine. ``--contenders ours-nocompile`` adds a control, ours with
+``pretrain.compile: false`` (what compiling adds; never counted as a peer). The summary gives ours' ratio to the fastest peer at all and to the
 fastest at its default flags, and each contender's useful MFU (``useful_flops_per_unit``).
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
@@ -68,6 +69,7 @@ CONTENDERS = {"pretrain": ("ours", "hf-trainer", "hf-trainer-eager", "hf-trainer
                           "llamafactory-eager"),
               "dpo": ("ours", "trl", "trl-eager", "llamafactory", "llamafactory-eager"),
               "distill": ("ours", "trl-gkd", "trl-gkd-eager"), "generate": ("ours", "hf-generate")}
+CONTROLS = {"pretrain": ("ours-nocompile",)}  # ours with a lever off; run only when --contenders names them
 PEER_ATTN: dict[str, str] = {}  # a child of an "-eager" variant: {"attn_implementation": "eager"}
 LF_VENV = ROOT / ".bench" / "llamafactory-venv"  # bench/setup_llamafactory.sh
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -247,14 +249,20 @@ def _timing_callback(marks: dict[str, float]) -> Any:
 # contenders (each runs in its own process)
 
 
-def pretrain_ours(work: Path, base: str) -> dict[str, Any]:
+def pretrain_ours_nocompile(work: Path, base: str) -> dict[str, Any]:
+    """Ours with ``pretrain.compile: false``: what compiling adds (a control, not a peer)."""
+    return pretrain_ours(work, base, compile=False)
+
+
+def pretrain_ours(work: Path, base: str, compile: bool | None = None) -> dict[str, Any]:
     from tuneline.models.loading import load_causal_lm, load_tokenizer
     from tuneline.models.pretrain import pretrain_causal_lm
     from tuneline.params import PretrainParams
 
     p = PRETRAIN
     params = PretrainParams(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"],
-                            learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"], log_every=10)
+                            learning_rate=p["learning_rate"], warmup_steps=p["warmup_steps"], log_every=10,
+                            compile=compile)
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)
     result = pretrain_causal_lm(model, tokenizer, json.loads((work / "corpus.json").read_text()), params, seed=SEED,
                                 steps=p["steps"])
@@ -482,6 +490,7 @@ def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
 
 CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
             ("pretrain", "hf-trainer-compile"): pretrain_hf_trainer_compile,
+            ("pretrain", "ours-nocompile"): pretrain_ours_nocompile,
             ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
             ("distill", "ours"): distill_ours, ("distill", "trl-gkd"): distill_trl_gkd,
             ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate,
@@ -553,8 +562,8 @@ def summarize(stage: str, rows: list[dict[str, Any]], flops_per_unit: float, pea
                           "dtype": dtype, "mfu": useful_mfu(statistics.median(rates), flops_per_unit, peaks[dtype]),
                           **{k: statistics.median([r[k] for r in mine])
                              for k in ("eval_loss", "reward_accuracy", "val_kl", "val_ce") if k in mine[0]}}
-    if "ours" in out and len(out) > 1:
-        peers = {k: v["median"] for k, v in out.items() if k != "ours"}
+    peers = {k: v["median"] for k, v in out.items() if not k.startswith("ours")}  # ours-* are controls
+    if "ours" in out and peers:
         default = [v for k, v in peers.items() if not k.endswith("-eager")]
         out["ratio_to_fastest_peer"] = out["ours"]["median"] / max(peers.values())
         out["ratio_to_fastest_peer_at_default_flags"] = out["ours"]["median"] / max(default) if default else None
@@ -581,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.contenders:
         wanted = set(args.contenders.split(","))
         for stage, names in CONTENDERS.items():
-            CONTENDERS[stage] = tuple(n for n in names if n == "ours" or n in wanted)
+            CONTENDERS[stage] = tuple(n for n in names + CONTROLS.get(stage, ()) if n == "ours" or n in wanted)
     if args.child:
         stage, contender = args.child.split(":")
         if args.attn:
