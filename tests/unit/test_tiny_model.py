@@ -204,6 +204,12 @@ def test_compiled_pretraining_trains_as_eager_and_auto_compiles_only_long_cpu_ru
     for (_, a), (_, b) in zip(eager.losses, compiled.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
     torch.testing.assert_close(runs[True][1].state_dict(), runs[False][1].state_dict(), atol=1e-4, rtol=1e-3)
+    twin = init_tiny_model(tokenizer, SMALL, seed=0)  # compiled runs are deterministic too (no atomic adds)
+    again = pretrain_causal_lm(twin, tokenizer, corpus, PretrainParams(steps=6, batch_size=4, seq_len=32, warmup_steps=1,
+                                                                       log_every=1, compile=True), seed=1, steps=6)
+    assert again.losses == compiled.losses
+    torch.testing.assert_close(twin.state_dict(), runs[True][1].state_dict(), atol=0, rtol=0)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
 
     model = init_tiny_model(tokenizer, SMALL, seed=0)
     cpu = torch.device("cpu")
