@@ -27,7 +27,7 @@ MAX_GRAD_NORM = 1.0
 CHECKPOINT_WEIGHTS = "model.safetensors"  # inside checkpoint-N/
 CHECKPOINT_OPTIMIZER = "optimizer.pt"  # AdamW state (torch.save; loaded with weights_only=True)
 CHECKPOINT_STATE = "loop_state.json"  # step, loss history, tokens seen, eval loss before training
-# pretrain.compile null: torch.compile on a CPU from this many steps. Measured on the demo model (16 x 128-token blocks):
+# pretrain.compile null: torch.compile on a CPU from this many steps. Measured on the demo model (16 x 128 tokens):
 # compiling took 31-36 s on a cold cache and saved 49 ms a step (126 -> 77 ms, bf16 on AMX) to 94 ms (399 -> 305 ms,
 # fp32 on AVX-512 without bf16): repaid after ~630 and ~380 steps (docs/benchmarks.md)
 COMPILE_MIN_STEPS = 650
