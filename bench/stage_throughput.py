@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = {"rows": rows, "summary": summary,
                                     "machine": machine, "peak_gflops": peaks,  # a file can hold stages of other runs
                                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        print(json.dumps({"stage": stage, "summary": results["stages"][stage]["summary"]}), flush=True)
+        print(json.dumps({"stage": stage, "summary": summary}), flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     if args.results.exists():  # a run of some stages keeps the other stages' last figures
         previous = json.loads(args.results.read_text())

@@ -276,7 +276,8 @@ def pretrain_causal_lm(
     forward, compiled = training_forward(model, params, device, steps)
     # the compiled (long-run) path also steps AdamW fused: one kernel per step instead of several per tensor, 3% of a
     # step in fp32 here; short runs keep the foreach step, whose rounding the tested chains were measured with
-    fused = compiled == "inductor" and device.type in ("cpu", "cuda")
+    compiled_step = compiled == "inductor"
+    fused = compiled_step and device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=params.learning_rate,
@@ -299,7 +300,7 @@ def pretrain_causal_lm(
     model.train()
     start_time = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _deterministic(compiled == "inductor"):
+    with torch.random.fork_rng(devices=devices), _deterministic(compiled_step):
         for step in range(resumed_from, steps):
             # any randomness in the model (dropout) is a function of the step too: resuming changes nothing
             torch.manual_seed(seed * 1_000_003 + step)
