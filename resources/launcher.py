@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import Field
 from tuneline import storage
 from tuneline.params import K8sParams
 from tuneline.paths import project_root, state_dir
+from tuneline.recipes import _preload
 from tuneline.recipes._runner import trainer_error
 from tuneline.specs import RESULT_FILE, Outcome, Spec
 from tuneline.train.distributed import launch_command
@@ -61,6 +63,12 @@ class PipesSubprocessLauncher(TrainingLauncher):
 
     python: str = Field(default_factory=lambda: sys.executable, description="Interpreter for the child.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the child.")
+    preload: bool = Field(
+        default=True,
+        description="Fork single-process jobs from a server that has already imported torch, transformers, PEFT, "
+                    "TRL and MLflow (tuneline/recipes/_preload.py), saving each job those imports; off, or a job "
+                    "under torchrun/accelerate or with another environment, starts a fresh interpreter.",
+    )
 
     def command(self, spec: Spec, spec_path: Path, num_processes: int) -> list[str]:
         """``python -m module --spec SPEC``; under torchrun (gloo on CPU, NCCL on GPU) for several processes, or
@@ -90,16 +98,39 @@ class PipesSubprocessLauncher(TrainingLauncher):
             storage.local_path(result_uri).unlink(missing_ok=True)
         env = {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
         cmd = self.command(spec, spec_path, num_processes)
-        context.log.info(f"launching {' '.join(cmd)}")
-        client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()))
+        forked = self.preload and cmd[:3] == [self.python, "-m", spec.module] and _preload.compatible(env)
+        context.log.info(f"launching {' '.join(cmd)}" + (" (forked from the preloaded server)" if forked else ""))
         try:
-            invocation = client.run(command=cmd, context=context)
+            if forked:
+                invocation = run_forked(context, spec.module, cmd[3:], env)
+            else:
+                client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()))
+                invocation = client.run(command=cmd, context=context)
         except Exception as exc:  # the trainer crashed, was killed, or reported an exception
             raise TrainingFailed(
                 description=f"{spec.module} failed: {trainer_error(error_file) or exc}",
                 metadata={"spec": dg.MetadataValue.path(str(spec_path))},
             ) from exc
         return LaunchResult(outcome=read_outcome(spec), reported_metadata=reported_metadata(invocation))
+
+
+def run_forked(context: dg.AssetExecutionContext, module: str, argv: list[str], env: dict[str, str]) -> Any:
+    """``PipesSubprocessClient.run`` with the process forked from the preloaded server
+    (:mod:`tuneline.recipes._preload`): the same Pipes session (temp-file context and messages), exit-code check
+    and termination forwarding."""
+    with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
+                               message_reader=dg.PipesTempFileMessageReader()) as session:
+        proc = _preload.start(module, argv, {**env, **session.get_bootstrap_env_vars()}, str(project_root()))
+        try:
+            proc.join()
+        except dg.DagsterExecutionInterruptedError:
+            context.log.info("[pipes] execution interrupted, sending SIGINT to the trainer.")
+            os.kill(proc.pid, signal.SIGINT)
+            proc.join(20)
+            raise
+        if proc.exitcode != 0:
+            raise RuntimeError(f"External execution process failed with code {proc.exitcode}")
+    return dg.PipesClientCompletedInvocation(session)
 
 
 def reported_metadata(invocation: Any) -> dict[str, Any]:

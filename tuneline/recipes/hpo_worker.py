@@ -4,7 +4,8 @@
 The ``hpo_study`` step creates the study and launches ``hpo.workers`` of these at once through the launcher
 resource. Each loads the study and runs trials (:func:`tuneline.train.hpo.run_worker`) until the study holds
 ``n_trials`` finished ones. Every trial is its own process, ``python -m tuneline.recipes.hpo_trial`` (under
-torchrun when ``params.num_processes`` > 1), given ``threads`` torch threads so that ``workers`` workers share
+torchrun when ``params.num_processes`` > 1; otherwise forked from a server that has imported the training
+libraries once, :mod:`tuneline.recipes._preload`), given ``threads`` torch threads so that ``workers`` workers share
 the cores without oversubscribing them; it dies with its worker. This process keeps the trial's heartbeat
 while it trains. With ``mlflow`` (the ``hpo_study`` run), each trial gets a run nested under it.
 ``<out_uri>/result.json`` holds the :class:`~tuneline.specs.Outcome` (the trials this worker ran, its thread
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from tuneline.recipes import _runner
+from tuneline.recipes import _preload, _runner
 from tuneline.specs import HpoTrialSpec, HpoWorkerSpec, MlflowTarget, Outcome
 
 
@@ -76,16 +77,19 @@ def run(spec: HpoWorkerSpec, pipes: Any = None) -> Outcome:
         log.emit(f"worker {spec.worker}: trial {number} {trial_params} ({threads} threads x {sft.num_processes} "
                  "processes)")
         cmd = launch_command(sys.executable, HpoTrialSpec.module, ["--spec", str(spec_path)], sft.num_processes)
+        env = trial_env(threads)
         try:
-            proc = subprocess.run(cmd, env=trial_env(threads),
-                                  preexec_fn=_runner.die_with_parent)
+            if sft.num_processes == 1 and _preload.compatible(env):  # forked: no imports to wait for
+                returncode = _preload.run(HpoTrialSpec.module, cmd[3:], env, os.getcwd())
+            else:
+                returncode = subprocess.run(cmd, env=env, preexec_fn=_runner.die_with_parent).returncode
         finally:
             shutil.rmtree(spec_dir, ignore_errors=True)
         result_uri = storage.join(trial.out_uri, _runner.RESULT_FILE)
-        if proc.returncode != 0 or not storage.exists(result_uri):
+        if returncode != 0 or not storage.exists(result_uri):
             if tracker is not None and child:
                 tracker.end_run(child, status="FAILED")
-            error = _runner.trainer_error(local / "error.txt", lines=5) or f"exit code {proc.returncode}"
+            error = _runner.trainer_error(local / "error.txt", lines=5) or f"exit code {returncode}"
             raise RuntimeError(f"trial {number} failed: {error}")
         metrics = Outcome.load(result_uri).metrics
         if tracker is not None and child:

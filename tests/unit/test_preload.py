@@ -1,0 +1,110 @@
+"""Jobs forked from the preloaded server behave as ``python -m MODULE ARGS`` in a fresh interpreter would."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from tuneline.recipes import _preload
+
+pytestmark = pytest.mark.skipif(not _preload.available(), reason="needs Linux with the forkserver start method")
+
+PROBE = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    out = {"argv": sys.argv[1:], "cwd": os.getcwd(), "threads": torch.get_num_threads(),
+           "marker": os.environ.get("PROBE_MARKER"), "pipes": os.environ.get("DAGSTER_PIPES_CONTEXT"),
+           "main": __name__, "torch_preloaded": "transformers.trainer" in sys.modules}
+    open(sys.argv[1], "w").write(json.dumps(out))
+    if sys.argv[2] == "raise":
+        raise RuntimeError("probe failed on purpose")
+    sys.exit(int(sys.argv[2]))
+''')
+
+
+@pytest.fixture()
+def probe(tmp_path):
+    (tmp_path / "preload_probe_mod.py").write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "DAGSTER_PIPES_CONTEXT": "ctx"}
+    return tmp_path, env
+
+
+def test_a_forked_job_gets_its_argv_environment_cwd_threads_and_exit_code(probe, monkeypatch):
+    tmp_path, env = probe
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _preload.compatible(env)  # threads, Pipes variables and PYTHONPATH are the child's own
+    # a variable the server did not start with: not forked (libraries read some at import)
+    assert not _preload.compatible({**env, "PROBE_MARKER": "m"})
+    code = _preload.run("preload_probe_mod", [str(tmp_path / "out.json"), "3"], env, str(work))
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert code == 3
+    assert out == {"argv": [str(tmp_path / "out.json"), "3"], "cwd": str(work), "threads": 1, "marker": None,
+                   "pipes": "ctx", "main": "__main__", "torch_preloaded": True}
+    assert os.getcwd() != str(work) and sys.argv[1:2] != [str(tmp_path / "out.json")]  # the caller is untouched
+    # this process's environment changed (as a test's monkeypatch does): the idle server is replaced by one that
+    # imported with the new environment
+    monkeypatch.setenv("PROBE_MARKER", "m")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert _preload.compatible(env)
+    assert _preload.run("preload_probe_mod", [str(tmp_path / "out.json"), "0"], env, str(work)) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["marker"] == "m"
+
+
+def test_an_exception_in_a_forked_job_is_a_nonzero_exit(probe):
+    tmp_path, env = probe
+    assert _preload.run("preload_probe_mod", [str(tmp_path / "out.json"), "raise"], env, str(tmp_path)) == 1
+    assert json.loads((tmp_path / "out.json").read_text())["main"] == "__main__"
+
+
+def test_an_environment_the_libraries_read_at_import_is_not_forked(monkeypatch):
+    base = dict(os.environ)
+    assert _preload.compatible({**base, "OMP_NUM_THREADS": "7", "DAGSTER_PIPES_MESSAGES": "x"})
+    assert not _preload.compatible({**base, "HF_HUB_OFFLINE": "0" if base.get("HF_HUB_OFFLINE") == "1" else "1"})
+    monkeypatch.setenv(_preload.DISABLE_ENV, "0")
+    assert not _preload.compatible(base)
+
+
+SLEEPER = textwrap.dedent('''
+    import os, sys, time
+    from tuneline.recipes._runner import die_with_parent
+    die_with_parent()  # as every recipe CLI does (run_cli)
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(300)
+''')
+LAUNCH = ("import os, sys; from tuneline.recipes import _preload; env = {**os.environ, 'PYTHONPATH': sys.argv[1]}; "
+          "_preload.run('preload_sleeper_mod', [sys.argv[2]], env, sys.argv[1])")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_forked_job_dies_with_the_process_that_launched_it(tmp_path):
+    """kill -9 of the launcher (a Dagster run) takes its server and the job down: no orphan trainer."""
+    import subprocess
+    import time
+
+    (tmp_path / "preload_sleeper_mod.py").write_text(SLEEPER)
+    pid_file = tmp_path / "pid"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path), str(pid_file)])
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and launcher.poll() is None, "the job never started"
+        time.sleep(0.2)
+    job = int(pid_file.read_text())
+    assert _alive(job)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while _alive(job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(job), f"the forked job {job} outlived its launcher"
