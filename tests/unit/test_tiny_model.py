@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -194,7 +195,10 @@ def test_compiled_pretraining_trains_as_eager_and_auto_compiles_only_long_cpu_ru
     runs = {}
     for mode in (False, True):
         model = init_tiny_model(tokenizer, SMALL, seed=0)
-        params = PretrainParams(steps=6, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, compile=mode)
+        # fp32: under bf16 autocast (a CPU with native bf16) compiled kernels round in another order, and after 6
+        # steps the weights differ by up to 6e-3 while the losses still agree to 1e-4
+        params = PretrainParams(steps=6, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, compile=mode,
+                                bf16=False)
         runs[mode] = (pretrain_causal_lm(model, tokenizer, corpus, params, seed=1, steps=6), model)
     eager, compiled = runs[False][0], runs[True][0]
     assert compiled.meta["compile"] == "inductor" and eager.meta["compile"] == "eager (pretrain.compile false)"
@@ -205,8 +209,7 @@ def test_compiled_pretraining_trains_as_eager_and_auto_compiles_only_long_cpu_ru
         assert a == pytest.approx(b, rel=1e-4)
     torch.testing.assert_close(runs[True][1].state_dict(), runs[False][1].state_dict(), atol=1e-4, rtol=1e-3)
     twin = init_tiny_model(tokenizer, SMALL, seed=0)  # compiled runs are deterministic too (no atomic adds)
-    again = pretrain_causal_lm(twin, tokenizer, corpus, PretrainParams(steps=6, batch_size=4, seq_len=32, warmup_steps=1,
-                                                                       log_every=1, compile=True), seed=1, steps=6)
+    again = pretrain_causal_lm(twin, tokenizer, corpus, dataclasses.replace(params, compile=True), seed=1, steps=6)
     assert again.losses == compiled.losses
     torch.testing.assert_close(twin.state_dict(), runs[True][1].state_dict(), atol=0, rtol=0)
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
