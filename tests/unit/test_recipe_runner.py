@@ -87,3 +87,27 @@ def test_run_cli_asks_to_die_with_its_launcher(monkeypatch: pytest.MonkeyPatch, 
     assert _runner.run_cli(["--spec", str(tmp_path / "missing.json")], spec_class=PretrainSpec,
                            run=lambda spec, pipes: None) == 1
     assert calls == [True]
+
+
+def test_under_pipes_training_step_lines_are_thinned_and_every_other_line_goes_through() -> None:
+    """Each Pipes line is an event the Dagster process writes: step lines go for step 1 and every 10th step;
+    evaluations and summaries always; MLflow gets every step."""
+    sent: list[str] = []
+    pipes = type("P", (), {"log": type("L", (), {"info": staticmethod(sent.append)})()})()
+    logger = _runner.StepLogger(pipes, None)
+    logged: list[int] = []
+    logger.sink = lambda step, metrics: logged.append(step)
+    for step in range(1, 26):
+        logger(step, {"loss": 1.0 / step, "learning_rate": 1e-3})
+        if step == 20:
+            logger(step, {"eval_loss": 0.5})
+    logger(25, {"train_runtime": 3.0, "train_loss": 0.2})
+    steps = [(json.loads(m)["step"], "eval_loss" in m) for m in sent]
+    assert steps == [(1, False), (10, False), (20, False), (20, True), (25, False)]
+    assert logged == [*range(1, 21), 20, *range(21, 26), 25]
+    unthrottled: list[str] = []
+    stdout = _runner.StepLogger(None, None)
+    stdout.emit = unthrottled.append
+    for step in range(1, 4):
+        stdout(step, {"loss": 1.0})
+    assert len(unthrottled) == 3  # stdout (a trial's, a standalone run's) keeps every step
