@@ -83,6 +83,12 @@ class PipesSubprocessLauncher(TrainingLauncher):
                                                  spec_path.parent))
         return launch_command(self.python, spec.module, ["--spec", str(spec_path)], num_processes, config)
 
+    def forks(self, spec: Spec, cmd: list[str], env: dict[str, str]) -> bool:
+        """Whether ``cmd`` runs forked from the preloaded server: one process of this interpreter (not torchrun
+        or accelerate, not another ``python``) with an environment the server's imports saw."""
+        return (self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and self.python == sys.executable
+                and _preload.compatible(env))
+
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
                k8s: Optional[K8sParams] = None) -> LaunchResult:
         # the spec and the trainer's traceback live on this machine, beside nothing else of the stage
@@ -98,7 +104,7 @@ class PipesSubprocessLauncher(TrainingLauncher):
             storage.local_path(result_uri).unlink(missing_ok=True)
         env = {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
         cmd = self.command(spec, spec_path, num_processes)
-        forked = self.preload and cmd[:3] == [self.python, "-m", spec.module] and _preload.compatible(env)
+        forked = self.forks(spec, cmd, env)
         context.log.info(f"launching {' '.join(cmd)}" + (" (forked from the preloaded server)" if forked else ""))
         try:
             if forked:

@@ -108,3 +108,19 @@ def test_a_forked_job_dies_with_the_process_that_launched_it(tmp_path):
     while _alive(job) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(job), f"the forked job {job} outlived its launcher"
+
+
+def test_the_launcher_forks_single_process_jobs_of_this_interpreter_only(tmp_path):
+    from resources.launcher import PipesSubprocessLauncher
+    from tuneline.params import ComputeParams
+
+    spec = type("S", (), {"compute": ComputeParams(), "module": "tuneline.recipes.sft"})()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    launcher = PipesSubprocessLauncher()
+    one, two = (launcher.command(spec, tmp_path / "spec.json", n) for n in (1, 2))
+    assert launcher.forks(spec, one, env)
+    assert not launcher.forks(spec, two, env)  # torchrun starts its own ranks
+    assert not PipesSubprocessLauncher(preload=False).forks(spec, one, env)
+    other = PipesSubprocessLauncher(python="/usr/bin/python3")
+    assert not other.forks(spec, other.command(spec, tmp_path / "spec.json", 1), env)
+    assert not launcher.forks(spec, one, {**env, "HF_HOME": str(tmp_path / "elsewhere")})
