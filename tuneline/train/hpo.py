@@ -13,8 +13,10 @@ dead workers' trials run again.
   node lost) is failed once its heartbeat is ``grace_period`` old and run again as a new trial with the same
   parameters (``RetryHeartbeatStaleTrialCallback``); a live trial is never touched.
 * **Each trial in its own process** (``python -m tuneline.recipes.hpo_trial``, under torchrun for
-  ``sft.num_processes > 1``): it rebuilds the trial from the storage with :class:`~tuneline.train.callbacks.OptunaPruningCallback`,
-  reports every validation loss and stops training when the pruner says so.
+  ``sft.num_processes > 1``, otherwise forked from the worker's preloaded server,
+  :mod:`tuneline.recipes._preload`): it rebuilds the trial from the storage with
+  :class:`~tuneline.train.callbacks.OptunaPruningCallback`, reports every validation loss and stops training when
+  the pruner says so.
 
 The pruner's settings and ``n_trials`` are stored on the study (``study.user_attrs``) so every worker and
 trial process rebuilds exactly the study the step created.
