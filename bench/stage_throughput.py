@@ -30,8 +30,9 @@ disabled``), the kernel ours trains with on a CPU, where SDPA's flash kernel is 
 ``hf-trainer-compile-eager`` adds the Trainer's ``torch_compile`` flag: its best flags once a run repays compiling
 (``--pretrain-steps 800``, the demo's length, where ours compiles too: ``pretrain.compile`` null). Every child starts
 with a cold compile cache, as on a fresh machine. ``--contenders ours-nocompile`` adds a control, ours with
-``pretrain.compile: false`` (what compiling adds; never counted as a peer). The summary gives ours' ratio to the fastest peer at all and to the
-fastest at its default flags, and each contender's useful MFU (``useful_flops_per_unit``).
+``pretrain.compile: false`` (what compiling adds; never counted as a peer). The summary gives ours' ratio to the
+fastest peer at all and to the fastest at its default flags, and each contender's useful MFU
+(``useful_flops_per_unit``).
 - ``generate``: ``tuneline.models.generation.generate_greedy`` (batch 32, length-sorted, left-padded) against
   ``model.generate`` at its defaults on the same batches of 32 prompts (left padding). Figure: new tokens/s.
 

@@ -85,9 +85,9 @@ class PipesSubprocessLauncher(TrainingLauncher):
 
     def forks(self, spec: Spec, cmd: list[str], env: dict[str, str]) -> bool:
         """Whether ``cmd`` runs forked from the preloaded server: one process of this interpreter (not torchrun
-        or accelerate, not another ``python``) with an environment the server's imports saw."""
-        return (self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and self.python == sys.executable
-                and _preload.compatible(env))
+        or accelerate, not another ``python``: ``cmd`` starts with ``self.python``) with an environment the server's
+        imports saw."""
+        return self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and _preload.compatible(env)
 
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
                k8s: Optional[K8sParams] = None) -> LaunchResult:
