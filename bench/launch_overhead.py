@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,22 +27,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._machine import cpu  # noqa: E402
-from bench.kill_drill import FIGURES, spec_for, world  # noqa: E402
+from bench.kill_drill import FIGURES, launch, outcome, spec_for, world  # noqa: E402
 
 
-def fresh(stage: str, spec_path: Path) -> float:
+def fresh(stage: str, spec: dict, spec_path: Path) -> float:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", f"tuneline.recipes.{stage}", "--spec", str(spec_path)], cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = launch(stage, spec, spec_path)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
     return time.monotonic() - started
 
 
-def forked(stage: str, spec_path: Path) -> float:
+def forked(stage: str, spec: dict, spec_path: Path) -> float:
     from tuneline.recipes import _preload
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert _preload.compatible(env), "this environment cannot fork jobs (not Linux, or TUNELINE_PRELOAD=0)"
+    spec_path.write_text(json.dumps(spec))
     started = time.monotonic()
     code = _preload.run(f"tuneline.recipes.{stage}", ["--spec", str(spec_path)], env, str(ROOT))
     assert code == 0, f"the forked {stage} job exited with {code}"
@@ -77,10 +77,8 @@ def main() -> int:
                 order = list(ways) if r % 2 == 0 else list(reversed(ways))
                 for way in order:
                     out = Path(tmp) / f"{stage}-{way}-{r}"
-                    spec_path = Path(tmp) / f"{stage}-{way}-{r}.json"
-                    spec_path.write_text(json.dumps(spec_for(stage, w, out)))
-                    times[stage][way].append(ways[way](stage, spec_path))
-                    results[stage][f"{way}-{r}"] = json.loads((out / "result.json").read_text())
+                    times[stage][way].append(ways[way](stage, spec_for(stage, w, out), Path(f"{out}.json")))
+                    results[stage][f"{way}-{r}"] = outcome(out)
     report = {"cpu": cpu(), "rounds": args.rounds, "server_start_s": round(server_start, 2), "stages": {}}
     same_everywhere = True
     for stage in stages:
