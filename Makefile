@@ -35,10 +35,11 @@ run: install
 
 # two pytest-xdist workers, one test file each at a time, one torch thread each: the tests are mostly single-threaded
 # Python, so both cores of a small machine work (AVX2-only AMD EPYC: 13 min 56 s against 22 min 17 s one by one).
-# TEST_WORKERS=0 runs them in this process, one after another.
+# TEST_WORKERS=0 runs them in this process, one after another, with torch's own thread count.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--durations=15
 
 # the whole-graph drills make test leaves out (each has a short version in make test)
 test-long: install
