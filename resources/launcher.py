@@ -84,9 +84,9 @@ class PipesSubprocessLauncher(TrainingLauncher):
         return launch_command(self.python, spec.module, ["--spec", str(spec_path)], num_processes, config)
 
     def forks(self, spec: Spec, cmd: list[str], env: dict[str, str]) -> bool:
-        """Whether ``cmd`` runs forked from the preloaded server: one process of this interpreter (not torchrun
-        or accelerate, not another ``python``: ``cmd`` starts with ``self.python``) with an environment the server's
-        imports saw."""
+        """Whether ``cmd`` runs forked from the preloaded server: one process of this interpreter (``cmd`` starts
+        with ``sys.executable -m spec.module``: not torchrun or accelerate, and ``self.python`` is this interpreter)
+        with an environment the server's imports saw."""
         return self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and _preload.compatible(env)
 
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
