@@ -1,8 +1,8 @@
 """Held-out pretraining loss of the demo's tiny model against the peak learning rate and the step count.
 
-Builds what ``base_model`` builds from a recipe (the demo corpus, the tokenizer trained on it, the tiny Llama from
-the recipe's seed) and runs ``tuneline.models.pretrain.pretrain_causal_lm`` once per (steps, lr) pair, one after
-another in this process, everything else as the recipe says. The loss is deterministic for the same inputs on one
+Runs what ``base_model`` runs, ``tuneline.models.provision.provision_base_model`` on the recipe's demo corpus (the
+tokenizer trained on it, the tiny Llama from the recipe's seed, pretrained and saved), once per (steps, lr) pair, one
+after another in this process, everything else as the recipe says. The loss is deterministic for the same inputs on one
 machine, so one run per point. What it does not say is how well each base fine-tunes: that needs the whole demo
 (``make run`` with the recipe changed; docs/benchmarks.md has both for the kept recipe).
 
@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +35,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from tuneline.data.demo import generate_corpus
-    from tuneline.models.pretrain import pretrain_causal_lm
-    from tuneline.models.tiny import init_tiny_model, train_tokenizer
+    from tuneline.models.provision import provision_base_model
     from tuneline.params import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -43,19 +43,21 @@ def main() -> int:
         raise SystemExit(f"{args.recipe}: the sweep builds the tiny model on the demo corpus "
                          "(model.build: tiny and data.demo)")
     texts = generate_corpus(recipe.data.demo)
-    tokenizer = train_tokenizer(texts, recipe.model.tiny)
+    machine = cpu()
     lines = []
     for steps in args.steps or [recipe.pretrain.steps]:
         for lr in args.lrs or [recipe.pretrain.learning_rate]:
             params = dataclasses.replace(recipe.pretrain, steps=steps, learning_rate=lr)
-            model = init_tiny_model(tokenizer, recipe.model.tiny, recipe.seed)
             start = time.perf_counter()
-            result = pretrain_causal_lm(model, tokenizer, texts, params, seed=recipe.seed, steps=steps)
-            line = {"cpu": cpu(), "steps": steps, "learning_rate": lr, "batch_size": params.batch_size,
-                    "seq_len": params.seq_len, "eval_loss_before": round(result.eval_loss_before, 4),
-                    "eval_loss_after": round(result.eval_loss_after, 4), "train_seconds": round(result.seconds, 1),
-                    "wall_seconds": round(time.perf_counter() - start, 1), "tokens_per_second": round(
-                        result.tokens_per_second), "bf16": result.bf16, "compile": result.meta["compile"]}
+            with tempfile.TemporaryDirectory() as out:
+                result = provision_base_model(recipe.model, params, texts, out, seed=recipe.seed).pretrain
+            assert result is not None  # a tiny build always pretrains
+            line = {"cpu": machine, "steps": steps, "learning_rate": lr, "batch_size": params.batch_size,
+                    "seq_len": params.seq_len, "eval_loss_before": round(result["eval_loss_before"], 4),
+                    "eval_loss_after": round(result["eval_loss_after"], 4), "train_seconds": round(
+                        result["seconds"], 1), "wall_seconds": round(time.perf_counter() - start, 1),
+                    "tokens_per_second": round(result["tokens_per_second"]), "bf16": result["bf16"],
+                    "compile": result["meta"]["compile"]}
             print(json.dumps(line), flush=True)
             lines.append(line)
     if args.out:
