@@ -10,12 +10,16 @@ processes), the Kubernetes one (``resources/k8s.py``) in a pod; either way the t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -110,7 +114,8 @@ class PipesSubprocessLauncher(TrainingLauncher):
             if forked:
                 invocation = run_forked(context, spec.module, cmd[3:], env)
             else:
-                client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()))
+                client = dg.PipesSubprocessClient(env=env, cwd=str(project_root()),
+                                                  message_reader=WholeLineMessageReader())
                 invocation = client.run(command=cmd, context=context)
         except Exception as exc:  # the trainer crashed, was killed, or reported an exception
             raise TrainingFailed(
@@ -125,7 +130,7 @@ def run_forked(context: dg.AssetExecutionContext, module: str, argv: list[str], 
     (:mod:`tuneline.recipes._preload`): the same Pipes session (temp-file context and messages), exit-code check
     and termination forwarding."""
     with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
-                               message_reader=dg.PipesTempFileMessageReader()) as session:
+                               message_reader=WholeLineMessageReader()) as session:
         proc = _preload.start(module, argv, {**env, **session.get_bootstrap_env_vars()}, str(project_root()))
         try:
             proc.join()
@@ -137,6 +142,60 @@ def run_forked(context: dg.AssetExecutionContext, module: str, argv: list[str], 
         if proc.exitcode != 0:
             raise RuntimeError(f"External execution process failed with code {proc.exitcode}")
     return dg.PipesClientCompletedInvocation(session)
+
+
+def whole_lines(path: str, should_stop: Callable[[], bool], poll: float = 0.01) -> Iterator[str]:
+    """The complete lines of a file another process appends to, until ``should_stop()`` and nothing more to read.
+
+    Dagster's own tail (``dagster._utils.tail_file``, 1.13) yields whatever ``readline`` returns, and a read that
+    lands while the trainer is writing a message returns half a line: the reader thread then dies on a
+    ``JSONDecodeError`` and every later message (step lines, reported metadata) is dropped (seen on 2026-12-02 in
+    the demo's SFT near step 520). Here a partial line waits for the rest. After the stop is seen the file is read
+    once more: a message written between the last empty read and the stop would otherwise be lost."""
+    pending = ""
+    stopping = False
+    with open(path, encoding="utf-8") as stream:
+        while True:
+            chunk = stream.readline()
+            if chunk:
+                pending += chunk
+                if pending.endswith("\n"):
+                    yield pending
+                    pending = ""
+            elif stopping:
+                break
+            elif should_stop():
+                stopping = True
+            else:
+                time.sleep(poll)
+    if pending:
+        raise ValueError(f"{path}: the last Pipes message has no end of line (the trainer stopped while writing it): "
+                         f"{pending[:200]!r}")
+
+
+class WholeLineFileMessageReader(dg.PipesFileMessageReader):
+    """``PipesFileMessageReader`` that parses a message only once its whole line is in the file."""
+
+    def _reader_thread(self, handler: Any, is_resource_complete: Any) -> None:  # dagster 1.13's one hook
+        try:
+            for line in whole_lines(self._path, is_resource_complete.is_set):
+                handler.handle_message(json.loads(line))
+        except BaseException:  # reported to the run, as Dagster's own reader does, then raised
+            handler.report_pipes_framework_exception(f"{self.__class__.__name__} reader thread", sys.exc_info())
+            raise
+
+
+class WholeLineMessageReader(dg.PipesTempFileMessageReader):
+    """``PipesTempFileMessageReader`` (a temporary file the trainer appends its messages to) read with
+    :class:`WholeLineFileMessageReader`."""
+
+    @contextmanager
+    def read_messages(self, handler: Any) -> Iterator[Any]:
+        with tempfile.TemporaryDirectory() as tempdir:
+            reader = WholeLineFileMessageReader(os.path.join(tempdir, "messages"),
+                                                include_stdio_in_messages=self._include_stdio_in_messages)
+            with reader.read_messages(handler) as params:
+                yield params
 
 
 def reported_metadata(invocation: Any) -> dict[str, Any]:
