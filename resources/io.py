@@ -43,13 +43,14 @@ class RefIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> Any:
         key = context.asset_key
-        uri = self._uri(key, "latest")
         upstream = context.upstream_output
-        if upstream is not None:
-            try:
-                uri = self._uri(key, upstream.run_id)
-            except dg.DagsterInvariantViolationError:  # materialized by an earlier run
-                pass
+        try:
+            same_run = upstream is not None and upstream.run_id == context.step_context.run_id
+        except dg.DagsterInvariantViolationError:  # no run id to compare
+            same_run = False
+        # an asset this run did not materialize (``tuneline run --select``) comes with a stand-in run id
+        # (Dagster 1.13: "__EPHEMERAL_RUN_ID"), not an error: only this run's own id selects its file
+        uri = self._uri(key, upstream.run_id if same_run else "latest")
         if not storage.exists(uri):
             raise dg.Failure(f"{key.to_user_string()} has no stored value at {storage.redact(uri)}: "
                              "materialize it first")
