@@ -189,8 +189,11 @@ def summary_figures(output: Any) -> dict[str, list[str]]:
         gate = evaluation.gate
         parent = (gate.evidence.get("parent") or {}).get("name")
         against = ", ".join([*gate.baselines, *([f"its parent {parent}"] if parent else [])])
-        out["promotion gate"] = [f"{'PASSED' if gate.passed else 'REFUSED'}: {gate.candidate} vs {against}"] + [
-            f"- {r}" for r in gate.reasons]
+        out["promotion gate"] = [
+            *(f"REFUSED: {r['candidate']}: {'; '.join(r['reasons'])}; its parent stands in"
+              for r in gate.evidence.get("refused_candidates", ())),
+            f"{'PASSED' if gate.passed else 'REFUSED'}: {gate.candidate} vs {against}",
+            *(f"- {r}" for r in gate.reasons)]
     registered = value("registered_model")
     if registered:
         if registered.decision == "registered":

@@ -645,6 +645,9 @@ class GateParams:
     max_latency_increase: float = 0.5  # p50 latency may grow at most this fraction over each baseline
     max_preference_accuracy_drop: float = 0.05  # preference accuracy may drop at most this much
     max_parent_regression: float = 0.0  # the candidate's primary metric may trail its parent stage's by this much
+    # a candidate refused for trailing its parent hands over to that parent, judged by the same rules (DPO -> SFT;
+    # the language-model chain: a classifier's floor is a probe, not a stage to register)
+    fall_back_to_parent: bool = True
     bootstrap_samples: int = 2000  # paired bootstrap resamples
     confidence: float = 0.95  # confidence level of the interval
 

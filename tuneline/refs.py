@@ -231,8 +231,10 @@ class GateRef(Ref):
 
     def summary(self) -> str:
         verdict = "PROMOTE" if self.passed else "REFUSE"
+        instead = "".join(f" (in place of {r['candidate']}, refused: {'; '.join(r['reasons'])})"
+                          for r in self.evidence.get("refused_candidates", ()))
         return f"{verdict} {self.candidate} vs {', '.join(self.baselines) or 'nothing'}" + (
-            f": {'; '.join(self.reasons)}" if self.reasons else "")
+            f": {'; '.join(self.reasons)}" if self.reasons else "") + instead
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tuneline.evaluate.gate import decide
+from tuneline.evaluate.gate import decide, promotion
 from tuneline.params import GateParams
 
 
@@ -83,3 +83,37 @@ def test_examples_without_a_value_are_skipped_and_counted() -> None:
     candidate["per_example"]["correct"] = [None] * 10 + GOOD[10:]
     d = decide(candidate, {"base": report("base", BASE)}, GateParams())
     assert d.evidence["base"]["n"] == 90 and d.evidence["base"]["skipped_missing"] == 10
+
+
+STAGES = {"base": "base_model", "sft": "sft_adapter", "dpo": "dpo_adapter", "student": "distilled_student"}
+
+
+def test_a_candidate_trailing_its_parent_hands_over_to_the_parent() -> None:
+    sft = [1] * 82 + [0] * 18  # DPO (GOOD, 0.80) trails its SFT parent by 2 examples, as the demo's did
+    models = {"base": report("base", BASE), "sft": report("sft", sft), "dpo": report("dpo", GOOD)}
+    gate = promotion({"models": models}, GateParams(), seed=0, champion_version=None, stages=STAGES)
+    assert gate.passed and gate.candidate == "sft" and gate.candidate_stage == "sft_adapter", gate.summary()
+    [refused] = gate.evidence["refused_candidates"]
+    assert refused["candidate"] == "dpo" and "worse than its parent sft" in refused["reasons"][0]
+    assert gate.evidence["base"]["candidate_mean"] == 0.82 and "parent" not in gate.evidence  # SFT's own evidence
+    assert "PROMOTE sft vs base (in place of dpo, refused: task_accuracy is 0.0200 worse" in gate.summary()
+
+    strict = promotion({"models": models}, GateParams(fall_back_to_parent=False), seed=0, champion_version=None,
+                       stages=STAGES)
+    assert not strict.passed and strict.candidate == "dpo" and "refused_candidates" not in strict.evidence
+
+
+def test_the_parent_that_stands_in_is_judged_by_every_rule() -> None:
+    # a student trailing DPO, which trails SFT, which is no better than the base: down the chain, and nothing passes
+    models = {"base": report("base", GOOD), "sft": report("sft", GOOD), "dpo": report("dpo", [1] * 79 + [0] * 21),
+              "student": report("student", BASE)}
+    gate = promotion({"models": models}, GateParams(candidate="student"), seed=0, champion_version=None,
+                     stages=STAGES)
+    assert not gate.passed and gate.candidate == "sft"
+    assert [r["candidate"] for r in gate.evidence["refused_candidates"]] == ["student", "dpo"]
+    assert any("gain over base is +0.0000" in r for r in gate.reasons)
+    # refused for another reason than its parent (the margin over the base), the candidate keeps the decision
+    models["sft"] = report("sft", [1] * 60 + [0] * 40)
+    models["dpo"] = report("dpo", [1] * 61 + [0] * 39)
+    gate = promotion({"models": models}, GateParams(), seed=0, champion_version=None, stages=STAGES)
+    assert not gate.passed and gate.candidate == "dpo" and "refused_candidates" not in gate.evidence

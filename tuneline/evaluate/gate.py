@@ -128,18 +128,32 @@ def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion
               stages: dict[str, str], teacher: str = "dpo") -> "GateRef":
     """The gate's decision on an evaluation report (``tuneline.recipes.evaluate``): the recipe's candidate
     against the base model, the champion (when evaluated) and its parent stage. ``teacher`` is the report name of
-    the aligned model a ``teacher`` candidate means (``alignment.method``: dpo, rloo or grpo)."""
+    the aligned model a ``teacher`` candidate means (``alignment.method``: dpo, rloo or grpo).
+
+    A candidate that trails its parent beyond ``max_parent_regression`` is refused, and with
+    ``fall_back_to_parent`` (the default) its parent stands in: judged by the same rules against the same
+    baselines (and its own parent), so the chain's best stage that passes is registered, never a worse one. The
+    refused candidates, with their reasons and evidence, stay in ``evidence["refused_candidates"]``."""
     from tuneline.params import to_plain
     from tuneline.refs import GateRef
 
     name, parent = (teacher, "sft") if params.candidate == "teacher" else CANDIDATES[params.candidate]
+    parents = {teacher: "sft", "dpo": "sft", "student": "dpo", "sft": None}
     models = report["models"]
     if name not in models:
         raise ValueError(f"gate.candidate {params.candidate!r} needs the {name!r} model, which was not evaluated")
-    decision = decide(models[name], {"base": models.get("base"), "champion": models.get("champion")}, params,
-                      seed=seed, parent=models.get(parent) if parent else None)
+    baselines = {"base": models.get("base"), "champion": models.get("champion")}
+    refused: list[dict[str, Any]] = []
+    while True:
+        decision = decide(models[name], baselines, params, seed=seed, parent=models.get(parent) if parent else None)
+        trails = "parent" in decision.evidence and decision.evidence["parent"]["gain"] < -params.max_parent_regression
+        if decision.passed or not (params.fall_back_to_parent and trails):
+            break
+        refused.append({"candidate": name, "reasons": decision.reasons, "evidence": decision.evidence})
+        name, parent = parent, parents.get(parent)
+    evidence = {**decision.evidence, **({"refused_candidates": refused} if refused else {})}
     return GateRef(passed=decision.passed, candidate=name, candidate_stage=stages[name],
-                   baselines=tuple(decision.baselines), reasons=tuple(decision.reasons), evidence=decision.evidence,
+                   baselines=tuple(decision.baselines), reasons=tuple(decision.reasons), evidence=evidence,
                    policy=to_plain(params), champion_version=champion_version)
 
 
