@@ -101,6 +101,10 @@ def test_a_candidate_trailing_its_parent_hands_over_to_the_parent() -> None:
     strict = promotion({"models": models}, GateParams(fall_back_to_parent=False), seed=0, champion_version=None,
                        stages=STAGES)
     assert not strict.passed and strict.candidate == "dpo" and "refused_candidates" not in strict.evidence
+    # RLOO as the teacher (alignment.method: rloo) hands over to SFT the same way
+    rloo = promotion({"models": {**models, "rloo": report("rloo", GOOD)}}, GateParams(), seed=0,
+                     champion_version=None, stages={**STAGES, "rloo": "rl_policy"}, teacher="rloo")
+    assert rloo.passed and rloo.candidate == "sft" and rloo.evidence["refused_candidates"][0]["candidate"] == "rloo"
 
 
 def test_the_parent_that_stands_in_is_judged_by_every_rule() -> None:

@@ -119,9 +119,9 @@ def decide(
     return GateDecision(not reasons, candidate.get("name", "candidate"), list(present), reasons, evidence)
 
 
-# gate.candidate -> (report name of the candidate, report name of its parent stage); "teacher" is the aligned
-# model that alignment.method names (dpo, rloo or grpo), whose parent is the SFT model
-CANDIDATES = {"teacher": ("dpo", "sft"), "student": ("student", "dpo"), "sft": ("sft", None)}
+# report name of a model -> report name of its parent stage; the aligned model that alignment.method names (dpo,
+# rloo or grpo: the gate's "teacher") has the SFT model as its parent
+PARENTS = {"student": "dpo", "dpo": "sft", "sft": None}
 
 
 def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion_version: Optional[int],
@@ -137,8 +137,9 @@ def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion
     from tuneline.params import to_plain
     from tuneline.refs import GateRef
 
-    name, parent = (teacher, "sft") if params.candidate == "teacher" else CANDIDATES[params.candidate]
-    parents = {teacher: "sft", "dpo": "sft", "student": "dpo", "sft": None}
+    parents = {**PARENTS, teacher: "sft"}
+    name = teacher if params.candidate == "teacher" else params.candidate
+    parent = parents[name]
     models = report["models"]
     if name not in models:
         raise ValueError(f"gate.candidate {params.candidate!r} needs the {name!r} model, which was not evaluated")
@@ -150,7 +151,7 @@ def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion
         if decision.passed or not (params.fall_back_to_parent and trails):
             break
         refused.append({"candidate": name, "reasons": decision.reasons, "evidence": decision.evidence})
-        name, parent = parent, parents.get(parent)
+        name, parent = parent, parents[parent]
     evidence = {**decision.evidence, **({"refused_candidates": refused} if refused else {})}
     return GateRef(passed=decision.passed, candidate=name, candidate_stage=stages[name],
                    baselines=tuple(decision.baselines), reasons=tuple(decision.reasons), evidence=evidence,
