@@ -424,6 +424,7 @@ def test_real_training_is_pruned_across_a_process_boundary(tmp_path: Path, tiny_
     assert result["state"] == "pruned", result
     assert result["pruned_at_step"] == 2 and result["steps"] < params.trial_max_steps
     assert result["value"] > 2.0
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["result.json"]  # no checkpoints or weights kept
 
     # the trial's process reported into the shared storage
     reloaded = optuna.load_study(study_name="real", storage=storage).trials[trial.number]

@@ -7,11 +7,13 @@ the trial from the shared storage, reports every validation loss and stops train
 so. ``<out_uri>/result.json`` holds an :class:`~tuneline.specs.Outcome` whose metrics are ``state``
 ("complete" | "pruned"), ``value`` (best validation loss), ``pruned_at_step``, ``steps``, ``trial_id`` and
 ``trial_number``, and whose details hold every reported ``(step, loss)`` and the SFT result: what the study
-is told (this process never finishes the trial). Any error exits non-zero with the traceback on stderr.
+is told (this process never finishes the trial). The trial's checkpoints and weights are deleted once it
+ends. Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -24,9 +26,10 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     from tuneline import storage
     from tuneline.models.loading import local_model_dir
     from tuneline.records import read_records
+    from tuneline.train import distributed
     from tuneline.train.callbacks import OptunaPruningCallback
     from tuneline.train.hpo import sft_params_from_trial
-    from tuneline.train.sft import train_sft
+    from tuneline.train.sft import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, train_sft
 
     trial_id = spec.trial_id
     pruning = OptunaPruningCallback(spec.study_name, spec.storage_url, trial_id)
@@ -44,12 +47,18 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
         raise RuntimeError("the trial finished without a single evaluation: lower eval_steps or raise max_steps")
     value = min(loss for _, loss in result.val_losses)
     state = "pruned" if pruning.pruned else "complete"
+    # the study needs the losses only, and nothing resumes a trial (a retried trial gets a new number and folder):
+    # its checkpoints and weights go before the worker syncs its workspace (about 100 MB a demo trial)
+    if distributed.is_main_process():
+        for sub in (CHECKPOINTS_SUBDIR, MODEL_SUBDIR):
+            shutil.rmtree(work.path / sub, ignore_errors=True)
     metrics = {"state": state, "value": value, "pruned_at_step": pruning.pruned_at_step,
                "steps": result.global_step, "trial_id": int(trial_id), "trial_number": spec.trial_number,
                **{f"param_{k}": v for k, v in spec.trial_params.items()}}
     outcome = Outcome(model=None, metrics=metrics,
                       curves={"validation": [list(x) for x in pruning.reported]},
-                      details={"trial_params": spec.trial_params, "sft": result.to_dict()})
+                      details={"trial_params": spec.trial_params,
+                               "sft": {k: v for k, v in result.to_dict().items() if k != "output_dir"}})
     log.emit(f"hpo trial {spec.trial_number} {state}: best val loss {value:.4f} after {result.global_step} steps"
              + (f" (pruned at step {pruning.pruned_at_step})" if pruning.pruned else ""))
     return _runner.finish(spec, outcome, pipes, log=log)
