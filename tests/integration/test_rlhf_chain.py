@@ -17,7 +17,9 @@ pytestmark = pytest.mark.long  # a whole-graph drill: `make test-long`, not `mak
 @pytest.mark.slow
 def test_rloo_is_the_gate_candidate_when_the_recipe_says_so(state: Path, tmp_path: Path) -> None:
     recipe = copy.deepcopy(CHAIN)
-    recipe.update(name="ci-rlhf", alignment={"method": "rloo"}, hpo={**CHAIN["hpo"], "enabled": False})
+    # the candidate stays RLOO whatever it scores (no hand-over to its SFT parent): this test is about choosing it
+    recipe.update(name="ci-rlhf", alignment={"method": "rloo"}, hpo={**CHAIN["hpo"], "enabled": False},
+                  gate={**CHAIN["gate"], "fall_back_to_parent": False})
     result, _ = run_chain(recipe, tmp_path / "rlhf.yaml")
     done = materialized(result)
     assert {"reward_model", "rl_policy", "dpo_adapter", "evaluation_report"} <= done, done
