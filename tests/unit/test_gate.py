@@ -72,7 +72,7 @@ def test_candidate_worse_than_its_parent_is_refused() -> None:
     parent = [1] * 82 + [0] * 18  # the SFT parent scores 0.82, the DPO candidate 0.80
     d = decide(report("dpo", GOOD), {"base": report("base", BASE)}, GateParams(), parent=report("sft", parent))
     assert not d.passed and any("worse than its parent sft" in r for r in d.reasons)
-    assert d.evidence["parent"]["gain"] < 0
+    assert d.evidence["parent"]["gain"] < 0 and d.evidence["parent"]["trails"] is True
     tolerant = decide(report("dpo", GOOD), {"base": report("base", BASE)}, GateParams(max_parent_regression=0.05),
                       parent=report("sft", parent))
     assert tolerant.passed, tolerant.reasons

@@ -110,10 +110,11 @@ def decide(
     if parent is not None:
         a, b, skipped = _paired(candidate, parent, params.primary_metric)
         gain = sum(a) / len(a) - sum(b) / len(b)
+        trails = gain < -params.max_parent_regression  # promotion() hands such a candidate's place to its parent
         evidence["parent"] = {"name": parent.get("name"), "n": len(a), "skipped_missing": skipped,
                               "candidate_mean": sum(a) / len(a), "parent_mean": sum(b) / len(b), "gain": gain,
-                              "max_regression": params.max_parent_regression}
-        if gain < -params.max_parent_regression:
+                              "max_regression": params.max_parent_regression, "trails": trails}
+        if trails:
             reasons.append(f"{params.primary_metric} is {-gain:.4f} worse than its parent {parent.get('name')} "
                            f"(at most {params.max_parent_regression:.4f} allowed): the last stage made it worse")
     return GateDecision(not reasons, candidate.get("name", "candidate"), list(present), reasons, evidence)
@@ -147,7 +148,7 @@ def promotion(report: dict[str, Any], params: GateParams, *, seed: int, champion
     refused: list[dict[str, Any]] = []
     while True:
         decision = decide(models[name], baselines, params, seed=seed, parent=models.get(parent) if parent else None)
-        trails = "parent" in decision.evidence and decision.evidence["parent"]["gain"] < -params.max_parent_regression
+        trails = decision.evidence.get("parent", {}).get("trails", False)
         if decision.passed or not (params.fall_back_to_parent and trails):
             break
         refused.append({"candidate": name, "reasons": decision.reasons, "evidence": decision.evidence})
