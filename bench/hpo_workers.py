@@ -68,8 +68,8 @@ def run_study(setup: dict[str, Any], work: Path, name: str, workers: int, args: 
     started = time.perf_counter()
     for i in range(workers):
         spec = {"study_name": name, "storage_url": storage, "hpo": hpo_params(args.tiny, args.n_trials, workers),
-                "params": sft, "base_model": setup["base"], "train_path": setup["train"],
-                "val_path": setup["val"], "out_dir": str(out / f"worker-{i}"), "trials_dir": str(out),
+                "params": sft, "base": setup["base"], "train_uri": Path(setup["train"]).as_uri(),
+                "val_uri": Path(setup["val"]).as_uri(), "out_uri": (out / f"worker-{i}").as_uri(),
                 "seed": SEED, "worker": i}
         spec_path = out / f"worker-{i}.spec.json"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def run_study(setup: dict[str, Any], work: Path, name: str, workers: int, args: 
     return {
         "study": name, "workers": workers, "wall_seconds": round(wall, 2), "finished": now.finished,
         "pruned": pruned, "pruned_share": round(pruned / now.finished, 3) if now.finished else None,
-        "failed": now.failed, "trials_per_worker": [len(r["trials"]) for r in reports],
+        "failed": now.failed, "trials_per_worker": [len(r["details"]["trials"]) for r in reports],
         "threads_per_worker": threads_per_worker(hpo, 1),
         "best_value": min((t.value for t in study.trials if t.state.name == "COMPLETE"), default=None),
         "loadavg_after": os.getloadavg()[0],
@@ -114,7 +114,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = args.work_dir
     setup_dir = work / "setup"
     built = build_setup(setup_dir, seed=SEED, pad_vocab=0 if args.tiny else 4096)["spec"]
-    setup = {"base": built["base_model"], "train": built["ours_train"], "val": built["val"]}
+    from tuneline.models.provision import model_ref
+
+    base = model_ref(built["base_model"], Path(built["base_model"]).as_uri(), method="full", stage="base_model")
+    setup = {"base": base.to_dict(), "train": built["ours_train"], "val": built["val"]}
     quiet = wait_for_quiet(args.max_load, 0.5, args.max_wait, 10, check_loadavg=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
