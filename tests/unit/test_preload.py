@@ -124,3 +124,58 @@ def test_the_launcher_forks_single_process_jobs_of_this_interpreter_only(tmp_pat
     other = PipesSubprocessLauncher(python="/usr/bin/python3")
     assert not other.forks(spec, other.command(spec, tmp_path / "spec.json", 1), env)
     assert not launcher.forks(spec, one, {**env, "HF_HOME": str(tmp_path / "elsewhere")})
+
+
+OUTER = textwrap.dedent('''
+    import json, os, sys, time
+    from tuneline.recipes import _preload
+    if __name__ == "__main__":  # as a recipe CLI: a fresh server imports this module again as __mp_main__
+        _preload.served_by = os.getpid()  # only a copy of this process has it
+        served = _preload.serve_from_here()
+        env = {**os.environ, "PYTHONPATH": sys.argv[1]}
+        job = _preload.start("preload_inner_mod", [sys.argv[2]], env, sys.argv[1])
+        open(sys.argv[3], "w").write(json.dumps({"served": served, "job": job.pid}))
+        time.sleep(300)
+''')
+INNER = textwrap.dedent('''
+    import json, os, sys, time
+    from tuneline.recipes import _preload, _runner
+    _runner.die_with_parent()
+    open(sys.argv[1], "w").write(json.dumps({"pid": os.getpid(), "served_by": getattr(_preload, "served_by", None)}))
+    time.sleep(300)
+''')
+
+
+def test_a_job_that_launches_jobs_forks_them_from_its_own_imports_and_takes_them_down_when_killed(tmp_path):
+    """An HPO worker's trials fork from a copy of the worker (no second interpreter importing torch), and a
+    kill -9 of the worker still takes its trial down."""
+    import signal
+    import time
+
+    (tmp_path / "preload_outer_mod.py").write_text(OUTER)
+    (tmp_path / "preload_inner_mod.py").write_text(INNER)
+    inner, outer = tmp_path / "inner.json", tmp_path / "outer.json"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    worker = _preload.start("preload_outer_mod", [str(tmp_path), str(inner), str(outer)], env, str(tmp_path))
+    deadline = time.monotonic() + 120
+    while not (inner.exists() and outer.exists() and inner.read_text() and outer.read_text()):
+        assert time.monotonic() < deadline and worker.is_alive(), "the nested job never started"
+        time.sleep(0.2)
+    launched, job = json.loads(outer.read_text()), json.loads(inner.read_text())
+    assert launched == {"served": True, "job": job["pid"]}
+    assert job["served_by"] == worker.pid  # forked from the worker's copy, not from a fresh interpreter
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(30)
+    deadline = time.monotonic() + 30
+    while _alive(job["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(job["pid"]), f"the nested job {job['pid']} outlived the worker that launched it"
+
+
+def test_a_job_that_did_not_preload_starts_the_usual_server():
+    # this test process imported no trainer library at module level: nothing to fork from
+    code = ("import sys; from tuneline.recipes import _preload; "
+            "sys.exit(0 if _preload.serve_from_here() is False else 1)")
+    import subprocess
+
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

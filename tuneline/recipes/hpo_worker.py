@@ -110,6 +110,7 @@ def run(spec: HpoWorkerSpec, pipes: Any = None) -> Outcome:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    _preload.serve_from_here()  # forked itself: the trials fork from this process, not from a fresh import
     return _runner.run_cli(argv, spec_class=HpoWorkerSpec, run=run)
 
 
