@@ -786,3 +786,20 @@ def test_a_finished_folder_moves_into_place_keeping_a_complete_one_and_replacing
         assert not tmp.exists()
         expected = "first" if already == "complete" else content  # a complete entry is never overwritten
         assert (target / "data").read_text() == expected and (target / "DONE").is_file()
+
+
+def test_a_search_trial_writes_nothing_and_trains_and_stops_as_a_kept_run_does(base_dir, data, tmp_path):
+    """``save=False`` (an HPO trial): no checkpoint, no weights, the same losses step for step, the same early stop."""
+    from tuneline.train.sft import train_sft
+
+    train, val = data
+    # a learning rate far too high: the validation loss rises, so early stopping ends both runs
+    params = params_for("full", max_steps=40, eval_steps=2, save_steps=2, learning_rate=0.3,
+                        early_stopping=EarlyStoppingParams(patience=1, min_delta=0.0))
+    kept = train_sft(base_dir, train, val, params, tmp_path / "kept", seed=0)
+    trial = train_sft(base_dir, train, val, params, tmp_path / "trial", seed=0, save=False)
+    assert kept.stopped_early and kept.global_step < 40
+    assert (trial.train_losses, trial.val_losses, trial.global_step, trial.stopped_early, trial.best_val_loss) == (
+        kept.train_losses, kept.val_losses, kept.global_step, kept.stopped_early, kept.best_val_loss)
+    assert any((tmp_path / "kept" / "checkpoints").iterdir()) and Path(kept.output_dir).is_dir()
+    assert [p for p in (tmp_path / "trial").rglob("*") if p.is_file()] == []

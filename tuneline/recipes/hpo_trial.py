@@ -29,7 +29,7 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     from tuneline.train import distributed
     from tuneline.train.callbacks import OptunaPruningCallback
     from tuneline.train.hpo import sft_params_from_trial
-    from tuneline.train.sft import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, train_sft
+    from tuneline.train.sft import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, SOURCE_SUBDIR, train_sft
 
     trial_id = spec.trial_id
     pruning = OptunaPruningCallback(spec.study_name, spec.storage_url, trial_id)
@@ -42,15 +42,16 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     work = storage.Workspace(spec.out_uri)
     log.emit(f"hpo trial {spec.trial_number} (id {trial_id}) of {spec.study_name}: {spec.trial_params}")
     result = train_sft(local_model_dir(spec.base), train, val, params, work.path, seed=spec.seed,
-                       extra_callbacks=[pruning], on_log=log, tokens=spec.tokenizer)
+                       extra_callbacks=[pruning], on_log=log, tokens=spec.tokenizer, save=False)
     if not result.val_losses:
         raise RuntimeError("the trial finished without a single evaluation: lower eval_steps or raise max_steps")
     value = min(loss for _, loss in result.val_losses)
     state = "pruned" if pruning.pruned else "complete"
     # the study needs the losses only, and nothing resumes a trial (a retried trial gets a new number and folder):
-    # its checkpoints and weights go before the worker syncs its workspace (about 100 MB a demo trial)
+    # train_sft saved no checkpoint and no weights (save=False); a multitask trial's source stage did, and it
+    # goes before the worker syncs its workspace
     if distributed.is_main_process():
-        for sub in (CHECKPOINTS_SUBDIR, MODEL_SUBDIR):
+        for sub in (CHECKPOINTS_SUBDIR, MODEL_SUBDIR, SOURCE_SUBDIR):
             shutil.rmtree(work.path / sub, ignore_errors=True)
     metrics = {"state": state, "value": value, "pruned_at_step": pruning.pruned_at_step,
                "steps": result.global_step, "trial_id": int(trial_id), "trial_number": spec.trial_number,

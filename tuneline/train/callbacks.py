@@ -202,10 +202,21 @@ class UndoAtTrainEndCallback(TrainerCallback):
         return control
 
 
-def early_stopping_callback(patience: int, min_delta: float) -> Any:
-    """transformers' ``EarlyStoppingCallback``; needs ``load_best_model_at_end=True``,
-    ``metric_for_best_model="eval_loss"`` and step-wise evaluation in the TrainingArguments."""
-    return EarlyStoppingCallback(early_stopping_patience=patience, early_stopping_threshold=min_delta)
+class _EarlyStoppingWithoutBestModel(EarlyStoppingCallback):
+    """Early stopping where the best weights are deliberately not reloaded (a search trial keeps no weights):
+    without the warning that says so at every trial's start (the checks it skips are of arguments
+    ``train_sft`` sets itself)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass
+
+
+def early_stopping_callback(patience: int, min_delta: float, *, best_model_loaded: bool = True) -> Any:
+    """transformers' ``EarlyStoppingCallback``; needs ``metric_for_best_model="eval_loss"`` and step-wise
+    evaluation in the TrainingArguments, and ``load_best_model_at_end=True`` unless ``best_model_loaded`` is
+    False (then the stopped run keeps its last weights)."""
+    cls = EarlyStoppingCallback if best_model_loaded else _EarlyStoppingWithoutBestModel
+    return cls(early_stopping_patience=patience, early_stopping_threshold=min_delta)
 
 
 class OptunaPruningCallback(TrainerCallback):

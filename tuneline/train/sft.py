@@ -122,6 +122,7 @@ def train_sft(
     tokens: Optional[TokenizerParams] = None,
     offload: Optional[OffloadParams] = None,
     gradient_checkpointing: bool = False,
+    save: bool = True,
 ) -> SftResult:
     """Fine-tune ``base_model_path`` on chat records; resumes from the last complete checkpoint in ``out_dir``.
 
@@ -138,6 +139,10 @@ def train_sft(
     ``tokens`` (the recipe's ``tokenizer`` section) adds tokens first; eos/bos/pad are checked against the chat
     template before anything trains (:func:`tuneline.train.tokens.check_special_tokens`). ``offload`` with a
     ``zero_stage`` trains under DeepSpeed ZeRO (CUDA and ``deepspeed`` required, checked first).
+
+    ``save=False`` (a search trial, which needs the losses only) writes no checkpoint and no model: nothing
+    resumes it, the best weights are not reloaded at the end, and ``output_dir`` of the result does not exist;
+    evaluation and early stopping run as they would otherwise.
     """
     import torch
     from transformers import PrinterCallback, TrainingArguments
@@ -200,10 +205,10 @@ def train_sft(
         dataloader_num_workers=0,
         eval_strategy="steps" if has_val else "no",
         eval_steps=params.eval_steps,
-        save_strategy="steps",
+        save_strategy="steps" if save else "no",
         save_steps=params.save_steps,
         save_total_limit=2,
-        load_best_model_at_end=has_val,
+        load_best_model_at_end=has_val and save,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_strategy="steps",
@@ -239,7 +244,8 @@ def train_sft(
     callbacks += [cb.CompleteCheckpointCallback(on_checkpoint), cb.EvaluateAtEndCallback()]
     early = None
     if has_val:
-        early = cb.early_stopping_callback(params.early_stopping.patience, params.early_stopping.min_delta)
+        early = cb.early_stopping_callback(params.early_stopping.patience, params.early_stopping.min_delta,
+                                           best_model_loaded=save)
         callbacks.append(early)
     if on_log is not None:
         callbacks.append(cb.MetricsCallback(on_log))
@@ -273,7 +279,7 @@ def train_sft(
     # the best weights are loaded (load_best_model_at_end); rank 0 saves them with the tokenizer
     final_dir = out / MODEL_SUBDIR
     examples_per_rank = distributed.gather_counts(trainer.examples_seen)
-    if distributed.is_main_process():
+    if save and distributed.is_main_process():
         final_dir.mkdir(parents=True, exist_ok=True)
         if params.method == "adapter":  # the adapter weights only, with their JSON config
             from tuneline.train.bottleneck import BottleneckConfig, save_bottleneck
