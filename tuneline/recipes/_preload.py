@@ -110,7 +110,7 @@ def serve_from_here() -> bool:
     paid by the search's first trial). Only where that is the same thing: every module of :data:`PRELOAD` is
     already imported here (this job was itself forked from a server), no other thread runs (forking copies
     no thread, and a lock another thread held would stay held in every child), and multiprocessing's server
-    loop takes no authentication key (Python 3.13 and later do; there the usual server starts). The server is
+    loop takes no authentication key (newer Pythons' does: there the usual server starts). The server is
     ``multiprocessing.forkserver``'s own loop in the forked copy; it exits when this process does (its "alive"
     pipe closes), and its jobs with it (``PR_SET_PDEATHSIG``). Returns whether it started; call it before any
     thread starts."""

@@ -5,8 +5,9 @@ The ``hpo_study`` step creates the study and launches ``hpo.workers`` of these a
 resource. Each loads the study and runs trials (:func:`tuneline.train.hpo.run_worker`) until the study holds
 ``n_trials`` finished ones. Every trial is its own process, ``python -m tuneline.recipes.hpo_trial`` (under
 torchrun when ``params.num_processes`` > 1; otherwise forked from a server that has imported the training
-libraries once, :mod:`tuneline.recipes._preload`), given ``threads`` torch threads so that ``workers`` workers share
-the cores without oversubscribing them; it dies with its worker. This process keeps the trial's heartbeat
+libraries once, :mod:`tuneline.recipes._preload`: a copy of this worker when it was itself forked from one),
+given ``threads`` torch threads so that ``workers`` workers share the cores without oversubscribing them; it dies
+with its worker. This process keeps the trial's heartbeat
 while it trains. With ``mlflow`` (the ``hpo_study`` run), each trial gets a run nested under it.
 ``<out_uri>/result.json`` holds the :class:`~tuneline.specs.Outcome` (the trials this worker ran, its thread
 count and the study's counts). Any error exits non-zero with the traceback on stderr.
