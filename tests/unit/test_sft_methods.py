@@ -788,17 +788,22 @@ def test_a_finished_folder_moves_into_place_keeping_a_complete_one_and_replacing
         assert (target / "data").read_text() == expected and (target / "DONE").is_file()
 
 
-def test_a_search_trial_writes_nothing_and_trains_and_stops_as_a_kept_run_does(base_dir, data, tmp_path):
-    """``save=False`` (an HPO trial): no checkpoint, no weights, the same losses step for step, the same early stop."""
+@pytest.mark.parametrize("stops_early", [True, False], ids=["early-stopped", "to-max-steps"])
+def test_a_search_trial_writes_nothing_and_trains_and_stops_as_a_kept_run_does(base_dir, data, tmp_path, stops_early):
+    """``save=False`` (an HPO trial): no checkpoint, no weights, the same losses step for step, the same early stop
+    or the same last step (where a kept run also evaluates and saves)."""
     from tuneline.train.sft import train_sft
 
     train, val = data
-    # a learning rate far too high: the validation loss rises, so early stopping ends both runs
-    params = params_for("full", max_steps=40, eval_steps=2, save_steps=2, learning_rate=0.3,
-                        early_stopping=EarlyStoppingParams(patience=1, min_delta=0.0))
+    if stops_early:  # a learning rate far too high: the validation loss rises, so early stopping ends both runs
+        params = params_for("full", max_steps=40, eval_steps=2, save_steps=2, learning_rate=0.3,
+                            early_stopping=EarlyStoppingParams(patience=1, min_delta=0.0))
+    else:  # 7 steps, evaluated every 2: the last step is evaluated (and, when kept, saved) only because it is last
+        params = params_for("full", max_steps=7, eval_steps=2, save_steps=2, learning_rate=1e-3,
+                            early_stopping=EarlyStoppingParams(patience=100, min_delta=0.0))
     kept = train_sft(base_dir, train, val, params, tmp_path / "kept", seed=0)
     trial = train_sft(base_dir, train, val, params, tmp_path / "trial", seed=0, save=False)
-    assert kept.stopped_early and kept.global_step < 40
+    assert kept.stopped_early == stops_early and (kept.global_step < 40 if stops_early else kept.global_step == 7)
     assert (trial.train_losses, trial.val_losses, trial.global_step, trial.stopped_early, trial.best_val_loss) == (
         kept.train_losses, kept.val_losses, kept.global_step, kept.stopped_early, kept.best_val_loss)
     assert any((tmp_path / "kept" / "checkpoints").iterdir()) and Path(kept.output_dir).is_dir()

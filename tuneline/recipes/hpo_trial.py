@@ -7,8 +7,8 @@ the trial from the shared storage, reports every validation loss and stops train
 so. ``<out_uri>/result.json`` holds an :class:`~tuneline.specs.Outcome` whose metrics are ``state``
 ("complete" | "pruned"), ``value`` (best validation loss), ``pruned_at_step``, ``steps``, ``trial_id`` and
 ``trial_number``, and whose details hold every reported ``(step, loss)`` and the SFT result: what the study
-is told (this process never finishes the trial). The trial's checkpoints and weights are deleted once it
-ends. Any error exits non-zero with the traceback on stderr.
+is told (this process never finishes the trial). The trial writes no checkpoint and no weights (a multitask
+trial's source stage does, deleted once it ends). Any error exits non-zero with the traceback on stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     from tuneline.train import distributed
     from tuneline.train.callbacks import OptunaPruningCallback
     from tuneline.train.hpo import sft_params_from_trial
-    from tuneline.train.sft import CHECKPOINTS_SUBDIR, MODEL_SUBDIR, SOURCE_SUBDIR, train_sft
+    from tuneline.train.sft import CHECKPOINTS_SUBDIR, SOURCE_SUBDIR, train_sft
 
     trial_id = spec.trial_id
     pruning = OptunaPruningCallback(spec.study_name, spec.storage_url, trial_id)
@@ -48,10 +48,10 @@ def run(spec: HpoTrialSpec, pipes: Any = None) -> Outcome:
     value = min(loss for _, loss in result.val_losses)
     state = "pruned" if pruning.pruned else "complete"
     # the study needs the losses only, and nothing resumes a trial (a retried trial gets a new number and folder):
-    # train_sft saved no checkpoint and no weights (save=False); a multitask trial's source stage did, and it
-    # goes before the worker syncs its workspace
+    # train_sft saved no checkpoint and no weights (save=False; it leaves the Trainer's empty output folder); a
+    # multitask trial's source stage did save, and goes before the worker syncs its workspace
     if distributed.is_main_process():
-        for sub in (CHECKPOINTS_SUBDIR, MODEL_SUBDIR, SOURCE_SUBDIR):
+        for sub in (CHECKPOINTS_SUBDIR, SOURCE_SUBDIR):
             shutil.rmtree(work.path / sub, ignore_errors=True)
     metrics = {"state": state, "value": value, "pruned_at_step": pruning.pruned_at_step,
                "steps": result.global_step, "trial_id": int(trial_id), "trial_number": spec.trial_number,

@@ -135,12 +135,13 @@ class MetricsCallback(TrainerCallback):
 
 
 class EvaluateAtEndCallback(TrainerCallback):
-    """Evaluates and saves at the last step too, so the best-model choice sees the final weights."""
+    """Evaluates and saves at the last step too, so the best-model choice sees the final weights (saves only
+    where the run saves at all: a search trial keeps no checkpoint)."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.max_steps and state.global_step >= state.max_steps and args.eval_strategy != "no":
             control.should_evaluate = True
-            control.should_save = True
+            control.should_save = args.save_strategy != "no"
         return control
 
 
