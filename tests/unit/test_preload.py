@@ -172,8 +172,8 @@ def test_a_job_that_launches_jobs_forks_them_from_its_own_imports_and_takes_them
     assert not _alive(job["pid"]), f"the nested job {job['pid']} outlived the worker that launched it"
 
 
-def test_a_job_that_did_not_preload_starts_the_usual_server():
-    # this test process imported no trainer library at module level: nothing to fork from
+def test_a_job_that_did_not_preload_does_not_serve_from_itself():
+    # a fresh interpreter has imported no trainer library: nothing to fork from (start() then starts the usual server)
     code = ("import sys; from tuneline.recipes import _preload; "
             "sys.exit(0 if _preload.serve_from_here() is False else 1)")
     import subprocess
