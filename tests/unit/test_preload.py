@@ -61,6 +61,23 @@ def test_an_exception_in_a_forked_job_is_a_nonzero_exit(probe):
     assert json.loads((tmp_path / "out.json").read_text())["main"] == "__main__"
 
 
+def test_a_forked_job_has_deepspeed_from_the_server_only_with_a_torch_without_gpu(tmp_path):
+    """Every Trainer imports DeepSpeed when it is installed; the server imports it for the jobs, but only where
+    that cannot start a GPU driver before the fork (a torch build without CUDA or ROCm)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed: nothing for the server to import")
+    (tmp_path / "preload_ds_probe.py").write_text(
+        "import sys\nopen(sys.argv[1], 'w').write(str('deepspeed' in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert _preload.run("preload_ds_probe", [str(tmp_path / "out.txt")], env, str(tmp_path)) == 0
+    without_gpu = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+    assert (tmp_path / "out.txt").read_text() == str(without_gpu)
+
+
 def test_an_environment_the_libraries_read_at_import_is_not_forked(monkeypatch):
     base = dict(os.environ)
     assert _preload.compatible({**base, "OMP_NUM_THREADS": "7", "DAGSTER_PIPES_MESSAGES": "x"})

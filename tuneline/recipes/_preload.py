@@ -34,6 +34,7 @@ PRELOAD = (
     "optuna",
     "safetensors.torch",
     "tuneline.recipes._runner",
+    "tuneline.recipes._preload_deepspeed",  # DeepSpeed, with a torch build that has no GPU only (see there)
 )
 # may differ between this process and a forked job: the child applies them (torch's thread count, the Pipes
 # bootstrap variables, new for every job, and sys.path), or libraries of this process set them as it runs and
