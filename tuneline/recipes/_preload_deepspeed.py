@@ -12,13 +12,10 @@ not die of it).
 
 from __future__ import annotations
 
-import importlib.util
-
 try:
     import torch
 
-    if (torch.version.cuda is None and getattr(torch.version, "hip", None) is None
-            and importlib.util.find_spec("deepspeed") is not None):
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         import deepspeed  # noqa: F401
-except Exception:  # noqa: BLE001 - the server imports the rest without it
+except Exception:  # noqa: BLE001 - not installed, or failed: the server imports the rest without it
     pass
