@@ -13,9 +13,9 @@ from assets._meta import image, mlflow_link, scalars
 from resources.artifacts import ArtifactStore
 from resources.launcher import TrainingLauncher
 from resources.tracking import MlflowResource
+from tuneline.deploy.lineage import SPEC_ARTIFACT
 from tuneline.params import Recipe, flatten, to_plain
 from tuneline.refs import SplitsRef
-from tuneline.deploy.lineage import SPEC_ARTIFACT
 from tuneline.specs import MlflowTarget, Outcome, Spec
 
 # A killed or crashed trainer is retried in the same Dagster run; it resumes from its last checkpoint.
@@ -41,6 +41,8 @@ def launch_stage(
 ) -> tuple[Outcome, str]:
     """Create the stage's MLflow run (before any expensive work: a dead tracking server fails fast), launch
     the trainer with the run's id, and mark the run FAILED when the trainer fails."""
+    # what the launch needs starts meanwhile (the subprocess launcher's server of preloaded imports)
+    launcher.prepare(dataclasses.replace(spec, compute=recipe.compute), num_processes=num_processes)
     run_id = mlflow.start_stage_run(context, recipe, dataset_sha256=dataset_sha256, params=params,
                                     upstream={k: v for k, v in upstream.items() if v})
     tracker = mlflow.tracker()

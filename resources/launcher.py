@@ -54,6 +54,10 @@ class TrainingLauncher(dg.ConfigurableResource):
         that start pods)."""
         raise NotImplementedError("use a concrete TrainingLauncher such as PipesSubprocessLauncher")
 
+    def prepare(self, spec: Spec, *, num_processes: int = 1) -> None:
+        """Start in the background what launching ``spec`` will need, so that it overlaps the caller's own set-up
+        before :meth:`launch`. Nothing here; the subprocess launcher starts its preloaded server."""
+
 
 def read_outcome(spec: Spec) -> Outcome:
     uri = storage.join(spec.out_uri, RESULT_FILE)
@@ -93,6 +97,17 @@ class PipesSubprocessLauncher(TrainingLauncher):
         with an environment the server's imports saw."""
         return self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and _preload.compatible(env)
 
+    def job_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
+
+    def prepare(self, spec: Spec, *, num_processes: int = 1) -> None:
+        """Start the preloaded server now when ``spec`` will fork from it (one process, no FSDP config): its imports
+        run beside the stage's MLflow set-up instead of after it (the first stage of a run: about 6 s of the
+        demo's ``base_model``)."""
+        if spec.compute.engine != "fsdp" and self.forks(
+                spec, launch_command(self.python, spec.module, [], num_processes), self.job_env()):
+            _preload.warm()
+
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
                k8s: Optional[K8sParams] = None) -> LaunchResult:
         # the spec and the trainer's traceback live on this machine, beside nothing else of the stage
@@ -106,7 +121,7 @@ class PipesSubprocessLauncher(TrainingLauncher):
         result_uri = storage.join(spec.out_uri, RESULT_FILE)
         if storage.is_local(result_uri):
             storage.local_path(result_uri).unlink(missing_ok=True)
-        env = {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
+        env = self.job_env()
         cmd = self.command(spec, spec_path, num_processes)
         forked = self.forks(spec, cmd, env)
         context.log.info(f"launching {' '.join(cmd)}" + (" (forked from the preloaded server)" if forked else ""))

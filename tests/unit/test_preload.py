@@ -196,3 +196,36 @@ def test_a_job_that_did_not_preload_does_not_serve_from_itself():
     import subprocess
 
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+WARM = textwrap.dedent('''
+    import os, sys
+    from multiprocessing import forkserver
+    from resources.launcher import PipesSubprocessLauncher
+    from tuneline.params import ComputeParams
+    from tuneline.recipes import _preload
+
+    spec = type("S", (), {"compute": ComputeParams(), "module": "platform"})()
+    PipesSubprocessLauncher(preload=False).prepare(spec)
+    PipesSubprocessLauncher().prepare(spec, num_processes=2)  # torchrun: its ranks are fresh interpreters
+    PipesSubprocessLauncher().prepare(type("S", (), {"compute": ComputeParams(engine="fsdp"), "module": "platform"})())
+    assert forkserver._forkserver._forkserver_pid is None, "started a server no job of these would fork from"
+    PipesSubprocessLauncher().prepare(spec)
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None and _preload.warm() is False  # one server, started once
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[1:])}
+    assert _preload.run("platform", [], env, os.getcwd()) == 0
+    assert forkserver._forkserver._forkserver_pid == server  # the job forked from it: not restarted
+''')
+
+
+def test_the_launcher_starts_the_server_before_the_first_launch_only_for_jobs_that_fork_from_it():
+    """``prepare`` (called before a stage's MLflow set-up) starts the preloaded server so that its imports overlap
+    that set-up; the job then forks from that same server."""
+    import subprocess
+
+    from tuneline.paths import project_root
+
+    done = subprocess.run([sys.executable, "-c", WARM], cwd=str(project_root()), timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(project_root())}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
