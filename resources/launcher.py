@@ -82,7 +82,7 @@ class PipesSubprocessLauncher(TrainingLauncher):
         """``python -m module --spec SPEC``; under torchrun (gloo on CPU, NCCL on GPU) for several processes, or
         ``accelerate launch`` with the rendered config (beside the spec) when the recipe's engine is FSDP."""
         config = None
-        if spec.compute.engine == "fsdp":
+        if self.uses_accelerate(spec):
             from tuneline.train.engines import accelerate_config, write_accelerate_config
 
             bf16 = getattr(getattr(spec, "params", None), "bf16", None) is not False
@@ -91,6 +91,11 @@ class PipesSubprocessLauncher(TrainingLauncher):
                                                  spec_path.parent))
         return launch_command(self.python, spec.module, ["--spec", str(spec_path)], num_processes, config)
 
+    @staticmethod
+    def uses_accelerate(spec: Spec) -> bool:
+        """Whether ``spec`` runs under ``accelerate launch`` with a rendered config (the FSDP engine)."""
+        return spec.compute.engine == "fsdp"
+
     def forks(self, spec: Spec, cmd: list[str], env: dict[str, str]) -> bool:
         """Whether ``cmd`` runs forked from the preloaded server: one process of this interpreter (``cmd`` starts
         with ``sys.executable -m spec.module``: not torchrun or accelerate, and ``self.python`` is this interpreter)
@@ -98,13 +103,14 @@ class PipesSubprocessLauncher(TrainingLauncher):
         return self.preload and cmd[:3] == [sys.executable, "-m", spec.module] and _preload.compatible(env)
 
     def job_env(self) -> dict[str, str]:
+        """The environment every job gets: this process's, the configured extras, the project on PYTHONPATH."""
         return {**os.environ, **self.env, "PYTHONPATH": str(project_root())}
 
     def prepare(self, spec: Spec, *, num_processes: int = 1) -> None:
         """Start the preloaded server now when ``spec`` will fork from it (one process, no FSDP config): its imports
         run beside the stage's MLflow set-up instead of after it (the first stage of a run: about 6 s of the
         demo's ``base_model``)."""
-        if spec.compute.engine != "fsdp" and self.forks(
+        if not self.uses_accelerate(spec) and self.forks(
                 spec, launch_command(self.python, spec.module, [], num_processes), self.job_env()):
             _preload.warm()
 

@@ -95,8 +95,7 @@ def start(module: str, argv: Sequence[str], env: Mapping[str, str], cwd: str) ->
             forkserver._forkserver._stop()
             _server_env = None
         if _server_env is None:
-            ctx.set_forkserver_preload(list(PRELOAD))
-            _server_env = current
+            _start_server()
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         proc = ctx.Process(target=_run_module, args=(module, list(argv), dict(env), cwd, paths),
                            name=f"tuneline:{module}")
@@ -111,19 +110,25 @@ def warm() -> bool:
     and the first job forks from it as soon as it is ready. Call it with the environment jobs will be launched
     with (a server started with another one is replaced by :func:`start`, as always). Returns whether it
     started one."""
-    global _server_env
-    import multiprocessing
-    from multiprocessing import forkserver
-
     if not available():
         return False
     with _lock:
         if _server_env is not None:
             return False
-        multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
-        forkserver.ensure_running()  # spawns the server and returns; the server imports before it accepts
-        _server_env = _relevant(os.environ)
+        _start_server()
     return True
+
+
+def _start_server() -> None:
+    """Start the server with this process's environment (the caller holds ``_lock``); returns at once: the server
+    imports :data:`PRELOAD` before it accepts the first job."""
+    global _server_env
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()
+    _server_env = _relevant(os.environ)
 
 
 def serve_from_here() -> bool:
