@@ -2,11 +2,11 @@
 
 A trainer process spends about 5 s (2-core CPU) importing torch, transformers' Trainer, PEFT, TRL and MLflow
 before its first step, which is most of a short stage's time. Here every single-process job on this machine is
-forked from one *forkserver* (``multiprocessing``'s, started on first use) that has already imported
-:data:`PRELOAD`; the child then runs ``python -m MODULE ARGS`` as :mod:`runpy` would, with the job's environment,
-working directory and thread count. Nothing else changes: the child is its own process (its own exit code,
-``PR_SET_PDEATHSIG`` chain through the server, killed with the launcher), and the server starts before any CUDA
-or OpenMP work, so the fork is safe.
+forked from one *forkserver* (``multiprocessing``'s, started on first use, or ahead of it by :func:`warm`) that
+has already imported :data:`PRELOAD`; the child then runs ``python -m MODULE ARGS`` as :mod:`runpy` would, with the
+job's environment, working directory and thread count. Nothing else changes: the child is its own process (its own
+exit code, ``PR_SET_PDEATHSIG`` chain through the server, killed with the launcher), and the server starts before any
+CUDA or OpenMP work, so the fork is safe.
 
 Libraries read some environment variables once, when imported (``HF_HUB_OFFLINE``, ``HF_HOME``, ...): the server
 imports them with this process's environment. A job whose environment differs from it (apart from
