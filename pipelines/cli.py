@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     recipe = resources["recipe"].load()  # fail fast on a bad recipe, before any step runs
     check_sources(recipe, recipe_path=settings.recipe)  # and on a missing or unreadable data file
+    if not args.select:  # the whole graph: what its stages' launches share starts now, beside Dagster's start
+        resources["launcher"].prepare_run(recipe)
     print(f"tuneline: materializing the asset graph for recipe {settings.recipe} ({recipe.name}), "
           f"profile {settings.profile}", flush=True)
     started = time.time()

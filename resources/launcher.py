@@ -25,7 +25,7 @@ import dagster as dg
 from pydantic import Field
 
 from tuneline import storage
-from tuneline.params import K8sParams
+from tuneline.params import K8sParams, Recipe
 from tuneline.paths import project_root, state_dir
 from tuneline.recipes import _preload
 from tuneline.recipes._runner import trainer_error
@@ -57,6 +57,9 @@ class TrainingLauncher(dg.ConfigurableResource):
     def prepare(self, spec: Spec, *, num_processes: int = 1) -> None:
         """Start in the background what launching ``spec`` will need, so that it overlaps the caller's own set-up
         before :meth:`launch`. Nothing here; the subprocess launcher starts its preloaded server."""
+
+    def prepare_run(self, recipe: Recipe) -> None:
+        """Like :meth:`prepare`, once for a whole run of ``recipe``, before Dagster starts it (``tuneline run``)."""
 
 
 def read_outcome(spec: Spec) -> Outcome:
@@ -113,6 +116,11 @@ class PipesSubprocessLauncher(TrainingLauncher):
         if not self.uses_accelerate(spec) and self.forks(
                 spec, launch_command(self.python, spec.module, [], num_processes), self.job_env()):
             _preload.warm()
+
+    def prepare_run(self, recipe: Recipe) -> None:
+        """Start the server with the run when a one-process job of ``recipe`` forks from it (the demo's first stage,
+        ``base_model``), so that its imports also overlap Dagster's start of the run."""
+        self.prepare(Spec(out_uri="", seed=recipe.seed, compute=recipe.compute))  # any module: one process here
 
     def launch(self, context: dg.AssetExecutionContext, spec: Spec, *, num_processes: int = 1,
                k8s: Optional[K8sParams] = None) -> LaunchResult:
