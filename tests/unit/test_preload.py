@@ -229,3 +229,30 @@ def test_the_launcher_starts_the_server_before_the_first_launch_only_for_jobs_th
     done = subprocess.run([sys.executable, "-c", WARM], cwd=str(project_root()), timeout=180,
                           env={**os.environ, "PYTHONPATH": str(project_root())}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+WARM_RUN = textwrap.dedent('''
+    import dataclasses
+    from multiprocessing import forkserver
+    from resources.launcher import PipesSubprocessLauncher
+    from tuneline.params import ComputeParams, load_recipe
+
+    recipe = load_recipe("configs/demo.yaml")
+    PipesSubprocessLauncher(preload=False).prepare_run(recipe)
+    PipesSubprocessLauncher().prepare_run(dataclasses.replace(recipe, compute=ComputeParams(engine="fsdp")))
+    assert forkserver._forkserver._forkserver_pid is None, "started a server no job of these would fork from"
+    PipesSubprocessLauncher().prepare_run(recipe)
+    assert forkserver._forkserver._forkserver_pid is not None
+''')
+
+
+def test_a_whole_run_starts_the_server_before_dagster_starts_it_when_its_jobs_fork_from_it():
+    """``tuneline run`` calls ``prepare_run`` before the first step: the server's imports then overlap Dagster's
+    start of the run too; not when preloading is off or the recipe's jobs run under accelerate (FSDP)."""
+    import subprocess
+
+    from tuneline.paths import project_root
+
+    done = subprocess.run([sys.executable, "-c", WARM_RUN], cwd=str(project_root()), timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(project_root())}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
