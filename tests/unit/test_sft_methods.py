@@ -190,6 +190,9 @@ def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_d
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
     trainer = SftTrainer(model=model, args=args, train_dataset=features)
     model.train()
+    unwrapped = []  # the fast loss finds the decoder under the model once, not at every step
+    real_unwrap = trainer.accelerator.unwrap_model
+    trainer.accelerator.unwrap_model = lambda m, *a, **k: unwrapped.append(m) or real_unwrap(m, *a, **k)
     results = {}
     for layout, collator in (("padded", PadCollator(tok.pad_token_id)), ("packed", PackedCollator(tok.pad_token_id))):
         batch = collator(features)
@@ -204,6 +207,7 @@ def test_label_only_head_loss_equals_the_model_loss_and_gradients(method, base_d
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             results[layout, path] = (loss.detach(), grads)
     fast, g_fast = results["padded", method]
+    assert unwrapped == [model]
     assert g_fast
     for key, (loss, grads) in results.items():
         assert torch.allclose(loss, fast, atol=1e-5), key
