@@ -306,13 +306,10 @@ class SftParams:
     bf16: Optional[bool] = None  # bf16 autocast; None = when the device supports it
     padding_free: Optional[bool] = None  # batches packed into rows, no padding; None = when rows average >= 64 tokens
     group_by_length: bool = False  # length-grouped batches (less padding where padding_free cannot apply)
-    group_megabatch: int = 64  # with group_by_length: each run of this many shuffled batches is sorted by length
     num_processes: int = 1  # DDP ranks on this machine (> 1: torchrun; gloo on CPU, NCCL on GPU)
 
     def __post_init__(self) -> None:
         _check_processes("sft", self.num_processes)
-        if self.group_megabatch < 1:
-            raise RecipeError(f"sft.group_megabatch must be >= 1, got {self.group_megabatch}")
         if self.method not in PEFT_METHODS:
             raise RecipeError(f"method: {self.method!r} is not one of {', '.join(PEFT_METHODS)}")
         if self.save_steps % self.eval_steps:

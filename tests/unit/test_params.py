@@ -34,7 +34,6 @@ def test_every_recipe_loads(path: Path) -> None:
         ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate: expected a number"),
         ({"sft": {"method": "magic"}}, "sft.method"),
         ({"sft": {"lora": {"r": 0}}}, "lora"),
-        ({"sft": {"group_megabatch": 0}}, "sft.group_megabatch must be >= 1"),
         ({"split": {"stratify_by": "colour"}}, "split.stratify_by"),
         ({"model": {"build": "tiny", "name_or_path": "x"}}, "exactly one"),
         ({"model": {"build": "tiny", "tiny": {"hidden_size": 250}}}, "hidden_size"),

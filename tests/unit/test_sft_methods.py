@@ -259,11 +259,6 @@ def test_length_grouped_order_removes_most_padding_and_is_seeded():
     rng.shuffle(shuffled)
     assert padding_fraction(lengths, order, 8) < 0.1 < padding_fraction(lengths, shuffled, 8)
     assert max(lengths[i] for i in order[:8]) == max(lengths)  # longest batch first
-    # a small mega-batch sorts fewer rows together: batches stay more mixed, with more padding
-    small = length_grouped_order(lengths, batch_size=8, seed=3, megabatch=4)
-    assert sorted(small) == list(range(400))
-    assert padding_fraction(lengths, order, 8) < padding_fraction(lengths, small, 8) < padding_fraction(
-        lengths, shuffled, 8)
 
 
 def test_resolve_bf16_never_returns_fp16_and_honours_explicit_flags():
@@ -817,20 +812,3 @@ def test_a_search_trial_writes_nothing_and_trains_and_stops_as_a_kept_run_does(b
         kept.train_losses, kept.val_losses, kept.global_step, kept.stopped_early, kept.best_val_loss)
     assert any((tmp_path / "kept" / "checkpoints").iterdir()) and Path(kept.output_dir).is_dir()
     assert [p for p in (tmp_path / "trial").rglob("*") if p.is_file()] == []
-
-
-def test_sft_trainer_sorts_its_recipes_megabatch_of_batches_by_length():
-    from types import SimpleNamespace
-
-    from tuneline.train.common import length_grouped_order
-    from tuneline.train.trainers import SftTrainer
-
-    rows = [{"input_ids": [1] * n} for n in (5, 30, 7, 22, 9, 40, 3, 18, 11, 25, 6, 33)]
-    trainer = SimpleNamespace(group_by_length=True, group_megabatch=2, args=SimpleNamespace(
-        train_batch_size=2, gradient_accumulation_steps=1, world_size=1, seed=5))
-    sampler = SftTrainer.train_sampler(trainer, rows)
-    lengths = [len(r["input_ids"]) for r in rows]
-    assert list(sampler) == length_grouped_order(lengths, batch_size=2, seed=5, megabatch=2)
-    assert list(sampler) != length_grouped_order(lengths, batch_size=2, seed=5)  # the default mega-batch of 64
-    trainer.group_by_length = False
-    assert SftTrainer.train_sampler(trainer, rows) is None

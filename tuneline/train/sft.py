@@ -263,7 +263,6 @@ def train_sft(
         callbacks=callbacks,
     )
     trainer.group_by_length = params.group_by_length
-    trainer.group_megabatch = params.group_megabatch
     trainer.method = params.method
     trainer.remove_callback(PrinterCallback)  # progress goes through on_log, not stdout
 

@@ -19,7 +19,6 @@ class SftTrainer(SamplerHooks, Trainer):
     in length order), and a label-only head loss for methods whose forward adds nothing."""
 
     group_by_length: bool = True
-    group_megabatch: int = 64  # batches sorted by length together (length_grouped_order)
 
     def train_sampler(self, dataset):
         if not self.group_by_length:
@@ -28,7 +27,7 @@ class SftTrainer(SamplerHooks, Trainer):
         # grouped by the global batch: every rank draws the same order and accelerate deals it out in
         # per-rank batches, so N ranks see the same global batches as one process would
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return LengthGroupedSampler(lengths, global_batch, seed=self.args.seed, megabatch=self.group_megabatch)
+        return LengthGroupedSampler(lengths, global_batch, seed=self.args.seed)
 
     # methods whose PeftModel forward adds nothing to the decoder + head (AdaLoRA adds its
     # orthogonal regularizer to the loss, prompt learning prepends virtual tokens)
