@@ -77,7 +77,7 @@ def test_the_demo_variants_differ_from_the_demo_only_where_they_say() -> None:
     expected = {
         "demo-rl.yaml": {"name", "alignment.method"},
         "demo-adapter.yaml": {"name", "sft.method", "sft.learning_rate", "sft.adapter.reduction_factor",
-                              "hpo.space.learning_rate"},
+                              "hpo.space.learning_rate", "sft.max_steps"},
     }
     for name, keys in expected.items():
         variant = load_recipe(ROOT / "configs" / name).flat()
