@@ -70,3 +70,23 @@ def test_machine_labels_stay_short_and_keep_what_was_held():
             "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2")
     assert two_x_bound.short_machine(held) == "Intel Xeon (avx2 avx512f avx512_bf16 amx_bf16), kernels held to AVX2"
     assert two_x_bound.short_machine("AMD EPYC; flags: avx2") == "AMD EPYC (avx2)"
+
+
+def test_matmul_floor_window_times_steps_then_sums_their_matmuls(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(matmul_floor, "WALL", (1, 3))
+    monkeypatch.setattr(matmul_floor, "PROFILED", (3, 5))
+    found: dict[str, float] = {}
+    window = matmul_floor.window_callback(found)
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    for step in range(6):  # the Trainer's order: begin at global_step k, then end at k + 1
+        state = type("State", (), {"global_step": step})()
+        window.on_step_begin(None, state, None)
+        for _ in range(3):
+            a @ b  # three matmuls a step
+        torch.bmm(a[None], b[None])  # and one batched
+        (a + b).relu()  # not a matmul
+        state.global_step = step + 1
+        window.on_step_end(None, state, None)
+    assert found["matmul_calls"] == 4 and 0 < found["matmul_s"] and 0 < found["step_s"]
+    assert "wall_start" not in found
