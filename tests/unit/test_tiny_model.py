@@ -184,6 +184,75 @@ def test_training_attention_kernel_gives_the_default_kernels_loss_and_gradients(
     assert not [k for k in json.loads((tmp_path / "saved" / "config.json").read_text()) if "attn" in k]
 
 
+def test_compiled_pretraining_keeps_inductors_cache_apart_per_cpu_capability(tmp_path, monkeypatch):
+    """The compiled step's inductor cache is a subfolder per CPU capability and held ISA, restored after."""
+    import os
+
+    import torch
+
+    from tuneline.models.pretrain import _inductor_cache_per_cpu
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))
+    with _inductor_cache_per_cpu(True):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / capability)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    with _inductor_cache_per_cpu(True):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / f"{capability}-AVX2-AVX2")
+    with _inductor_cache_per_cpu(False):  # eager runs leave it alone
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))  # torch's default: <tmp>/torchinductor_<user>
+    with _inductor_cache_per_cpu(True):
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert folder.startswith(str(tmp_path / "tmp" / "torchinductor_")) and folder.endswith("-AVX2-AVX2")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.long
+def test_a_compile_cache_filled_with_free_kernels_serves_a_run_held_to_avx2(tmp_path):
+    """The drill behind ``_inductor_cache_per_cpu``: two compiled pretraining runs, one process each, one cache folder,
+    the second with torch, oneDNN and MKL held to AVX2 (as docs/benchmarks.md emulates the AVX2-only kind); before,
+    the second crashed in code the first had compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import json, math
+from tuneline.data.demo import generate_corpus
+from tuneline.models.pretrain import pretrain_causal_lm
+from tuneline.models.tiny import init_tiny_model, train_tokenizer
+from tuneline.params import DemoDataParams, PretrainParams, TinyModelParams
+small = TinyModelParams(**{dataclasses.asdict(SMALL)!r})
+corpus = generate_corpus(DemoDataParams(seed=3, corpus_paragraphs=400))
+tokenizer = train_tokenizer(corpus, small)
+params = PretrainParams(steps=4, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, compile=True, bf16=False)
+result = pretrain_causal_lm(init_tiny_model(tokenizer, small, seed=0), tokenizer, corpus, params, seed=1, steps=4)
+print("RESULT " + json.dumps({{"compile": result.meta["compile"], "losses": [v for _, v in result.losses]}}))
+"""
+    held = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    base = {k: v for k, v in os.environ.items() if k not in held}
+    base["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    results = []
+    for env in (base, {**base, **held}):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+    for result in results:
+        assert result["compile"] == "inductor" and len(result["losses"]) == 4
+        assert all(math.isfinite(v) for v in result["losses"])
+    assert results[0]["losses"] == pytest.approx(results[1]["losses"], rel=1e-3)  # the same run, fp32 either way
+    folders = {p.name for p in (tmp_path / "inductor").iterdir() if p.is_dir()}
+    assert len(folders) == 2 and "AVX2-AVX2-AVX2" in folders  # one per capability, never shared
+
+
 def test_compiled_pretraining_trains_as_eager_and_auto_compiles_only_long_cpu_runs(tokenizer, corpus, monkeypatch):
     """pretrain.compile true runs the steps through torch.compile: the same losses and weights as eager within
     rounding; null compiles a CPU run only from COMPILE_MIN_STEPS steps; true without a C++ compiler says why."""

@@ -164,6 +164,36 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+@contextmanager
+def _inductor_cache_per_cpu(enabled: bool) -> Iterator[None]:
+    """While ``enabled``, torch inductor's cache (``TORCHINDUCTOR_CACHE_DIR`` or its default) in a subfolder named for
+    the kernels torch may use here: its CPU capability, and the ISA oneDNN and MKL are held to when they are (restored
+    after). Code compiled under one capability and loaded under another crashed (torch 2.13: the same cache used
+    first with the kernels free, then held to AVX2 as docs/benchmarks.md emulates the AVX2-only kind: an "index out
+    of bounds" in a generated kernel, or an abort), as a cache shared by machines of two kinds would."""
+    import os
+    import re
+
+    import torch
+
+    if not enabled:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    held = [os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")]
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([torch.backends.cpu.get_cpu_capability(), *filter(None, held)]))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), key)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 def batch_indices(step: int, n_train: int, batch_size: int, seed: int) -> "Any":
     """Indices of the training blocks step ``step`` (0-based) trains on: a function of the step alone.
 
@@ -300,7 +330,7 @@ def pretrain_causal_lm(
     model.train()
     start_time = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _deterministic(compiled_step):
+    with torch.random.fork_rng(devices=devices), _deterministic(compiled_step), _inductor_cache_per_cpu(compiled_step):
         for step in range(resumed_from, steps):
             # any randomness in the model (dropout) is a function of the step too: resuming changes nothing
             torch.manual_seed(seed * 1_000_003 + step)
