@@ -395,3 +395,106 @@ def test_dpo_the_reward_model_and_rl_share_one_merge_of_the_sft_adapter(
     assert dpo.merge_cache_key(adapter, "0" * 64, "lora") != key
     assert dpo.merge_cache_key(adapter, sft.base.sha256, "full") is None  # full weights: nothing to merge
     assert dpo.merge_cache_key(adapter, sft.base.sha256, "prompt") is None  # virtual tokens: the base itself
+
+
+def test_a_pair_row_holds_prompt_chosen_rejected_with_the_rejected_blind_to_the_chosen() -> None:
+    """dpo_shared.pack_pairs: one row per pair, positions restarting at the rejected answer, a mask under which the
+    rejected tokens see the prompt and themselves only, and every answer token scored once, from the position before
+    it in its own sequence; cut at max_length as TRL's collator cuts prompt + answer."""
+    import torch
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from tuneline.train.dpo_shared import pack_pairs
+
+    examples = [{"prompt_ids": [11, 12, 13], "chosen_ids": [21, 22], "rejected_ids": [31, 32, 33]},
+                {"prompt_ids": [14], "chosen_ids": [23], "rejected_ids": [34]}]
+    packed = pack_pairs(examples, pad_token_id=0, max_length=None)
+    assert packed["input_ids"].tolist() == [[11, 12, 13, 21, 22, 31, 32, 33], [14, 23, 34, 0, 0, 0, 0, 0]]
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert packed["position_ids"][1, :3].tolist() == [0, 1, 1]
+    allowed = packed["allowed"][0]
+    assert allowed[5].tolist() == [True, True, True, False, False, True, False, False]  # first rejected token
+    assert allowed[4].tolist() == [True] * 5 + [False] * 3  # the chosen answer: plain causal
+    assert not packed["allowed"][1][:, 3:].any() and packed["allowed"][1][3:, 0].all()  # padding: never a key
+    scored = sorted(zip(packed["seq"].tolist(), packed["pred_row"].tolist(), packed["pred_col"].tolist(),
+                        packed["target"].tolist()))
+    assert scored == [(0, 0, 2, 21), (0, 0, 3, 22), (1, 1, 0, 23), (2, 0, 2, 31), (2, 0, 5, 32), (2, 0, 6, 33),
+                      (3, 1, 0, 34)]
+
+    # cut: the same answer tokens as TRL's collator keeps (its completion mask), sequence by sequence
+    for max_length in (2, 3, 4, 5):
+        cut = pack_pairs(examples, pad_token_id=0, max_length=max_length)
+        trl_batch = DataCollatorForPreference(pad_token_id=0, max_length=max_length)(examples)
+        trl_tokens = sorted((i, int(t)) for i, (ids, m) in enumerate(zip(trl_batch["input_ids"],
+                                                                        trl_batch["completion_mask"]))
+                            for t, keep in zip(ids, m) if keep)
+        assert sorted(zip(cut["seq"].tolist(), cut["target"].tolist())) == trl_tokens, max_length
+        assert int(cut["pairs"]) == 2 and cut["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_rows_give_trls_loss_gradients_and_rewards(
+    tmp_path: Path, sft_run: tuple[Path, Path], attention: str
+) -> None:
+    """The stage's trainer feeds pairs as shared-prompt rows; on the same pairs TRL's own two-row path gives the same
+    loss (DPO + the chosen NLL), LoRA gradients and logged rewards to fp32 rounding, answers cut short included."""
+    import torch
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    base, adapter = sft_run
+    merged, _ = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
+    for max_length in (64, 14):
+        params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=max_length, bf16=False,
+                           sft_weight=0.5, lora=LoraParams(r=8, alpha=16, dropout=0.0))
+        trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / f"ckpt{max_length}", seed=0,
+                                        max_steps=1)
+        assert trainer.shared_prompts
+        trainer.model.set_attn_implementation(attention)
+        torch.manual_seed(0)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:  # the policy away from the reference, so the log-ratios are not all zero
+                p.data.normal_(0, 0.05)
+        examples = [trainer.train_dataset[i] for i in range(len(QA))]
+        trl_batch = DataCollatorForPreference(pad_token_id=trainer.data_collator.pad_token_id,
+                                              max_length=max_length)(examples)
+        assert any(len(e["prompt_ids"]) + len(e["chosen_ids"]) > max_length for e in examples) == (max_length == 14)
+
+        def run(compute, batch):
+            trainer.model.zero_grad()
+            loss = compute(trainer.model, batch, False)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            return float(loss.detach()), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+        trl_loss, trl_grads, trl_logs = run(lambda m, b, r: DPOTrainer._compute_loss(trainer, m, b, r), trl_batch)
+        loss, grads, logs = run(trainer._compute_loss, trainer.data_collator(examples))
+        assert loss == pytest.approx(trl_loss, rel=1e-5)
+        assert grads.keys() == trl_grads.keys() and all("lora_" in n for n in grads)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, trl_grads[name], rtol=1e-4, atol=1e-6 * float(trl_grads[name].abs().max()))
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert logs[key] == pytest.approx(trl_logs[key], rel=1e-4, abs=1e-6), key
+        assert logs["rewards/accuracies"] == trl_logs["rewards/accuracies"]
+
+
+def test_trls_own_rows_stay_where_the_shared_prompt_path_does_not_apply(tmp_path: Path,
+                                                                       sft_run: tuple[Path, Path]) -> None:
+    """A loss other than sigmoid/sft, precomputed reference log-probs or several ranks: TRL's path, unchanged."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from tuneline.train.dpo_shared import shares_prompts
+
+    base, adapter = sft_run
+    merged, _ = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
+    params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=False)
+    trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / "ckpt", seed=0, max_steps=1)
+    trainer.data_collator = DataCollatorForPreference(pad_token_id=0)
+    assert shares_prompts(trainer)
+    for attribute, value in (("loss_types", ["ipo"]), ("precompute_ref_logps", True), ("use_weighting", True)):
+        before = getattr(trainer, attribute)
+        setattr(trainer, attribute, value)
+        assert not shares_prompts(trainer), attribute
+        setattr(trainer, attribute, before)
+    trainer.data_collator.truncation_mode = "keep_end"
+    assert not shares_prompts(trainer)

@@ -8,11 +8,13 @@ Reads top to bottom:
    ``out_dir/merged`` and load together, and the fresh LoRA below leaves the adapters and the projections they
    follow alone. Prompt-learning SFT adapters (prefix, prompt, ptuning, multitask_prompt) have no weights to
    merge: their model's weights are the base's, and DPO continues their virtual tokens instead (2).
-2. **Fresh adapter.** TRL's ``DPOTrainer`` gets that model, ``ref_model=None`` and a new ``LoraConfig``:
-   it wraps the model in a fresh LoRA adapter (B = 0, so the policy starts equal to the reference) and
-   computes the reference log-probs with the adapter disabled. One set of full weights in memory. After prompt
-   learning, TRL gets the SFT prompt adapter itself, trainable (``continued_prompt_adapter``), and keeps a
-   frozen copy of it (adapter ``ref``) as the reference: the policy starts equal to the SFT model.
+2. **Fresh adapter.** TRL's ``DPOTrainer`` (as :class:`~tuneline.train.dpo_shared.SharedPromptDPOTrainer`,
+   which feeds each pair as one row with its prompt computed once: the same loss to fp32 rounding) gets that model,
+   ``ref_model=None`` and a new ``LoraConfig``: it wraps the model in a fresh LoRA adapter (B = 0, so the policy
+   starts equal to the reference) and computes the reference log-probs with the adapter disabled. One set of full
+   weights in memory. After prompt learning, TRL gets the SFT prompt adapter itself, trainable
+   (``continued_prompt_adapter``), and keeps a frozen copy of it (adapter ``ref``) as the reference: the policy
+   starts equal to the SFT model.
 3. **Measured before and after** on held-out pairs: implicit reward ``beta * (logp_policy - logp_ref)``
    summed over the response tokens; reward accuracy (chosen reward > rejected reward), mean margin and the
    policy's raw log-prob preference accuracy. Before training the policy *is* the reference, so margins
@@ -78,6 +80,7 @@ class DpoResult(TrainedStats):
     val_pairs: int = 0
     merge: Optional[dict[str, Any]] = None  # merge_adapter's report (None when the SFT model was full weights)
     continued_adapter: bool = False  # prompt learning: the SFT's virtual tokens trained on, on the SFT's base
+    shared_prompts: bool = False  # each pair fed as one row, its prompt computed once (dpo_shared)
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def build_dpo_trainer(
     prompt-learning SFT adapter on ``merged_base_dir``, its base) that adapter is trained on, against its frozen
     copy."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from tuneline.models.loading import load_causal_lm, load_tokenizer
     from tuneline.train.common import (
@@ -337,6 +340,7 @@ def build_dpo_trainer(
         fresh_lora_config,
     )
     from tuneline.train.distributed import ddp_backend
+    from tuneline.train.dpo_shared import SharedPromptDPOTrainer
 
     if continue_adapter is not None:
         model, tokenizer = continued_prompt_adapter(merged_base_dir, continue_adapter,
@@ -370,7 +374,7 @@ def build_dpo_trainer(
         **checkpointed_run_args(params.save_steps, seed, bf16=params.bf16,
                                  gradient_checkpointing=gradient_checkpointing),
     )
-    trainer = DPOTrainer(
+    trainer = SharedPromptDPOTrainer(
         model=model,
         ref_model=None,
         args=config,
@@ -498,6 +502,7 @@ def train_dpo(
         merge=merge_info,
         params=dataclasses.asdict(params),
         continued_adapter=continued,
+        shared_prompts=trainer.shared_prompts,
     )
     if distributed.is_main_process():
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,155 @@
+"""DPO with each pair's prompt computed once: chosen and rejected answers share one row.
+
+TRL's ``DPOTrainer`` runs a pair as two rows, prompt + chosen and prompt + rejected, through the policy and again
+through the reference, and projects every position of both onto the vocabulary. Here a pair is one row: the prompt,
+the chosen answer, the rejected answer. The attention mask lets the rejected tokens see the prompt and each other but
+not the chosen tokens, and their position ids restart where the prompt ends, so every token sees exactly what it sees
+in its own row and each answer's log-probability is the same number (tested against TRL's to fp32 rounding, values
+and gradients). Only the answer tokens' hidden states go through the head. On the bench's pairs (18-token prompts,
+4-5-token answers) a pair is 27 tokens instead of 45, and the head sees 9 rows instead of every position.
+
+The loss is TRL's for the losses the stage uses (``sigmoid``, with ``sft`` beside it for RPO), its per-step metrics
+the ones the stage reads (rewards and log-probs); checkpoints, resume, scheduling and logging stay TRL's. Anything
+else (another loss, several ranks, prompt learning's virtual tokens, precomputed reference log-probs, a separate
+reference model) is TRL's own path, unchanged: :func:`shares_prompts` says which. This module imports TRL: import it
+inside functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from tuneline.train.trainers import UnwrapsOnce
+
+SHARED_LOSSES = {"sigmoid", "sft"}
+
+
+def pack_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int, max_length: int | None) -> dict[str, Any]:
+    """One row per pair from TRL's tokenized columns (``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
+
+    Cut as TRL's collator cuts (``keep_start``: prompt + answer to ``max_length``). Returns ``input_ids``,
+    ``position_ids`` and ``allowed`` (B, L, L: may query q attend to key k) right-padded, and for every answer
+    token with a predecessor: its row, the position whose hidden state predicts it, the token, the sequence it
+    belongs to (pair i's chosen answer is sequence i, its rejected answer B + i) and whether that is a chosen one.
+    """
+    n = len(examples)
+    rows, positions, spans = [], [], []
+    pred_row, pred_col, target, seq = [], [], [], []
+    for i, ex in enumerate(examples):
+        prompt, chosen, rejected = list(ex["prompt_ids"]), list(ex["chosen_ids"]), list(ex["rejected_ids"])
+        if max_length is not None:
+            chosen = (prompt + chosen)[:max_length][len(prompt):]
+            rejected = (prompt + rejected)[:max_length][len(prompt):]
+            prompt = prompt[:max_length]
+        lp, lc, lr = len(prompt), len(chosen), len(rejected)
+        rows.append(prompt + chosen + rejected)
+        positions.append(list(range(lp + lc)) + list(range(lp, lp + lr)))
+        spans.append((lp, lc, lr))
+        for j, token in enumerate(chosen):
+            if lp + j >= 1:
+                pred_row.append(i), pred_col.append(lp + j - 1), target.append(token), seq.append(i)
+        for j, token in enumerate(rejected):
+            before = (lp - 1) if j == 0 else (lp + lc + j - 1)
+            if before >= 0:
+                pred_row.append(i), pred_col.append(before), target.append(token), seq.append(n + i)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().repeat(n, 1, 1)
+    for i, (row, pos, (lp, lc, lr)) in enumerate(zip(rows, positions, spans)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        position_ids[i, : len(row)] = torch.tensor(pos, dtype=torch.long)
+        allowed[i, lp + lc :, lp : lp + lc] = False  # the rejected answer (and padding after it) never sees the chosen
+        allowed[i, :, len(row) :] = False  # nor anyone the padding
+        allowed[i, len(row) :, 0] = True  # padding queries see the first token: no row of the softmax is empty
+    return {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+            "pred_row": torch.tensor(pred_row, dtype=torch.long), "pred_col": torch.tensor(pred_col, dtype=torch.long),
+            "target": torch.tensor(target, dtype=torch.long), "seq": torch.tensor(seq, dtype=torch.long),
+            "pairs": torch.tensor(n)}
+
+
+class PairPacker:
+    """The data collator of the shared-prompt path: :func:`pack_pairs` with the trainer's pad id and length."""
+
+    def __init__(self, pad_token_id: int, max_length: int | None) -> None:
+        self.pad_token_id, self.max_length = pad_token_id, max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return pack_pairs(examples, self.pad_token_id, self.max_length)
+
+
+def answer_logps(lm: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """(per-token log-probs of every answer token, their sum per sequence: B chosen then B rejected) from the
+    causal LM ``lm``'s decoder and head, called directly (PEFT's layers are inside, so its adapters apply)."""
+    mask = torch.zeros(batch["allowed"].shape, dtype=lm.dtype, device=batch["allowed"].device)
+    mask = mask.masked_fill(~batch["allowed"], torch.finfo(lm.dtype).min)[:, None]
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              attention_mask=mask, use_cache=False).last_hidden_state
+    logits = lm.get_output_embeddings()(hidden[batch["pred_row"], batch["pred_col"]]).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, batch["target"][:, None]).squeeze(-1)
+    sums = torch.zeros(2 * int(batch["pairs"]), dtype=token_logps.dtype, device=token_logps.device)
+    return token_logps, sums.index_add(0, batch["seq"], token_logps)
+
+
+class SharedPromptDPOTrainer(UnwrapsOnce, DPOTrainer):
+    """TRL's ``DPOTrainer`` that feeds each pair as one row where :func:`shares_prompts` allows it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shared_prompts = shares_prompts(self)
+        if self.shared_prompts:
+            self.data_collator = PairPacker(self.data_collator.pad_token_id, self.data_collator.max_length)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self.shared_prompts or return_outputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        from tuneline.train.common import reference_context
+
+        mode = "train" if self.model.training else "eval"
+        peft_model = self.unwrapped(model)
+        lm = peft_model.get_base_model()
+        with self.accelerator.autocast():
+            token_logps, logps = answer_logps(lm, inputs)
+            with torch.no_grad(), reference_context(peft_model):
+                _, ref_logps = answer_logps(lm, inputs)
+        pairs = int(inputs["pairs"])
+        chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
+        chosen_logratios = chosen_logps - ref_logps[:pairs]
+        rejected_logratios = rejected_logps - ref_logps[pairs:]
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sigmoid":
+                loss = loss + weight * -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios)).mean()
+            else:  # "sft": the chosen answers' mean token NLL (RPO)
+                loss = loss + weight * -token_logps[inputs["seq"] < pairs].mean()
+        chosen_rewards = self.beta * chosen_logratios.detach()
+        rejected_rewards = self.beta * rejected_logratios.detach()
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+        metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+        metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(chosen_logps.detach().mean().item())
+        metrics["logps/rejected"].append(rejected_logps.detach().mean().item())
+        return loss
+
+
+def shares_prompts(trainer: Any) -> bool:
+    """Whether ``trainer`` can feed pairs as shared-prompt rows: one process; a PEFT adapter whose reference is
+    the model with it disabled, not a separate model or precomputed log-probs; no virtual tokens; and only the
+    ``sigmoid`` and ``sft`` losses, without TRL's options that reweight or reshape them; TRL's own collator for
+    text, cutting answers at the end."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    config = getattr(peft_model, "active_peft_config", None)
+    collator = trainer.data_collator
+    return (type(collator) is DataCollatorForPreference and collator.truncation_mode == "keep_start"
+            and trainer.args.world_size == 1 and trainer.ref_model is None and not trainer.precompute_ref_logps
+            and config is not None and not config.is_prompt_learning
+            and set(trainer.loss_types) <= SHARED_LOSSES and trainer.ld_alpha is None
+            and trainer.f_divergence_type == "reverse_kl" and not trainer.use_weighting
+            and not trainer.aux_loss_enabled)
