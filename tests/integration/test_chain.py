@@ -72,6 +72,7 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     result, resources = run_chain(CHAIN, tmp_path / "chain.yaml")
     done = materialized(result)
     assert {"hpo_study", "sft_adapter", "dpo_adapter", "distilled_student", "evaluation_report"} <= done
+    assert result.output_for_node("dpo_adapter").metrics["shared_prompts"] is True  # one row a pair
     evaluation = result.output_for_node("evaluation_report")
     summary = evaluation.summary
     assert summary["sft"]["loss"] < summary["base"]["loss"] - 0.3, evaluation.table

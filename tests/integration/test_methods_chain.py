@@ -94,6 +94,7 @@ def test_multitask_prompt_runs_the_whole_graph_continuing_its_prompt_and_its_pub
         model = result.output_for_node(stage)
         assert model.stage == stage and model.kind == "adapter" and model.base.sha256 == sft.base.sha256
         assert model.metrics["continued_adapter"] is True and model.sha256 != sft.sha256
+    assert result.output_for_node("dpo_adapter").metrics["shared_prompts"] is False  # virtual tokens: TRL's rows
     assert result.output_for_node("distilled_student").kind == "full"  # learnt from the prompted DPO model
     evaluation = result.output_for_node("evaluation_report")
     assert {"base", "sft", "dpo", "student"} <= set(evaluation.summary), evaluation.table
