@@ -58,6 +58,7 @@ def test_workers_and_two_rank_training_through_the_asset_graph(state: Path, tiny
     assert all(loss == loss for _, loss in Outcome.load(storage_uri(sft) + "/result.json").curves["train"])
     dpo = result.output_for_node("dpo_adapter")
     assert dpo.metrics["steps"] == 2 and storage_exists(dpo.uri)
+    assert dpo.metrics["shared_prompts"] is False  # two ranks: TRL's own rows through the DDP wrapper
     student = result.output_for_node("distilled_student")
     assert student.metrics["steps"] == 2 and storage_exists(student.uri + "/model.safetensors")
 

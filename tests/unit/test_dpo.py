@@ -432,12 +432,13 @@ def test_a_pair_row_holds_prompt_chosen_rejected_with_the_rejected_blind_to_the_
         assert int(cut["pairs"]) == 2 and cut["input_ids"].dtype == torch.long
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("attention,checkpointing", [("eager", False), ("sdpa", False), ("eager", True)])
 def test_shared_prompt_rows_give_trls_loss_gradients_and_rewards(
-    tmp_path: Path, sft_run: tuple[Path, Path], attention: str
+    tmp_path: Path, sft_run: tuple[Path, Path], attention: str, checkpointing: bool
 ) -> None:
     """The stage's trainer feeds pairs as shared-prompt rows; on the same pairs TRL's own two-row path gives the same
-    loss (DPO + the chosen NLL), LoRA gradients and logged rewards to fp32 rounding, answers cut short included."""
+    loss (DPO + the chosen NLL), LoRA gradients and logged rewards to fp32 rounding, answers cut short included, and
+    with activation checkpointing on (the recipe's compute.gradient_checkpointing)."""
     import torch
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -448,8 +449,12 @@ def test_shared_prompt_rows_give_trls_loss_gradients_and_rewards(
         params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=max_length, bf16=False,
                            sft_weight=0.5, lora=LoraParams(r=8, alpha=16, dropout=0.0))
         trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / f"ckpt{max_length}", seed=0,
-                                        max_steps=1)
-        assert trainer.shared_prompts
+                                        max_steps=1, gradient_checkpointing=checkpointing)
+        assert trainer.shared_prompts and trainer.args.gradient_checkpointing == checkpointing
+        trainer.model.train()
+        if checkpointing:  # as the Trainer's train() turns it on
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert trainer.model.get_base_model().is_gradient_checkpointing
         trainer.model.set_attn_implementation(attention)
         torch.manual_seed(0)
         for name, p in trainer.model.named_parameters():
@@ -468,7 +473,12 @@ def test_shared_prompt_rows_give_trls_loss_gradients_and_rewards(
             return float(loss.detach()), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
         trl_loss, trl_grads, trl_logs = run(lambda m, b, r: DPOTrainer._compute_loss(trainer, m, b, r), trl_batch)
+        calls = []
+        layer = trainer.model.get_base_model().model.layers[0].mlp  # inside the checkpointed forward
+        hook = layer.register_forward_pre_hook(lambda *args: calls.append(1))  # a recompute may stop inside it
         loss, grads, logs = run(trainer._compute_loss, trainer.data_collator(examples))
+        hook.remove()
+        assert len(calls) == (3 if checkpointing else 2)  # policy, reference (and the policy's recompute)
         assert loss == pytest.approx(trl_loss, rel=1e-5)
         assert grads.keys() == trl_grads.keys() and all("lora_" in n for n in grads)
         for name, grad in grads.items():
@@ -480,7 +490,8 @@ def test_shared_prompt_rows_give_trls_loss_gradients_and_rewards(
 
 def test_trls_own_rows_stay_where_the_shared_prompt_path_does_not_apply(tmp_path: Path,
                                                                        sft_run: tuple[Path, Path]) -> None:
-    """A loss other than sigmoid/sft, precomputed reference log-probs or several ranks: TRL's path, unchanged."""
+    """A loss other than sigmoid/sft, precomputed reference log-probs, TRL's loss weighting or answers cut from the
+    start: TRL's path, unchanged (several ranks and virtual tokens too: the scale-out and methods chain tests)."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from tuneline.train.dpo_shared import shares_prompts
