@@ -500,6 +500,9 @@ def test_trls_own_rows_stay_where_the_shared_prompt_path_does_not_apply(tmp_path
     merged, _ = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
     params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=8, max_length=64, bf16=False)
     trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / "ckpt", seed=0, max_steps=1)
+    packed = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with pytest.raises(ValueError, match="no full logits"):  # not TRL's path handed one-row batches
+        trainer.compute_loss(trainer.model, packed, return_outputs=True)
     trainer.data_collator = DataCollatorForPreference(pad_token_id=0)
     assert shares_prompts(trainer)
     for attribute, value in (("loss_types", ["ipo"]), ("precompute_ref_logps", True), ("use_weighting", True)):

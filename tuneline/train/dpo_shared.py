@@ -34,8 +34,8 @@ def pack_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int, max_length
 
     Cut as TRL's collator cuts (``keep_start``: prompt + answer to ``max_length``). Returns ``input_ids``,
     ``position_ids`` and ``allowed`` (B, L, L: may query q attend to key k) right-padded, and for every answer
-    token with a predecessor: its row, the position whose hidden state predicts it, the token, the sequence it
-    belongs to (pair i's chosen answer is sequence i, its rejected answer B + i) and whether that is a chosen one.
+    token with a predecessor: its row, the position whose hidden state predicts it, the token and the sequence it
+    belongs to (pair i's chosen answer is sequence i, its rejected answer B + i).
     """
     n = len(examples)
     rows, positions, spans = [], [], []
@@ -106,8 +106,11 @@ class SharedPromptDPOTrainer(UnwrapsOnce, DPOTrainer):
             self.data_collator = PairPacker(self.data_collator.pad_token_id, self.data_collator.max_length)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if not self.shared_prompts or return_outputs:
+        if not self.shared_prompts:
             return super()._compute_loss(model, inputs, return_outputs)
+        if return_outputs:  # only an evaluation loop with compute_metrics asks; the stage runs none
+            raise ValueError("the shared-prompt DPO step makes no full logits to return (TRL deprecates "
+                             "return_outputs); evaluate with tuneline.train.dpo.evaluate_preferences")
         from tuneline.train.common import reference_context
 
         mode = "train" if self.model.training else "eval"
