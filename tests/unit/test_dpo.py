@@ -512,3 +512,7 @@ def test_trls_own_rows_stay_where_the_shared_prompt_path_does_not_apply(tmp_path
         setattr(trainer, attribute, before)
     trainer.data_collator.truncation_mode = "keep_end"
     assert not shares_prompts(trainer)
+    trainer.data_collator.truncation_mode = "keep_start"
+    assert shares_prompts(trainer)
+    trainer.model.config._attn_implementation = "flash_attention_2"  # its varlen kernel ignores a 4D mask
+    assert not shares_prompts(trainer)

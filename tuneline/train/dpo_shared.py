@@ -27,6 +27,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from tuneline.train.trainers import UnwrapsOnce
 
 SHARED_LOSSES = {"sigmoid", "sft"}
+MASKED_KERNELS = ("eager", "sdpa")  # attention kernels that apply a 4D mask as given
 
 
 def pack_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int, max_length: int | None) -> dict[str, Any]:
@@ -146,11 +147,14 @@ def shares_prompts(trainer: Any) -> bool:
     """Whether ``trainer`` can feed pairs as shared-prompt rows: one process; a PEFT adapter whose reference is
     the model with it disabled, not a separate model or precomputed log-probs; no virtual tokens; and only the
     ``sigmoid`` and ``sft`` losses, without TRL's options that reweight or reshape them; TRL's own collator for
-    text, cutting answers at the end."""
+    text, cutting answers at the end; an attention kernel that takes a mask of its own (eager or SDPA: not flash
+    attention's varlen kernels)."""
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(peft_model, "active_peft_config", None)
     collator = trainer.data_collator
+    kernel = getattr(peft_model.config, "_attn_implementation", None)
     return (type(collator) is DataCollatorForPreference and collator.truncation_mode == "keep_start"
+            and kernel in MASKED_KERNELS
             and trainer.args.world_size == 1 and trainer.ref_model is None and not trainer.precompute_ref_logps
             and config is not None and not config.is_prompt_learning
             and set(trainer.loss_types) <= SHARED_LOSSES and trainer.ld_alpha is None
