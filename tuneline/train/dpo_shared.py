@@ -11,8 +11,8 @@ and gradients). Only the answer tokens' hidden states go through the head. On th
 The loss is TRL's for the losses the stage uses (``sigmoid``, with ``sft`` beside it for RPO), its per-step metrics
 the ones the stage reads (rewards and log-probs); checkpoints, resume, scheduling and logging stay TRL's. Anything
 else (another loss, several ranks, prompt learning's virtual tokens, precomputed reference log-probs, a separate
-reference model) is TRL's own path, unchanged: :func:`shares_prompts` says which. This module imports TRL: import it
-inside functions.
+reference model, flash attention) is TRL's own path, unchanged: :func:`shares_prompts` says which. This module imports
+TRL: import it inside functions.
 """
 
 from __future__ import annotations
