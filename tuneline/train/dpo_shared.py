@@ -84,11 +84,17 @@ class PairPacker:
         return pack_pairs(examples, self.pad_token_id, self.max_length)
 
 
-def answer_logps(lm: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+def additive_mask(allowed: Any, dtype: Any) -> Any:
+    """:func:`pack_pairs`' ``allowed`` (B, L, L) as the 4D additive mask the attention kernels take: 0 where a query
+    may attend, the dtype's minimum where not."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def answer_logps(lm: Any, batch: dict[str, Any], mask: Any) -> tuple[Any, Any]:
     """(per-token log-probs of every answer token, their sum per sequence: B chosen then B rejected) from the
-    causal LM ``lm``'s decoder and head, called directly (PEFT's layers are inside, so its adapters apply)."""
-    mask = torch.zeros(batch["allowed"].shape, dtype=lm.dtype, device=batch["allowed"].device)
-    mask = mask.masked_fill(~batch["allowed"], torch.finfo(lm.dtype).min)[:, None]
+    causal LM ``lm``'s decoder and head, called directly (PEFT's layers are inside, so its adapters apply), under
+    ``mask`` (:func:`additive_mask` of the batch)."""
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                               attention_mask=mask, use_cache=False).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[batch["pred_row"], batch["pred_col"]]).float()
@@ -117,10 +123,11 @@ class SharedPromptDPOTrainer(UnwrapsOnce, DPOTrainer):
         mode = "train" if self.model.training else "eval"
         peft_model = self.unwrapped(model)
         lm = peft_model.get_base_model()
+        mask = additive_mask(inputs["allowed"], lm.dtype)  # one mask for the policy's pass and the reference's
         with self.accelerator.autocast():
-            token_logps, logps = answer_logps(lm, inputs)
+            token_logps, logps = answer_logps(lm, inputs, mask)
             with torch.no_grad(), reference_context(peft_model):
-                _, ref_logps = answer_logps(lm, inputs)
+                _, ref_logps = answer_logps(lm, inputs, mask)
         pairs = int(inputs["pairs"])
         chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
         chosen_logratios = chosen_logps - ref_logps[:pairs]
