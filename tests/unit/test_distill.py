@@ -108,6 +108,62 @@ def test_student_copies_evenly_spaced_teacher_blocks(teacher_dir: Path) -> None:
     assert kept is None and narrow.config.hidden_size == 32 and narrow.config.vocab_size == teacher.config.vocab_size
 
 
+def _teacher_and_features(teacher_dir: Path) -> tuple[object, object, list[dict]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    return AutoModelForCausalLM.from_pretrained(teacher_dir), tokenizer, distill._tokenize(tokenizer, _records(), 64)
+
+
+def test_teacher_pass_in_length_order_keeps_record_order(tmp_path: Path, teacher_dir: Path) -> None:
+    """Batched by length, the cached rows still follow the records: each equals the record run alone."""
+    import torch
+
+    teacher, tokenizer, features = _teacher_and_features(teacher_dir)
+    lengths = [len(f["input_ids"]) for f in features]
+    assert lengths != sorted(lengths)  # the records are not already in length order
+    cache, hit = distill.teacher_outputs(teacher, features, tmp_path / "c", batch_size=4, temperature=2.0,
+                                         top_k=16, pad_token_id=tokenizer.pad_token_id)
+    assert not hit
+    with torch.no_grad():
+        for i, f in enumerate(features):
+            logits = teacher(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            pos = distill._completion_positions(f["labels"])
+            top = torch.log_softmax(logits[pos] / 2.0, -1).topk(16, -1)
+            rows = slice(int(cache["offsets"][i]), int(cache["offsets"][i + 1]))
+            assert torch.allclose(cache["logp"][rows], top.values, atol=1e-4), i
+            assert (cache["index"][rows] == top.indices).float().mean() > 0.95, i  # near-ties may swap
+
+
+def test_a_ce_weighed_zero_is_reported_without_a_graph(tmp_path: Path, teacher_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import tuneline.train.trainers as trainers
+    from tuneline.train.trainers import KDTrainer
+
+    kd = distill.kd_terms
+
+    model, tokenizer, features = _teacher_and_features(teacher_dir)
+    cache, _ = distill.teacher_outputs(model, features, tmp_path / "c", temperature=1.0, top_k=8,
+                                       pad_token_id=tokenizer.pad_token_id)
+    batch = distill._collator(tokenizer.pad_token_id)(features)
+    model.train()
+    kl, ce, n = distill.kd_terms(model, batch, cache, 1.0)
+    kl0, ce0, n0 = distill.kd_terms(model, batch, cache, 1.0, ce_grad=False)
+    assert ce.requires_grad and not ce0.requires_grad and kl0.requires_grad
+    assert torch.allclose(ce, ce0) and torch.allclose(kl, kl0) and n == n0 > 0
+    # the trainer asks for the graph only when the CE is in the loss
+    seen = []
+    monkeypatch.setattr(trainers, "kd_terms", lambda *a, **k: seen.append(k.get("ce_grad", True)) or kd(*a, **k))
+    for alpha_ce in (0.0, 0.3):
+        trainer = KDTrainer.__new__(KDTrainer)  # compute_loss reads only these three
+        trainer.teacher_cache, trainer.kd = cache, DistillParams(alpha_ce=alpha_ce)
+        trainer._terms = {"kl": [], "ce": []}
+        assert trainer.compute_loss(model, batch).requires_grad
+    assert seen == [False, True]
+
+
 @pytest.mark.slow
 def test_distillation_lowers_kl_and_a_retry_hits_the_teacher_cache(tmp_path: Path, teacher_dir: Path) -> None:
     params = DistillParams(student_layers=1, temperature=2.0, learning_rate=5e-3, epochs=1.0, batch_size=4, bf16=False)

@@ -227,22 +227,22 @@ def teacher_outputs(
     from tuneline.train.common import PadCollator
 
     collate = PadCollator(pad_token_id=pad_token_id)
-    logps, indices, counts = [], [], []
+    logps, indices = [None] * len(features), [None] * len(features)
     teacher.eval()
     device = next(teacher.parameters()).device
+    # batches of similar lengths (a quarter less padding on the demo's rows); the outputs go back in record order
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            chunk = features[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk]).items()}
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = virtual_tokens_sliced(logits, batch["input_ids"]).float()  # a prompt teacher's cut off
-            for row, feat in enumerate(chunk):
-                pos = torch.as_tensor(_completion_positions(feat["labels"]), dtype=torch.long, device=device)
-                lp = torch.log_softmax(logits[row, pos] / temperature, dim=-1)
-                top = lp.topk(top_k, dim=-1)
-                logps.append(top.values.cpu())
-                indices.append(top.indices.to(torch.int32).cpu())
-                counts.append(len(pos))
+            for row, i in enumerate(chunk):
+                pos = torch.as_tensor(_completion_positions(features[i]["labels"]), dtype=torch.long, device=device)
+                top = torch.log_softmax(logits[row, pos] / temperature, dim=-1).topk(top_k, dim=-1)
+                logps[i], indices[i] = top.values.cpu(), top.indices.to(torch.int32).cpu()
+    counts = [len(lp) for lp in logps]
     tensors = {
         "logp": torch.cat(logps).contiguous(),
         "index": torch.cat(indices).contiguous(),
@@ -290,8 +290,12 @@ def _gather_teacher(cache: dict[str, Any], seq_ids: Sequence[int]) -> tuple[Any,
     return cache["logp"][rows], cache["index"][rows]
 
 
-def kd_terms(model: Any, batch: dict[str, Any], cache: dict[str, Any], temperature: float) -> tuple[Any, Any, int]:
-    """(mean KL over completion tokens, mean CE, token count) for one padded batch."""
+def kd_terms(model: Any, batch: dict[str, Any], cache: dict[str, Any], temperature: float,
+             ce_grad: bool = True) -> tuple[Any, Any, int]:
+    """(mean KL over completion tokens, mean CE, token count) for one padded batch. ``ce_grad`` False: the CE is
+    only reported (a loss that weighs it 0), so it is computed without a graph to differentiate."""
+    import contextlib
+
     import torch
 
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -304,7 +308,8 @@ def kd_terms(model: Any, batch: dict[str, Any], cache: dict[str, Any], temperatu
         raise RuntimeError(f"teacher cache rows {t_logp.shape[0]} != completion positions {picked.shape[0]}")
     t_logp, t_index = t_logp.to(picked.device), t_index.to(picked.device)
     kl = topk_kl(picked, t_logp, t_index, temperature).mean()
-    ce = torch.nn.functional.cross_entropy(picked.float(), targets[mask])
+    with contextlib.nullcontext() if ce_grad else torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(picked.float(), targets[mask])
     return kl, ce, int(mask.sum())
 
 
