@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from tuneline.train.trainers import UnwrapsOnce
+from tuneline.train.trainers import NoFlopCount, UnwrapsOnce
 
 SHARED_LOSSES = {"sigmoid", "sft"}
 MASKED_KERNELS = ("eager", "sdpa")  # attention kernels that apply a 4D mask as given
@@ -103,7 +103,7 @@ def answer_logps(lm: Any, batch: dict[str, Any], mask: Any) -> tuple[Any, Any]:
     return token_logps, sums.index_add(0, batch["seq"], token_logps)
 
 
-class SharedPromptDPOTrainer(UnwrapsOnce, DPOTrainer):
+class SharedPromptDPOTrainer(UnwrapsOnce, NoFlopCount, DPOTrainer):
     """TRL's ``DPOTrainer`` that feeds each pair as one row where :func:`shares_prompts` allows it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
