@@ -13,8 +13,10 @@ min-max. The clock covers the training loop only (model loading, tokenization an
   the same blocks.
 - ``dpo``: ``tuneline.train.dpo.train_dpo`` against bare TRL ``DPOTrainer`` (same LoRA, ``ref_model=None``,
   TRL's wrong-on-CPU defaults set right: gradient checkpointing off, bf16 only where native) and LLaMA-Factory's
-  ``stage: dpo`` (LoRA, sigmoid loss, the adapter disabled as reference). Figures: pairs/s and the reward accuracy
-  on held-out pairs.
+  ``stage: dpo`` (LoRA, sigmoid loss, the adapter disabled as reference). ``trl-precompute`` is TRL with its
+  ``precompute_ref_log_probs`` flag (every pair's reference log-probs in one pass before training, 32 pairs a
+  batch as ours' pass takes them), timed as that pass plus the loop, as ours is (its pass runs on the first step).
+  Figures: pairs/s and the reward accuracy on held-out pairs.
 
 LLaMA-Factory runs in .bench/llamafactory-venv (``bash bench/setup_llamafactory.sh``; without it its rows say so
 and the other contenders are still measured) through bench/llamafactory_stage.py; what it saves is scored here.
@@ -68,7 +70,8 @@ SEED = 42
 # for training on a CPU, where SDPA's flash kernel is slow in backward at these sizes: each peer at its best flags
 CONTENDERS = {"pretrain": ("ours", "hf-trainer", "hf-trainer-eager", "hf-trainer-compile-eager", "llamafactory",
                           "llamafactory-eager"),
-              "dpo": ("ours", "trl", "trl-eager", "llamafactory", "llamafactory-eager"),
+              "dpo": ("ours", "trl", "trl-eager", "trl-precompute", "trl-precompute-eager", "llamafactory",
+                      "llamafactory-eager"),
               "distill": ("ours", "trl-gkd", "trl-gkd-eager"), "generate": ("ours", "hf-generate")}
 CONTROLS = {"pretrain": ("ours-nocompile",)}  # ours with a lever off; run only when --contenders names them
 PEER_ATTN: dict[str, str] = {}  # a child of an "-eager" variant: {"attn_implementation": "eager"}
@@ -325,7 +328,7 @@ def dpo_ours(work: Path, base: str) -> dict[str, Any]:
             "reward_accuracy": result.after["reward_accuracy"], "bf16": result.bf16}
 
 
-def dpo_trl(work: Path, base: str) -> dict[str, Any]:
+def dpo_trl(work: Path, base: str, precompute: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -345,16 +348,31 @@ def dpo_trl(work: Path, base: str) -> dict[str, Any]:
                        max_steps=d["steps"], per_device_train_batch_size=d["batch_size"], max_length=d["max_length"],
                        lr_scheduler_type="cosine", warmup_steps=0, gradient_checkpointing=False,
                        activation_checkpointing=False, bf16=bf16, use_cpu=not torch.cuda.is_available(),
-                       save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=SEED)
+                       save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=SEED,
+                       precompute_ref_log_probs=precompute, precompute_ref_batch_size=4 * d["batch_size"])
     lora = LoraConfig(r=d["lora_r"], lora_alpha=2 * d["lora_r"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, ref_model=None, args=config, processing_class=tokenizer, peft_config=lora,
-                         train_dataset=Dataset.from_list(to_conversational(train)), callbacks=[_timing_callback(marks)])
+
+    class Timed(DPOTrainer):  # TRL runs the reference pass in its constructor: timed into the figure
+        def _precompute_ref_logps(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                marks["reference_pass"] = marks.get("reference_pass", 0.0) + time.perf_counter() - start
+
+    trainer = Timed(model=model, ref_model=None, args=config, processing_class=tokenizer, peft_config=lora,
+                    train_dataset=Dataset.from_list(to_conversational(train)), callbacks=[_timing_callback(marks)])
+    assert precompute == ("reference_pass" in marks), "TRL's precompute flag did not run its reference pass"
     trainer.train()
     after = evaluate_preferences(trainer.model, tokenizer, val, d["beta"], max_length=d["max_length"],
                                  batch_size=d["batch_size"])
-    return {"seconds": marks["end"] - marks["start"], "pairs": d["steps"] * d["batch_size"],
-            "reward_accuracy": after.reward_accuracy, "bf16": bf16}
+    return {"seconds": marks["end"] - marks["start"] + marks.get("reference_pass", 0.0),
+            "pairs": d["steps"] * d["batch_size"], "reward_accuracy": after.reward_accuracy, "bf16": bf16}
+
+
+def dpo_trl_precompute(work: Path, base: str) -> dict[str, Any]:
+    return dpo_trl(work, base, precompute=True)
 
 
 def pretrain_eval_saved(work: Path, base: str, saved: str) -> dict[str, Any]:
@@ -492,7 +510,7 @@ def generate_hf_generate(work: Path, base: str) -> dict[str, Any]:
 CHILDREN = {("pretrain", "ours"): pretrain_ours, ("pretrain", "hf-trainer"): pretrain_hf_trainer,
             ("pretrain", "hf-trainer-compile"): pretrain_hf_trainer_compile,
             ("pretrain", "ours-nocompile"): pretrain_ours_nocompile,
-            ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl,
+            ("dpo", "ours"): dpo_ours, ("dpo", "trl"): dpo_trl, ("dpo", "trl-precompute"): dpo_trl_precompute,
             ("distill", "ours"): distill_ours, ("distill", "trl-gkd"): distill_trl_gkd,
             ("generate", "ours"): generate_ours, ("generate", "hf-generate"): generate_hf_generate,
             ("pretrain", "eval-saved"): pretrain_eval_saved, ("dpo", "eval-saved"): dpo_eval_saved}
@@ -565,7 +583,7 @@ def summarize(stage: str, rows: list[dict[str, Any]], flops_per_unit: float, pea
                              for k in ("eval_loss", "reward_accuracy", "val_kl", "val_ce") if k in mine[0]}}
     peers = {k: v["median"] for k, v in out.items() if not k.startswith("ours")}  # ours-* are controls
     if "ours" in out and peers:
-        default = [v for k, v in peers.items() if not k.endswith("-eager")]
+        default = [v for k, v in peers.items() if not k.endswith("-eager") and "-precompute" not in k]
         out["ratio_to_fastest_peer"] = out["ours"]["median"] / max(peers.values())
         out["ratio_to_fastest_peer_at_default_flags"] = out["ours"]["median"] / max(default) if default else None
     return out

@@ -516,3 +516,84 @@ def test_trls_own_rows_stay_where_the_shared_prompt_path_does_not_apply(tmp_path
     assert shares_prompts(trainer)
     trainer.model.config._attn_implementation = "flash_attention_2"  # its varlen kernel ignores a 4D mask
     assert not shares_prompts(trainer)
+
+
+def test_reference_log_probs_computed_once_are_the_per_step_ones_and_give_the_same_step(
+    tmp_path: Path, sft_run: tuple[Path, Path]
+) -> None:
+    """Where a run's steps cover every pair, each pair's reference log-probs come from one pass (length order,
+    batches of other shapes, the adapter disabled) and equal the step's own reference pass pair by pair; a step
+    then runs the policy alone, with the same loss and gradients. Evaluation, batches without pair indices and
+    runs that see only some pairs keep the per-step pass."""
+    import contextlib
+
+    import torch
+
+    from tuneline.train.common import reference_context
+    from tuneline.train.dpo_shared import PAIR_INDEX, additive_mask, answer_logps, reference_logps
+
+    base, adapter = sft_run
+    merged, _ = dpo.merged_sft_base(adapter, base, "lora", tmp_path / "probe")
+    params = DpoParams(beta=0.1, learning_rate=5e-3, batch_size=4, max_length=64, bf16=False, sft_weight=0.5,
+                       lora=LoraParams(r=8, alpha=16, dropout=0.0))
+    trainer = dpo.build_dpo_trainer(merged, _pairs(), params, tmp_path / "ckpt", seed=0, max_steps=2)
+    assert trainer.shared_prompts
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:  # the policy away from the reference: the pass has to disable the adapter
+            p.data.normal_(0, 0.05)
+    dataset, pad = trainer.train_dataset, trainer.data_collator.pad_token_id
+    n = len(dataset)
+    assert dataset[PAIR_INDEX] == list(range(n))
+    lengths = [len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in dataset]
+    assert lengths != sorted(lengths)  # length order is not record order: putting rows back matters
+
+    trainer.model.train()
+    table = reference_logps(trainer.model, dataset, pad, 64, 3, contextlib.nullcontext())
+    assert trainer.model.training and table.shape == (n, 2)
+    batch = trainer.data_collator([dataset[i] for i in range(n)])
+    lm = trainer.model.get_base_model()
+    mask = additive_mask(batch["allowed"], lm.dtype)
+    with torch.no_grad():
+        _, policy = answer_logps(lm, batch, mask)
+        with reference_context(trainer.model):
+            _, reference = answer_logps(lm, batch, mask)
+    assert torch.allclose(table[:, 0], reference[:n], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(table[:, 1], reference[n:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(table[:, 0], policy[:n], rtol=1e-3, atol=1e-3)
+
+    calls = []
+    hook = lm.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def step(examples):
+        calls.clear()
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, trainer.data_collator(examples), False)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.clone() for k, p in trainer.model.named_parameters()
+                                      if p.grad is not None}
+
+    examples = [dataset[i] for i in (5, 2, 7, 0)]
+    trainer.state.max_steps = 2  # 2 steps of 4 pairs: all 8
+    assert trainer.covers_every_pair()
+    step(examples)  # builds the table (its pass goes through the layer as well)
+    assert trainer.reference_table is not None
+    cached_loss, cached_grads = step(examples)
+    assert len(calls) == 1  # the policy only
+    trainer.reference_table = None
+    loss, grads = step([{k: v for k, v in e.items() if k != PAIR_INDEX} for e in examples])
+    assert len(calls) == 2 and trainer.reference_table is None  # no indices: policy and reference
+    assert cached_loss == pytest.approx(loss, rel=1e-5)
+    assert cached_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(cached_grads[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
+    trainer.state.max_steps = 1  # 4 of the 8 pairs: a pass over all would cost more than it saves
+    assert not trainer.covers_every_pair()
+    step(examples)
+    assert len(calls) == 2 and trainer.reference_table is None
+    trainer.state.max_steps = 2
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, trainer.data_collator(examples), False)
+    assert trainer.reference_table is None
+    hook.remove()

@@ -8,9 +8,15 @@ in its own row and each answer's log-probability is the same number (tested agai
 and gradients). Only the answer tokens' hidden states go through the head. On the bench's pairs (18-token prompts,
 4-5-token answers) a pair is 27 tokens instead of 45, and the head sees 9 rows instead of every position.
 
+The reference (the model with its adapter disabled) never changes, so when a run's steps cover every pair, every
+pair's reference log-probs are computed once, on the first step, in batches of similar lengths without a graph
+(:func:`reference_logps`), and looked up by the pair's index from then on: the step runs the policy alone. The run
+then computes one reference pass per pair instead of one per pair per epoch, and the pass is counted in the run's
+time. A run that sees only some pairs keeps the reference pass in every step.
+
 The loss is TRL's for the losses the stage uses (``sigmoid``, with ``sft`` beside it for RPO), its per-step metrics
 the ones the stage reads (rewards and log-probs); checkpoints, resume, scheduling and logging stay TRL's. Anything
-else (another loss, several ranks, prompt learning's virtual tokens, precomputed reference log-probs, a separate
+else (another loss, several ranks, prompt learning's virtual tokens, TRL's precompute flag, a separate
 reference model, flash attention) is TRL's own path, unchanged: :func:`shares_prompts` says which. This module imports
 TRL: import it inside functions.
 """
@@ -27,6 +33,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from tuneline.train.trainers import NoFlopCount, UnwrapsOnce
 
 SHARED_LOSSES = {"sigmoid", "sft"}
+PAIR_INDEX = "pair_index"  # the column the shared-prompt path adds: a pair's row in the train set
 MASKED_KERNELS = ("eager", "sdpa")  # attention kernels that apply a 4D mask as given
 
 
@@ -68,10 +75,14 @@ def pack_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int, max_length
         allowed[i, lp + lc :, lp : lp + lc] = False  # the rejected answer (and padding after it) never sees the chosen
         allowed[i, :, len(row) :] = False  # nor anyone the padding
         allowed[i, len(row) :, 0] = True  # padding queries see the first token: no row of the softmax is empty
-    return {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
-            "pred_row": torch.tensor(pred_row, dtype=torch.long), "pred_col": torch.tensor(pred_col, dtype=torch.long),
-            "target": torch.tensor(target, dtype=torch.long), "seq": torch.tensor(seq, dtype=torch.long),
-            "pairs": torch.tensor(n)}
+    packed = {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+              "pred_row": torch.tensor(pred_row, dtype=torch.long),
+              "pred_col": torch.tensor(pred_col, dtype=torch.long),
+              "target": torch.tensor(target, dtype=torch.long), "seq": torch.tensor(seq, dtype=torch.long),
+              "pairs": torch.tensor(n)}
+    if n and PAIR_INDEX in examples[0]:
+        packed[PAIR_INDEX] = torch.tensor([ex[PAIR_INDEX] for ex in examples], dtype=torch.long)
+    return packed
 
 
 class PairPacker:
@@ -103,14 +114,71 @@ def answer_logps(lm: Any, batch: dict[str, Any], mask: Any) -> tuple[Any, Any]:
     return token_logps, sums.index_add(0, batch["seq"], token_logps)
 
 
+def reference_logps(peft_model: Any, examples: Any, pad_token_id: int, max_length: int | None, batch_size: int,
+                    autocast: Any) -> Any:
+    """(n, 2): every pair's reference log-probs (chosen, rejected) from ``peft_model`` with its adapter disabled
+    (:func:`tuneline.train.common.reference_context`), in eval mode and without a graph, ``batch_size`` pairs at a
+    time in length order (less padding), returned in the pairs' order. ``examples``: TRL's tokenized pairs."""
+    from tuneline.train.common import reference_context
+
+    n = len(examples)
+    rows = [examples[i] for i in range(n)]
+    order = sorted(range(n), key=lambda i: len(rows[i]["prompt_ids"]) + len(rows[i]["chosen_ids"])
+                   + len(rows[i]["rejected_ids"]))
+    table = torch.empty(n, 2, dtype=torch.float32)
+    lm, training = peft_model.get_base_model(), peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad(), reference_context(peft_model), autocast:
+            for start in range(0, n, batch_size):
+                chunk = order[start:start + batch_size]
+                batch = pack_pairs([rows[i] for i in chunk], pad_token_id, max_length)
+                batch = {k: v.to(lm.device) for k, v in batch.items()}
+                _, sums = answer_logps(lm, batch, additive_mask(batch["allowed"], lm.dtype))
+                table[chunk] = sums.float().cpu().view(2, -1).T
+    finally:
+        peft_model.train(training)
+    return table
+
+
 class SharedPromptDPOTrainer(UnwrapsOnce, NoFlopCount, DPOTrainer):
-    """TRL's ``DPOTrainer`` that feeds each pair as one row where :func:`shares_prompts` allows it."""
+    """TRL's ``DPOTrainer`` that feeds each pair as one row where :func:`shares_prompts` allows it, with the
+    reference log-probs computed once per pair where the run's steps cover every pair."""
+
+    REFERENCE_BATCHES = 4  # the one-off reference pass takes this many training batches at a time (no graph kept)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shared_prompts = shares_prompts(self)
+        self.reference_table = None
         if self.shared_prompts:
             self.data_collator = PairPacker(self.data_collator.pad_token_id, self.data_collator.max_length)
+            self.train_dataset = self.train_dataset.add_column(PAIR_INDEX, list(range(len(self.train_dataset))))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.shared_prompts and PAIR_INDEX not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, PAIR_INDEX]
+
+    def covers_every_pair(self) -> bool:
+        """Whether this run's steps draw at least as many pairs as the train set holds."""
+        drawn = self.state.max_steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return drawn >= len(self.train_dataset)
+
+    def cached_reference(self, inputs: dict[str, Any]) -> Any:
+        """The batch's reference log-probs (B chosen, then B rejected) from the once-computed table, or None where
+        the per-step pass applies: evaluation, a batch without pair indices, a run that sees only some pairs."""
+        if not self.model.training or PAIR_INDEX not in inputs:
+            return None
+        if self.reference_table is None:
+            if not self.covers_every_pair():
+                return None
+            self.reference_table = reference_logps(
+                self.unwrapped(self.model), self.train_dataset, self.data_collator.pad_token_id,
+                self.data_collator.max_length, self.REFERENCE_BATCHES * self.args.per_device_train_batch_size,
+                self.accelerator.autocast())
+        rows = self.reference_table[inputs[PAIR_INDEX].cpu()]
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(inputs["input_ids"].device)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if not self.shared_prompts:
@@ -124,10 +192,12 @@ class SharedPromptDPOTrainer(UnwrapsOnce, NoFlopCount, DPOTrainer):
         peft_model = self.unwrapped(model)
         lm = peft_model.get_base_model()
         mask = additive_mask(inputs["allowed"], lm.dtype)  # one mask for the policy's pass and the reference's
+        ref_logps = self.cached_reference(inputs)
         with self.accelerator.autocast():
             token_logps, logps = answer_logps(lm, inputs, mask)
-            with torch.no_grad(), reference_context(peft_model):
-                _, ref_logps = answer_logps(lm, inputs, mask)
+            if ref_logps is None:
+                with torch.no_grad(), reference_context(peft_model):
+                    _, ref_logps = answer_logps(lm, inputs, mask)
         pairs = int(inputs["pairs"])
         chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
         chosen_logratios = chosen_logps - ref_logps[:pairs]
