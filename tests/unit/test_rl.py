@@ -65,6 +65,13 @@ def test_rl_raises_the_mean_reward_on_held_out_prompts(setup, tmp_path: Path, al
     assert probe.ref_model is None and list(probe.model.peft_config) == ["default"]  # reference = adapter disabled
     assert not args.gradient_checkpointing and not args.bf16 and args.beta == 0.01  # TRL defaults overridden
     assert args.num_generations == 4 and args.max_completion_length == 8 and args.learning_rate == 1e-2
+    import torch
+    from trl import GRPOTrainer, RLOOTrainer
+
+    assert isinstance(probe, {"rloo": RLOOTrainer, "grpo": GRPOTrainer}[algorithm])
+    walks = []  # the Trainer's per-step FLOP estimate walks every parameter; nothing reads it
+    probe.model.num_parameters = lambda *a, **k: walks.append(1) or 1
+    assert probe.floating_point_ops({"input_ids": torch.ones(2, 3, dtype=torch.long)}) == 0 and not walks
     del probe
 
     result = rl.train_rl(algorithm, base, None, "full", train, held_out, even_share, params(15), tmp_path / "rl",

@@ -220,6 +220,7 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
     from trl import RewardConfig, RewardTrainer
 
     from tuneline.train.common import checkpointed_run_args, fresh_lora_config
+    from tuneline.train.trainers import without_flop_count
 
     caps = [s for s in (params.max_steps, max_steps) if s is not None]
     config = RewardConfig(
@@ -237,8 +238,9 @@ def build_reward_trainer(model: Any, tokenizer: Any, train_rows: Sequence[dict[s
                                  gradient_checkpointing=gradient_checkpointing),
     )
     lora = fresh_lora_config(params.lora, "SEQ_CLS", model) if params.method == "lora" else None
-    return RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(list(train_rows)),
-                         processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora)
+    return without_flop_count(RewardTrainer)(model=model, args=config,
+                                             train_dataset=Dataset.from_list(list(train_rows)),
+                                             processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora)
 
 
 @dataclass

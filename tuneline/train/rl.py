@@ -100,6 +100,7 @@ def build_rl_trainer(
         freeze_reference_adapter,
         fresh_lora_config,
     )
+    from tuneline.train.trainers import without_flop_count
 
     if algorithm not in RL_ALGORITHMS:
         raise ValueError(f"rl algorithm {algorithm!r} is not one of {', '.join(RL_ALGORITHMS)}")
@@ -139,7 +140,7 @@ def build_rl_trainer(
 
         config = GRPOConfig(**common, loss_type="dapo", scale_rewards="group")
         trainer_class = GRPOTrainer
-    trainer = trainer_class(
+    trainer = without_flop_count(trainer_class)(
         model=model,
         reward_funcs=reward_fn,
         args=config,

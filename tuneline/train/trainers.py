@@ -35,6 +35,11 @@ class NoFlopCount:
         return 0
 
 
+def without_flop_count(trainer_class: type) -> type:
+    """``trainer_class`` (a TRL trainer built as it is) with :class:`NoFlopCount` mixed in, under its own name."""
+    return type(trainer_class.__name__, (NoFlopCount, trainer_class), {})
+
+
 class SftTrainer(SamplerHooks, UnwrapsOnce, NoFlopCount, Trainer):
     """``Trainer`` with optional length-grouped batches (a seeded, resumable train order, and evaluation
     in length order), and a label-only head loss for methods whose forward adds nothing."""
