@@ -72,7 +72,10 @@ def test_chain_registers_a_champion_then_refuses_a_worse_candidate(state: Path, 
     result, resources = run_chain(CHAIN, tmp_path / "chain.yaml")
     done = materialized(result)
     assert {"hpo_study", "sft_adapter", "dpo_adapter", "distilled_student", "evaluation_report"} <= done
-    assert result.output_for_node("dpo_adapter").metrics["shared_prompts"] is True  # one row a pair
+    dpo_metrics = result.output_for_node("dpo_adapter").metrics
+    assert dpo_metrics["shared_prompts"] is True  # one row a pair
+    # the reference pass once per pair only where the steps draw every pair (here 10 x 8)
+    assert dpo_metrics["reference_once"] is (dpo_metrics["steps"] * 8 >= dpo_metrics["train_pairs"])
     evaluation = result.output_for_node("evaluation_report")
     summary = evaluation.summary
     assert summary["sft"]["loss"] < summary["base"]["loss"] - 0.3, evaluation.table

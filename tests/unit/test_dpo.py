@@ -117,6 +117,7 @@ def test_dpo_raises_reward_accuracy_with_a_fresh_adapter_and_no_reference_copy(
     assert result.after["reward_margin"] > 0.0
     assert result.after["logprob_accuracy"] >= result.before["logprob_accuracy"]
     assert result.steps == 12 and len(result.losses) == 12
+    assert result.shared_prompts and result.reference_once  # 12 steps x 8 of 8 pairs: the reference once a pair
     assert result.losses[-1]["loss"] < result.losses[0]["loss"]
     assert any("rewards/accuracies" in m for _, m in logs)
     assert Path(result.merged_base_dir) == tmp_path / "dpo" / dpo.MERGED_SUBDIR

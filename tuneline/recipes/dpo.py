@@ -75,6 +75,7 @@ def run(spec: DpoSpec, pipes: Any = None) -> Outcome:
         "ref_model_is_none": result.ref_model_is_none, "fresh_adapter": result.fresh_adapter,
         "continued_adapter": result.continued_adapter,
         "shared_prompts": result.shared_prompts,  # one row a pair (dpo_shared), or TRL's two-row step
+        "reference_once": result.reference_once,  # the reference pass once per pair (steps cover them all)
         "trained_in_4bit": bool((result.merge or {}).get("quantization")),  # QLoRA SFT: DPO on the 4-bit merge
         "sft_merge_reused": merge_reused,  # the SFT adapter's merge came from the shared cache
         "final_loss": result.losses[-1]["loss"] if result.losses else None,

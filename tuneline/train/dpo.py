@@ -81,6 +81,7 @@ class DpoResult(TrainedStats):
     merge: Optional[dict[str, Any]] = None  # merge_adapter's report (None when the SFT model was full weights)
     continued_adapter: bool = False  # prompt learning: the SFT's virtual tokens trained on, on the SFT's base
     shared_prompts: bool = False  # each pair fed as one row, its prompt computed once (dpo_shared)
+    reference_once: bool = False  # each pair's reference log-probs computed once, not every step (dpo_shared)
 
 
 # ---------------------------------------------------------------------------
@@ -503,6 +504,7 @@ def train_dpo(
         params=dataclasses.asdict(params),
         continued_adapter=continued,
         shared_prompts=trainer.shared_prompts,
+        reference_once=getattr(trainer, "reference_table", None) is not None,
     )
     if distributed.is_main_process():
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
