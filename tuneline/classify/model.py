@@ -187,14 +187,15 @@ def predict_proba(model: Any, tokenizer: Any, texts: Sequence[str], *, max_lengt
     import numpy as np
     import torch
 
+    from tuneline.models.generation import batches
+
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batches(order, batch_size):
             batch = {k: v.to(device) for k, v in encode_texts(tokenizer, [texts[i] for i in idx], max_length).items()}
             logits = model(**batch).logits.float()
             out[idx] = torch.softmax(logits, dim=-1).cpu().numpy()

@@ -223,6 +223,7 @@ def teacher_outputs(
         return load_file(str(file)), True
 
     from tuneline.evaluate.report import virtual_tokens_sliced
+    from tuneline.models.generation import batches
     from tuneline.train.checkpoints import move_into_place, temp_sibling
     from tuneline.train.common import PadCollator
 
@@ -233,8 +234,7 @@ def teacher_outputs(
     # batches of similar lengths (a quarter less padding on the demo's rows); the outputs go back in record order
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in batches(order, batch_size):
             batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk]).items()}
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = virtual_tokens_sliced(logits, batch["input_ids"]).float()  # a prompt teacher's cut off

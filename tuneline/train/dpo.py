@@ -504,7 +504,7 @@ def train_dpo(
         params=dataclasses.asdict(params),
         continued_adapter=continued,
         shared_prompts=trainer.shared_prompts,
-        reference_once=getattr(trainer, "reference_table", None) is not None,
+        reference_once=trainer.reference_table is not None,
     )
     if distributed.is_main_process():
         (out / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -119,6 +119,7 @@ def reference_logps(peft_model: Any, examples: Any, pad_token_id: int, max_lengt
     """(n, 2): every pair's reference log-probs (chosen, rejected) from ``peft_model`` with its adapter disabled
     (:func:`tuneline.train.common.reference_context`), in eval mode and without a graph, ``batch_size`` pairs at a
     time in length order (less padding), returned in the pairs' order. ``examples``: TRL's tokenized pairs."""
+    from tuneline.models.generation import batches
     from tuneline.train.common import reference_context
 
     n = len(examples)
@@ -130,8 +131,7 @@ def reference_logps(peft_model: Any, examples: Any, pad_token_id: int, max_lengt
     peft_model.eval()
     try:
         with torch.no_grad(), reference_context(peft_model), autocast:
-            for start in range(0, n, batch_size):
-                chunk = order[start:start + batch_size]
+            for chunk in batches(order, batch_size):
                 batch = pack_pairs([rows[i] for i in chunk], pad_token_id, max_length)
                 batch = {k: v.to(lm.device) for k, v in batch.items()}
                 _, sums = answer_logps(lm, batch, additive_mask(batch["allowed"], lm.dtype))

@@ -109,14 +109,15 @@ def score_ids(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
     """The model's scalar score of each id sequence (right-padded batches, no gradients)."""
     import torch
 
+    from tuneline.models.generation import batches
+
     device = next(model.parameters()).device
     scores: list[float] = [0.0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for batch in batches(order, batch_size):
             longest = max(len(seqs[i]) for i in batch)
             ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
