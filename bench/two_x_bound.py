@@ -39,6 +39,7 @@ SFT_PEAK_FROM = {
     "sft_throughput_avx2_epyc.json": "stage_throughput_avx2_epyc.json",
     "sft_throughput_zen3.json": "stage_throughput_zen3.json",
     "sft_throughput_alpaca_zen3.json": "stage_throughput_zen3.json",
+    "sft_throughput_long_zen3.json": "stage_throughput_zen3.json",
     "sft_throughput_avx512_nobf16.json": "stage_throughput_avx512_nobf16.json",
 }
 
